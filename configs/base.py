@@ -1,0 +1,133 @@
+"""Every configuration field of cers_jax, each with a one-line comment.
+
+Dataset configs (`qata.py`, `mosmed.py`, `brisc.py`, `synthetic.py`) import this file and
+override only what differs. The defaults are the paper's settings (DESIGN.md sections 1-3)
+with the full-size ConvNeXt-T / BERT-base network.
+
+Override any field on the command line, e.g. `--config.train.batch_size=8`; the config is
+locked, so a misspelt field is an error rather than a silently ignored flag.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # One seed for parameters, dropout, augmentation and the split.
+
+  # --- data -------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.layout = 'cers'  # On-disk layout: 'cers' (flat) | 'lvit' | 'brisc' (Kaggle).
+  data.root = ''  # Dataset folder; required for real data.
+  data.text_csv = ''  # Report-text CSV (image,text); '' = the layout's default location.
+  data.cot_mask_csv = ''  # CoTs written with the mask shown (labeled images): image,cot.
+  data.cot_no_mask_csv = ''  # CoTs written without the mask (all other images): image,cot.
+  data.cache_dir = ''  # Decoded uint8 cache and split manifest; '' = <workdir>/data.
+  data.image_size = 224  # Square side images and masks are resized to.
+  data.split_protocol = 'paper'  # 'paper' (8:1:1 random) | 'official' | 'grouped'.
+  data.split_ratios = (0.8, 0.1, 0.1)  # train/val/test fractions for the 'paper' protocol.
+  data.val_fraction = 0.1  # Share of the official train set carved off as val ('official').
+  data.labeled_fraction = 0.25  # Fraction of the train split that keeps its masks.
+  data.group_regex = ''  # 'grouped' protocol: regex whose first group names the case.
+  data.zoom_prob = 0.1  # Probability of the random zoom augmentation on train images.
+  data.zoom_range = (0.95, 1.2)  # Random zoom factor range (authors' augmentation).
+  data.max_text_len = 64  # Report-text tokens (padded/truncated).
+  data.max_cot_len = 256  # CoT tokens (padded/truncated), as in the authors' code.
+  data.num_workers = 0  # grain worker processes; 0 = in the main process.
+  data.prefetch = 2  # Batches prepared ahead of the device.
+
+  # --- synthetic dataset (configs/synthetic.py) -------------------------------------
+  config.synthetic = syn = ml_collections.ConfigDict()
+  syn.num_images = 0  # > 0: generate a synthetic dataset into data.root before prepare.
+  syn.image_size = 64  # Side of the generated images.
+
+  # --- tokenizers -------------------------------------------------------------------
+  config.tokenizer = tok = ml_collections.ConfigDict()
+  tok.text_dir = ''  # HF tokenizer directory for the report-text BERT; '' = train one.
+  tok.cot_dir = ''  # HF tokenizer directory for the CoT BERT; '' = train one.
+  tok.vocab_size = 2000  # WordPiece vocabulary size when training a tokenizer.
+
+  # --- model ------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.encoder_depths = (3, 3, 9, 3)  # ConvNeXt blocks per stage (ConvNeXt-T).
+  model.encoder_dims = (96, 192, 384, 768)  # ConvNeXt channels per stage.
+  model.drop_path_rate = 0.1  # Stochastic depth, rising linearly over the blocks.
+  model.layer_scale_init = 1e-6  # ConvNeXt layer-scale initial value.
+  model.encoder_weights = ''  # Pretrained ConvNeXt (torchvision/timm/HF file or dir).
+
+  model.text = ml_collections.ConfigDict()  # Report-text BERT (CXR-BERT in the paper).
+  model.text.vocab_size = 30522  # Overwritten by the tokenizer's size when one is trained.
+  model.text.hidden_size = 768  # H: token feature width.
+  model.text.num_layers = 12  # Transformer layers.
+  model.text.num_heads = 12  # Attention heads.
+  model.text.intermediate_size = 3072  # Feed-forward width.
+  model.text.max_position = 512  # Position embeddings.
+  model.text.type_vocab_size = 2  # Token-type embeddings.
+  model.text.dropout = 0.1  # Hidden and attention dropout (training only).
+  model.text.weights = ''  # Pretrained BERT (HF directory / safetensors / .bin).
+  model.text.trainable = True  # Authors' default: the report-text BERT is fine-tuned.
+
+  model.cot = ml_collections.ConfigDict()  # CoT BERT (Bio_ClinicalBERT in the paper).
+  model.cot.vocab_size = 30522  # Overwritten by the tokenizer's size when one is trained.
+  model.cot.hidden_size = 768  # H_cot.
+  model.cot.num_layers = 12  # Transformer layers.
+  model.cot.num_heads = 12  # Attention heads.
+  model.cot.intermediate_size = 3072  # Feed-forward width.
+  model.cot.max_position = 512  # Position embeddings.
+  model.cot.type_vocab_size = 2  # Token-type embeddings.
+  model.cot.dropout = 0.1  # Dropout (unused while frozen).
+  model.cot.weights = ''  # Pretrained BERT for CoTs.
+  model.cot.trainable = False  # Frozen: CoT [CLS] features are computed once.
+
+  model.attn_dim = 256  # Text cross-attention width.
+  model.attn_heads = 8  # Heads in text and retrieval cross-attention.
+  model.fusion_dropout = 0.1  # Attention dropout in retrieval cross-attention.
+  model.decoder_dims = (384, 192, 96, 48)  # Decoder block outputs, deepest first.
+  model.coord_reduction = 16  # MCAM coordinate gate: mip = max(8, C / reduction).
+  model.embed_dim = 512  # Image/CoT alignment embedding width.
+  model.logit_scale_init = 2.6592600  # log(1 / 0.07), CLIP's initial temperature.
+  model.compute_dtype = 'float32'  # 'bfloat16' = mixed precision (params stay float32).
+  model.checkpoint = ''  # The authors' whole CERS state dict (.pth/.bin/.safetensors).
+
+  # --- knowledge pool and retrieval -------------------------------------------------
+  config.pool = pool = ml_collections.ConfigDict()
+  pool.mode = 'image+cot'  # 'none' | 'image' | 'cot' | 'text' | 'image+cot' (Table 2).
+  pool.k_coarse = 50  # K: candidates kept by image similarity.
+  pool.k = 5  # k: reference cases fused into the retrieval-aware decoder.
+  pool.exclude_self = True  # A labeled image may not retrieve its own pool row.
+  pool.momentum = 0.99  # Eq. 5 EMA momentum m.
+  pool.update = 'ema'  # 'ema' (in-step, Eq. 5) | 'epoch_refresh' (authors' code).
+  pool.shard_rows = False  # Shard pool rows over the data mesh axis (multi-device).
+
+  # --- training ---------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 16  # B: labeled batch (and unlabeled batch) size per step.
+  train.warmup_epochs = 20  # Supervised warm-up epochs on labeled data only.
+  train.epochs = 200  # Semi-supervised epochs (the ramp-up horizon too).
+  train.learning_rate = 0.01  # Peak SGD learning rate (cosine schedule).
+  train.momentum = 0.9  # SGD momentum.
+  train.weight_decay = 1e-4  # Decoupled weight decay.
+  train.clip_weight = 0.5  # Weight of the image-CoT CLIP loss in warm-up.
+  train.consistency = 0.003  # Peak consistency weight lambda.
+  train.consistency_rampup = 200  # Epochs of the exp(-5(1-e/T)^2) ramp-up.
+  train.sharpen_temperature = 0.1  # sharpen(p) = p^(1/T) / (p^(1/T) + (1-p)^(1/T)).
+  train.patience = 50  # Early stopping: epochs without a better val Dice.
+  train.log_every = 10  # Steps between progress-bar metric refreshes.
+  train.eval_batch_size = 16  # Batch size for validation, test and prediction.
+  train.steps_per_epoch = 0  # 0 = one pass over the unlabeled (or labeled) train set.
+
+  # --- checkpoints ------------------------------------------------------------------
+  config.checkpoint = ckpt = ml_collections.ConfigDict()
+  ckpt.keep = 2  # Latest checkpoints kept (the best by val Dice is kept besides).
+
+  # --- evaluation and prediction ----------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.which = 'best'  # Checkpoint to evaluate: 'best' | 'latest'.
+  ev.threshold = 0.5  # Probability threshold for masks.
+  ev.predict_dir = ''  # Folder of images (+ text/CoT CSVs) for --mode=predict.
+
+  # --- devices ----------------------------------------------------------------------
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data_parallel = -1  # Devices on the 'data' axis; -1 = all local devices.
+
+  return config
