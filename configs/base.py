@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.epochs = 200  # Semi-supervised epochs (the ramp-up horizon too).
   train.learning_rate = 0.01  # Peak SGD learning rate (cosine schedule).
   train.momentum = 0.9  # SGD momentum.
-  train.weight_decay = 1e-4  # Decoupled weight decay.
+  train.weight_decay = 1e-4  # L2 added to the gradient, as torch SGD does.
   train.clip_weight = 0.5  # Weight of the image-CoT CLIP loss in warm-up.
   train.consistency = 0.003  # Peak consistency weight lambda.
   train.consistency_rampup = 200  # Epochs of the exp(-5(1-e/T)^2) ramp-up.
@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.log_every = 10  # Steps between progress-bar metric refreshes.
   train.eval_batch_size = 16  # Batch size for validation, test and prediction.
   train.steps_per_epoch = 0  # 0 = one pass over the unlabeled (or labeled) train set.
+  train.stop_after_epochs = 0  # Stop this invocation after N epochs (0 = never); resume later.
 
   # --- checkpoints ------------------------------------------------------------------
   config.checkpoint = ckpt = ml_collections.ConfigDict()

@@ -1,0 +1,171 @@
+"""Latency of coarse-to-fine retrieval: ours (one jitted program) vs the authors' method.
+
+DESIGN.md sections 2 and 6. Ours: `cers_jax.knowledge_pool.retrieve` in mode 'image+cot'
+(cosine top-K over the flattened f4 maps, CoT re-rank to k, gather of the k maps), jitted,
+the pool resident on the default device. Theirs: FAISS `IndexFlatL2` over the unit-norm
+rows searched with the raw queries for the K candidates, then a Python loop that re-ranks
+each query's candidates by CoT cosine with numpy and gathers the k rows (faiss-cpu, the
+`bench` extra). Both run on the same machine in the same process, on the same data; the
+`agree` column counts queries whose k rows are identical in both.
+
+  python benchmarks/retrieval.py                      # N = 1k, 4k, 16k; float32 + bfloat16
+  python benchmarks/retrieval.py --n=1000,100000 --dtype=bfloat16 --repeats=50
+
+Pool sizes that would not fit in the available host memory are skipped with a note. FAISS
+has no bfloat16 flat index, so the authors' time is always float32; the ratio in a
+bfloat16 row compares our bfloat16 keys with their float32 search.
+"""
+
+import argparse
+import gc
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cers_jax import knowledge_pool as kp
+
+try:
+  import faiss
+except ImportError:
+  faiss = None
+
+
+def parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--n', default='1000,4000,16000',
+                      help='comma-separated pool sizes N (labeled images in the pool)')
+  parser.add_argument('--dtype', default='float32,bfloat16',
+                      help="comma-separated key dtypes for ours: 'float32', 'bfloat16'")
+  parser.add_argument('--repeats', type=int, default=20,
+                      help='timed calls per cell (fewer when a cell passes --budget-s)')
+  parser.add_argument('--budget-s', type=float, default=4.0,
+                      help='stop repeating a cell after this many seconds (at least 3 calls)')
+  parser.add_argument('--batch', type=int, default=16, help='queries B')
+  parser.add_argument('--map', default='7,7,768', help='f4 map shape h,w,C (D = h*w*C)')
+  parser.add_argument('--cot-dim', type=int, default=512, help='CoT embedding width E')
+  parser.add_argument('--k-coarse', type=int, default=50, help='K coarse candidates')
+  parser.add_argument('--k', type=int, default=5, help='k reference cases')
+  parser.add_argument('--seed', type=int, default=0)
+  return parser.parse_args()
+
+
+def available_bytes() -> int:
+  """MemAvailable from /proc/meminfo (Linux); a large number elsewhere."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 1 << 50
+
+
+def time_ms(fn, repeats: int, budget_s: float) -> float:
+  """Median wall time of fn() in ms after one warm-up call."""
+  fn()
+  times = []
+  start = time.perf_counter()
+  while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def theirs_fn(index, pool_rows: np.ndarray, pool_cot: np.ndarray, query: np.ndarray,
+              query_cot: np.ndarray, k_coarse: int, k: int):
+  """The authors' retrieval: FAISS L2 coarse search, then a per-query numpy re-rank."""
+
+  def run():
+    _, cand = index.search(query, k_coarse)
+    rows, maps = [], []
+    for b in range(query.shape[0]):
+      q = query_cot[b] / max(np.linalg.norm(query_cot[b]), 1e-8)
+      sims = pool_cot[cand[b]] @ q
+      best = cand[b][np.argsort(-sims, kind='stable')[:k]]
+      rows.append(best)
+      maps.append(pool_rows[best])
+    return np.stack(rows), np.stack(maps)
+
+  return run
+
+
+def main() -> None:
+  args = parse_args()
+  sizes = [int(x) for x in args.n.split(',')]
+  dtypes = [x.strip() for x in args.dtype.split(',')]
+  for name in dtypes:
+    if name not in ('float32', 'bfloat16'):
+      raise SystemExit(f"--dtype: {name!r} is not 'float32' or 'bfloat16'")
+  shape = tuple(int(x) for x in args.map.split(','))
+  d = int(np.prod(shape))
+  b = args.batch
+  print(f'# retrieval latency: B={b}, D={d} ({"x".join(map(str, shape))}), '
+        f'E={args.cot_dim}, K={args.k_coarse}, k={args.k}, mode image+cot')
+  print(f'# device: {jax.devices()[0].device_kind} ({jax.default_backend()}), host '
+        f'{platform.processor() or platform.machine()}, jax {jax.__version__}, '
+        f'faiss {faiss.__version__ if faiss else "MISSING"}')
+  if faiss is None:
+    print('# faiss is not installed: timing ours only. For the comparison: '
+          'pip install faiss-cpu  (or pip install -e .[bench])')
+  print()
+  print('| N | key dtype | ours (ms) | authors: FAISS + numpy (ms) | speed-up | agree |')
+  print('|---:|:---|---:|---:|---:|:---:|')
+
+  rng = np.random.default_rng(args.seed)
+  query = rng.standard_normal((b,) + shape, dtype=np.float32)
+  query_cot = rng.standard_normal((b, args.cot_dim), dtype=np.float32)
+  query_dev, query_cot_dev = jnp.asarray(query), jnp.asarray(query_cot)
+
+  for n in sizes:
+    # feat + key on the device, a host view of the keys and FAISS's copy, plus slack.
+    need = 4 * n * d * 4 + (1 << 30)
+    if need > available_bytes():
+      print(f'| {n} | – | skipped: needs ~{need / 2**30:.0f} GiB of host memory, '
+            f'{available_bytes() / 2**30:.0f} GiB available | | | |')
+      continue
+    feat = rng.standard_normal((n,) + shape, dtype=np.float32)
+    cot = rng.standard_normal((n, args.cot_dim), dtype=np.float32)
+    pool = kp.build_pool(feat, cot, None, np.arange(n))
+    del feat
+    jax.block_until_ready(pool)
+    theirs_ms, their_rows = None, None
+    if faiss is not None:
+      pool_rows = np.asarray(pool.key)  # their pool: unit-norm rows, also what they fuse
+      index = faiss.IndexFlatL2(d)
+      index.add(pool_rows)
+      run = theirs_fn(index, pool_rows, np.asarray(pool.cot), query.reshape(b, d), query_cot,
+                      args.k_coarse, args.k)
+      their_rows = run()[0]
+      theirs_ms = time_ms(run, args.repeats, args.budget_s)
+      del index, pool_rows, run
+      gc.collect()
+    for name in dtypes:
+      if name == 'bfloat16':
+        pool = pool.replace(key=pool.key.astype(jnp.bfloat16))
+        jax.block_until_ready(pool)
+
+      def ours(pool=pool):
+        return jax.block_until_ready(kp.retrieve(pool, query_dev, query_cot_dev,
+                                                 mode='image+cot', k_coarse=args.k_coarse,
+                                                 k=args.k))
+
+      our_rows = np.asarray(ours().rows)
+      ours_ms = time_ms(ours, args.repeats, args.budget_s)
+      if theirs_ms is None:
+        print(f'| {n} | {name} | {ours_ms:.2f} | faiss missing | – | – |')
+      else:
+        agree = int((our_rows == their_rows).all(axis=1).sum())
+        print(f'| {n} | {name} | {ours_ms:.2f} | {theirs_ms:.2f} | '
+              f'{theirs_ms / ours_ms:.1f}x | {agree}/{b} |', flush=True)
+    del pool
+    gc.collect()
+
+
+if __name__ == '__main__':
+  main()

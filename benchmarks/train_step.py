@@ -1,0 +1,160 @@
+"""Times the jitted warm-up, semi-supervised and eval steps; prints a markdown table.
+
+  python benchmarks/train_step.py                          # full model, B=16, 224x224
+  python benchmarks/train_step.py --size=tiny --image=64 --batch=8 --steps=20
+  python benchmarks/train_step.py --dtypes=float32,bfloat16 --pool=3700
+
+The model is the full-size CERS (ConvNeXt-T, BERT-base report encoder, 64 text tokens) or
+the synthetic default's tiny one; inputs and the knowledge pool are random (retrieval cost
+depends only on shapes). Each step is compiled first, then run `--steps` times; the table
+gives the median wall time per step after device synchronisation, images per second (a
+semi-supervised step consumes a labeled and an unlabeled batch: 2B images), FLOPs per step
+from XLA's cost analysis, the achieved TFLOP/s, and peak device memory where the backend
+reports it (GPU/TPU), else XLA's compiled temp + argument bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+sys.path.insert(0, '.')  # configs/ lives at the repository root.
+
+from configs import base as base_config  # noqa: E402
+from configs import synthetic as synthetic_config  # noqa: E402
+from cers_jax import knowledge_pool as kp  # noqa: E402
+from cers_jax import train_step as ts  # noqa: E402
+from cers_jax.experiment import make_optimizer  # noqa: E402
+from cers_jax.models.cers import CERS  # noqa: E402
+from cers_jax.train_state import create_train_state, empty_tables  # noqa: E402
+
+_SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny'], 'Model size.')
+_BATCH = flags.DEFINE_integer('batch', 16, 'Batch size B (per sub-batch).')
+_IMAGE = flags.DEFINE_integer('image', 224, 'Square image side.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per function (median).')
+_POOL = flags.DEFINE_integer('pool', 3700, 'Knowledge-pool rows (labeled images).')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
+_TEXT_LEN = flags.DEFINE_integer('text_len', 64, 'Report-text tokens.')
+
+
+def _config(dtype: str):
+  config = (base_config if _SIZE.value == 'full' else synthetic_config).get_config()
+  config.model.compute_dtype = dtype
+  return config
+
+
+def _random_batch(rng: np.random.Generator, config, batch: int, size: int, offset: int):
+  vocab = config.model.text.vocab_size
+  text_mask = np.ones((batch, _TEXT_LEN.value), np.int32)
+  text_mask[:, _TEXT_LEN.value // 2:] = 0
+  return dict(
+      image=rng.standard_normal((batch, size, size, 3), np.float32),
+      mask=(rng.random((batch, size, size, 1)) > 0.7).astype(np.float32),
+      text_ids=rng.integers(0, vocab, (batch, _TEXT_LEN.value), dtype=np.int32),
+      text_mask=text_mask,
+      index=np.arange(offset, offset + batch, dtype=np.int32),
+      is_labeled=np.ones((batch,), bool), valid=np.ones((batch,), bool))
+
+
+def _state(config, num_samples: int):
+  model = CERS(config.model, rngs=nnx.Rngs(0))
+  size = _IMAGE.value
+  f4 = jax.eval_shape(lambda m: m.encoder(jnp.zeros((1, size, size, 3)))[-1], model)
+  h, w, c = f4.shape[1:]
+  rng = np.random.default_rng(0)
+  n, e = _POOL.value, config.model.embed_dim
+  pool = kp.build_pool(
+      rng.standard_normal((n, h, w, c), np.float32), rng.standard_normal((n, e), np.float32),
+      rng.standard_normal((n, e), np.float32), np.arange(n, dtype=np.int32))
+  tables = empty_tables(num_samples, config.model.cot.hidden_size, e)
+  tables = tables.replace(query_cot=jnp.asarray(rng.standard_normal((num_samples, e)),
+                                                jnp.float32),
+                          query_text=jnp.asarray(rng.standard_normal((num_samples, e)),
+                                                 jnp.float32))
+  tx = make_optimizer(config, 1000)
+  graphdef, state = create_train_state(model, tx, text_trainable=True, pool=pool,
+                                       tables=tables, rng=jax.random.key(0))
+  return graphdef, tx, state
+
+
+def _memory(compiled) -> str:
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return f'{stats["peak_bytes_in_use"] / 2**30:.2f} GiB (device peak)'
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return 'n/a'
+  total = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+  return f'{total / 2**30:.2f} GiB (XLA temp+args)'
+
+
+def _time(fn, args, steps: int, *, carry_state: bool):
+  """Median seconds per call; train steps feed their output state back in."""
+  compiled = jax.jit(fn, donate_argnums=0 if carry_state else ()).lower(*args).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get('flops', float('nan')))
+  times = []
+  state, rest = args[0], args[1:]
+  out = compiled(state, *rest)  # Warm-up run (allocations, autotuning).
+  jax.block_until_ready(out)
+  if carry_state:
+    state = out[0]
+  for _ in range(steps):
+    start = time.perf_counter()
+    out = compiled(state, *rest)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+    if carry_state:
+      state = out[0]
+  return statistics.median(times), flops, _memory(compiled)
+
+
+def main(argv):
+  del argv
+  batch, size = _BATCH.value, _IMAGE.value
+  rows = []
+  for dtype in _DTYPES.value:
+    config = _config(dtype)
+    config.pool.k_coarse = min(config.pool.k_coarse, _POOL.value)
+    cfg = ts.StepConfig.from_config(config)
+    graphdef, tx, state = _state(config, num_samples=_POOL.value + 4 * batch)
+    rng = np.random.default_rng(1)
+    labeled = {k: jnp.asarray(v) for k, v in _random_batch(rng, config, batch, size, 0).items()}
+    unlabeled = {k: jnp.asarray(v) for k, v in
+                 _random_batch(rng, config, batch, size, _POOL.value).items()}
+    steps = {
+        'warm-up': (lambda s, b: ts.warmup_step(s, b, graphdef=graphdef, tx=tx, cfg=cfg),
+                    (state, labeled), batch, True),
+        'semi-supervised': (lambda s, l, u: ts.semi_step(
+            s, l, u, jnp.float32(0.003), graphdef=graphdef, tx=tx, cfg=cfg),
+                            (state, labeled, unlabeled), 2 * batch, True),
+        'eval (with retrieval)': (lambda s, b: ts.eval_step(
+            s, b, graphdef=graphdef, cfg=cfg, use_retrieval=True), (state, unlabeled),
+                                  batch, False),
+    }
+    for name, (fn, args, images, carry) in steps.items():
+      args = (jax.tree.map(jnp.copy, args[0]),) + args[1:]
+      seconds, flops, memory = _time(fn, args, _STEPS.value, carry_state=carry)
+      rows.append((dtype, name, seconds * 1e3, images / seconds, flops / 1e12,
+                   flops / seconds / 1e12, memory))
+  device = jax.devices()[0]
+  print(f'\nCERS {_SIZE.value} model, batch {batch}, {size}x{size}, pool {_POOL.value} rows, '
+        f'{_STEPS.value} timed steps, device: {device.platform} ({device.device_kind}), '
+        f'{jax.device_count()} device(s)\n')
+  print('| compute dtype | step | ms/step | images/s | TFLOP/step | TFLOP/s | memory |')
+  print('|---|---|---:|---:|---:|---:|---|')
+  for dtype, name, ms, ips, tflop, tflops, memory in rows:
+    print(f'| {dtype} | {name} | {ms:.1f} | {ips:.1f} | {tflop:.3f} | {tflops:.2f} | '
+          f'{memory} |')
+
+
+if __name__ == '__main__':
+  app.run(main)

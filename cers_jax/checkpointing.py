@@ -1,0 +1,85 @@
+"""Orbax checkpoints of the whole TrainState, the data iterators' state and the config.
+
+Two managers under `<workdir>/checkpoints/`: `latest/` keeps the last `keep` epochs for
+resumption, `best/` keeps the single checkpoint with the highest validation Dice (STYLE
+habit 6). Each checkpoint holds three items: `state` (the TrainState pytree, knowledge
+pool included), `meta` (JSON: stage, epoch, best Dice, early-stopping counter, iterator
+states) and `config` (JSON, for humans and for `restore_for_eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from cers_jax.train_state import TrainState
+
+LATEST = 'latest'
+BEST = 'best'
+
+
+class Checkpoints:
+  """The latest/best checkpoint pair of one workdir."""
+
+  def __init__(self, workdir: str, *, keep: int = 2):
+    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._managers = {
+        LATEST: ocp.CheckpointManager(
+            os.path.join(root, LATEST), options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True)),
+        BEST: ocp.CheckpointManager(
+            os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True)),
+    }
+
+  def latest_step(self, which: str = LATEST) -> int | None:
+    return self._managers[which].latest_step()
+
+  def save(self, which: str, step: int, state: TrainState, meta: dict[str, Any],
+           config_json: str) -> None:
+    """Saves and waits: a checkpoint that is not on disk cannot be resumed from.
+
+    Saving again at a step that already has a checkpoint replaces it (the end of warm-up
+    saves once more after the pool build, at the same optimizer step).
+    """
+    manager = self._managers[which]
+    if step in manager.all_steps():
+      manager.delete(step)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave(meta),
+        config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+    manager.wait_until_finished()
+
+  def restore(self, which: str, target: TrainState, step: int | None = None):
+    """Restores (state, meta) into the shape/dtype structure of `target`.
+
+    Args:
+      which: 'latest' or 'best'.
+      target: a TrainState (or its `jax.eval_shape`) with the structure to restore into.
+      step: a specific step; the newest one when None.
+
+    Raises:
+      FileNotFoundError: when there is no checkpoint of that kind.
+    """
+    manager = self._managers[which]
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f'No {which!r} checkpoint in {manager.directory}: train first (--mode=train) '
+          'or point --workdir at a finished run.')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    logging.info('Restored %s checkpoint at step %d from %s', which, step,
+                 manager.directory)
+    return restored.state, restored.meta
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.close()

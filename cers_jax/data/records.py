@@ -1,0 +1,71 @@
+"""Plain records shared by the dataset readers, `prepare` and the input pipeline.
+
+DESIGN.md section 4 (Data). A `Sample` is one image with whatever annotations the layout
+found for it; a `Problem` is one thing wrong with the data, kept for report.json rather than
+silently dropped. `DataError` is the single exception type of `cers_jax.data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SPLIT_NAMES = ('train_labeled', 'train_unlabeled', 'val', 'test')
+
+
+class DataError(ValueError):
+  """A dataset, annotation file, split manifest or cache that cannot be used as is.
+
+  The message always names the file (or folder) at fault and what to do about it.
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One image of a dataset and its annotations (see /work/briefs/data_contract.md)."""
+
+  id: str  # Stem of the image file name, the join key everywhere.
+  image_path: str
+  mask_path: str | None  # None when the layout has no mask for it.
+  text: str | None  # Report text.
+  cot_mask: str | None  # CoT written with the mask shown (used for labeled images).
+  cot_no_mask: str | None  # CoT written without the mask (all other images).
+  group: str = ''  # Patient/volume/case id for the 'grouped' protocol ('' = id).
+  official_split: str = ''  # 'train' | 'val' | 'test' | '' from the layout's own folders.
+
+
+SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
+
+
+def sample_to_dict(sample: Sample, row: int) -> dict[str, Any]:
+  """The samples.json entry of `sample`, stored at cache row `row`."""
+  return {**dataclasses.asdict(sample), 'row': row}
+
+
+def sample_from_dict(entry: dict[str, Any]) -> Sample:
+  """Inverse of `sample_to_dict` (the 'row' key and unknown keys are ignored)."""
+  return Sample(**{name: entry[name] for name in SAMPLE_FIELDS if name in entry})
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """One finding about the data, reported in report.json.
+
+  Attributes:
+    kind: what is wrong, e.g. 'missing_mask', 'truncated_cot', 'duplicate_id'.
+    file: the file the finding is about (annotation file, image or mask).
+    line: 1-based line of a CSV record (its first physical line), spreadsheet row number, or
+      0 when it is not about a line.
+    id: the sample id (image stem) concerned, '' when unknown.
+    detail: a short human explanation.
+  """
+
+  kind: str
+  file: str = ''
+  line: int = 0
+  id: str = ''
+  detail: str = ''
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+

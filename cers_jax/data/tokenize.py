@@ -1,0 +1,133 @@
+"""Tokenizers for report texts and CoTs, and their token arrays (DESIGN.md sections 1 and 4).
+
+The report-text BERT (CXR-BERT in the paper) and the CoT BERT (Bio_ClinicalBERT) each read
+their own WordPiece vocabulary. A user with a pretrained checkpoint points the config at its
+local HF directory (`load_tokenizer`); without one, `train_wordpiece` builds a BERT-style
+WordPiece tokenizer from the dataset's own texts, so the whole method also runs from
+scratch without any download. Token ids are computed once for every cache row
+(`encode_texts`) and kept as (N, L) int32 arrays that the input pipeline gathers by row.
+"""
+
+from collections.abc import Sequence
+import os
+
+from absl import logging
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+import transformers
+
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # [PAD] gets id 0.
+_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')
+
+
+def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerFast:
+  """Loads a fast tokenizer from a local Hugging Face format directory (never the hub).
+
+  A directory with `tokenizer.json` or `tokenizer_config.json` is loaded with
+  `AutoTokenizer`; one with only a BERT `vocab.txt` as a BERT WordPiece tokenizer.
+
+  Args:
+    directory: local folder holding tokenizer files (e.g. a BERT checkpoint folder).
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    FileNotFoundError: the folder does not exist or has none of the tokenizer files.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f'Tokenizer directory {directory!r} does not exist; set config.tokenizer.text_dir /'
+        " cot_dir to a local Hugging Face tokenizer folder, or to '' to train one.")
+  present = [f for f in _TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))]
+  if not present:
+    raise FileNotFoundError(
+        f'Tokenizer directory {directory!r} has no tokenizer files (expected one of '
+        f'{", ".join(_TOKENIZER_FILES)}; found {sorted(os.listdir(directory))[:10]}). Point '
+        "the config at the folder of a Hugging Face BERT checkpoint, or set it to '' to "
+        'train a WordPiece tokenizer on the dataset.')
+  if present == ['vocab.txt']:
+    # Not `BertTokenizerFast(vocab_file=...)`: transformers 5 silently ignores that file.
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(
+        directory, local_files_only=True)
+  else:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  if tokenizer.pad_token_id is None:
+    raise ValueError(
+        f'The tokenizer in {directory!r} defines no padding token; add "pad_token" to its '
+        'tokenizer_config.json.')
+  logging.info('Loaded tokenizer from %s (%d tokens).', directory, len(tokenizer))
+  return tokenizer
+
+
+def train_wordpiece(
+    texts: Sequence[str], *, vocab_size: int, out_dir: str
+) -> transformers.PreTrainedTokenizerFast:
+  """Trains a lowercase BERT WordPiece tokenizer on texts and saves it in HF format.
+
+  The vocabulary starts with [PAD] (id 0), [UNK], [CLS], [SEP], [MASK]; encodings are
+  `[CLS] text [SEP]` like BERT's. `load_tokenizer(out_dir)` reloads it identically.
+
+  Args:
+    texts: training texts (None entries are skipped).
+    vocab_size: target vocabulary size (smaller if the texts hold fewer pieces).
+    out_dir: folder to write `tokenizer.json` and `tokenizer_config.json` into.
+
+  Returns:
+    The trained tokenizer.
+  """
+  texts = [t for t in texts if t]
+  if not texts:
+    raise ValueError(f'train_wordpiece got no non-empty texts for {out_dir!r}.')
+  unk, cls, sep = '[UNK]', '[CLS]', '[SEP]'
+  tok = tokenizers.Tokenizer(models.WordPiece(unk_token=unk))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece()
+  trainer = trainers.WordPieceTrainer(
+      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  tok.post_processor = processors.TemplateProcessing(
+      single=f'{cls} $A {sep}',
+      pair=f'{cls} $A {sep} $B:1 {sep}:1',
+      special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))])
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token='[PAD]', unk_token=unk, cls_token=cls,
+      sep_token=sep, mask_token='[MASK]')
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer.save_pretrained(out_dir)
+  logging.info('Trained a %d-token WordPiece tokenizer on %d texts into %s.',
+               len(tokenizer), len(texts), out_dir)
+  return tokenizer
+
+
+def encode_texts(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    texts: Sequence[str | None],
+    max_len: int,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenizes texts into fixed-length id and attention-mask arrays.
+
+  Args:
+    tokenizer: a tokenizer from `load_tokenizer` or `train_wordpiece`.
+    texts: one entry per cache row; None (no text for that row) becomes all padding with
+      an all-zero mask (not even [CLS]).
+    max_len: L, the padded/truncated length (truncation keeps the final [SEP]).
+
+  Returns:
+    (ids (N, L) int32, mask (N, L) int32).
+  """
+  if max_len < 2:
+    raise ValueError(f'max_len must be >= 2 ([CLS] and [SEP]), got {max_len}.')
+  ids = np.full((len(texts), max_len), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(texts), max_len), np.int32)
+  present = [i for i, t in enumerate(texts) if t is not None]
+  if present:
+    enc = tokenizer(
+        [texts[i] for i in present], padding='max_length', truncation=True,
+        max_length=max_len, return_attention_mask=True, return_token_type_ids=False,
+        return_tensors='np')
+    ids[present] = enc['input_ids']
+    mask[present] = enc['attention_mask']
+  return ids, mask

@@ -1,0 +1,230 @@
+"""Assembles a run from its config: data, tokenizers, model, optimizer, TrainState, steps.
+
+The same functions serve `run.py`, the benchmarks and research code:
+
+  config = configs.synthetic.get_config()
+  exp = experiment.create(config, 'runs/demo')       # data, model, state, jitted steps
+  out = exp.steps.evaluate(exp.state, batch, True)   # any batch from cers_jax.data.pipeline
+
+`resolve_config` fills the fields a run derives (dataset location for the synthetic default,
+vocabulary sizes of trained tokenizers) into an unlocked copy, which is what checkpoints
+store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from cers_jax import checkpointing
+from cers_jax import sharding
+from cers_jax import train_step as ts
+from cers_jax.data import cache as cache_lib
+from cers_jax.data import pipeline
+from cers_jax.data import prepare as prepare_lib
+from cers_jax.data import tokenize
+from cers_jax.models import cers as cers_model
+from cers_jax.train_state import TrainState, create_train_state, empty_pool, empty_tables
+
+SPLITS = ('train_labeled', 'train_unlabeled', 'val', 'test')
+
+
+@dataclasses.dataclass
+class Data:
+  """A prepared dataset: the uint8 cache, split rows and token arrays of every row."""
+
+  cache: cache_lib.Cache
+  rows: dict[str, np.ndarray]  # split name -> cache rows (int32)
+  tokens: dict[str, np.ndarray]  # text_ids/text_mask (N,L); cot_{mask,no_mask}_{ids,mask}
+  text_tokenizer: Any
+  cot_tokenizer: Any
+
+  @property
+  def num_samples(self) -> int:
+    return len(self.cache.samples)
+
+  def arrays(self) -> pipeline.PipelineArrays:
+    """What the input pipeline indexes by cache row."""
+    return pipeline.PipelineArrays(
+        images=self.cache.images, masks=self.cache.masks, text_ids=self.tokens['text_ids'],
+        text_mask=self.tokens['text_mask'], has_mask=self.cache.has_mask)
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str):
+  """An unlocked copy of `config` with the run's derived fields filled in."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.synthetic.num_images > 0 and not config.data.root:
+    root = os.path.join(workdir, 'synthetic')
+    config.data.root = root
+    config.data.text_csv = config.data.text_csv or os.path.join(root, 'text.csv')
+    config.data.cot_mask_csv = config.data.cot_mask_csv or os.path.join(
+        root, 'cot_output_mask.csv')
+    config.data.cot_no_mask_csv = config.data.cot_no_mask_csv or os.path.join(
+        root, 'cot_output_no_mask.csv')
+  if not config.data.cache_dir:
+    config.data.cache_dir = os.path.join(workdir, 'data')
+  return config
+
+
+def _generate_synthetic_if_needed(config) -> None:
+  if config.synthetic.num_images <= 0:
+    return
+  from cers_jax.data import synthetic  # Only the synthetic default needs it.
+  marker = os.path.join(config.data.root, 'text.csv')
+  if os.path.exists(marker):
+    return
+  logging.info('Generating %d synthetic images into %s', config.synthetic.num_images,
+               config.data.root)
+  synthetic.generate_synthetic(config.data.root, num_images=config.synthetic.num_images,
+                               image_size=config.synthetic.image_size, seed=config.seed)
+
+
+def _tokenizer(directory: str, trained_dir: str, texts: list[str], vocab_size: int):
+  """A pretrained tokenizer when configured, else one trained on the run's own texts."""
+  if directory:
+    return tokenize.load_tokenizer(directory)
+  if os.path.exists(os.path.join(trained_dir, 'tokenizer.json')):
+    return tokenize.load_tokenizer(trained_dir)
+  logging.info('Training a %d-token WordPiece vocabulary into %s', vocab_size, trained_dir)
+  return tokenize.train_wordpiece(texts, vocab_size=vocab_size, out_dir=trained_dir)
+
+
+def prepare_data(config, workdir: str) -> Data:
+  """Validates the dataset, writes/reuses the split manifest and cache, tokenizes texts."""
+  _generate_synthetic_if_needed(config)
+  prepared = prepare_lib.prepare(config, workdir)
+  cache = prepared.cache
+  rows = {name: np.asarray(prepared.rows[name], np.int32) for name in SPLITS}
+  if len(rows['train_labeled']) == 0:
+    raise ValueError(
+        f'The split manifest {os.path.join(config.data.cache_dir, "split.json")} has no '
+        'labeled training images: raise --config.data.labeled_fraction.')
+  train_rows = np.concatenate([rows['train_labeled'], rows['train_unlabeled']])
+  samples = cache.samples
+  reports = [samples[r].text or '' for r in train_rows]
+  cots = [c for r in train_rows for c in (samples[r].cot_mask, samples[r].cot_no_mask) if c]
+  tok_dir = os.path.join(workdir, 'tokenizers')
+  text_tok = _tokenizer(config.tokenizer.text_dir, os.path.join(tok_dir, 'text'), reports,
+                        config.tokenizer.vocab_size)
+  cot_tok = _tokenizer(config.tokenizer.cot_dir, os.path.join(tok_dir, 'cot'),
+                       cots + reports, config.tokenizer.vocab_size)
+  tokens = {}
+  tokens['text_ids'], tokens['text_mask'] = tokenize.encode_texts(
+      text_tok, [s.text for s in samples], config.data.max_text_len)
+  for kind in ('cot_mask', 'cot_no_mask'):
+    tokens[f'{kind}_ids'], tokens[f'{kind}_mask'] = tokenize.encode_texts(
+        cot_tok, [getattr(s, kind) for s in samples], config.data.max_cot_len)
+  tokens['report_cot_ids'], tokens['report_cot_mask'] = tokenize.encode_texts(
+      cot_tok, [s.text for s in samples], config.data.max_cot_len)
+  return Data(cache=cache, rows=rows, tokens=tokens, text_tokenizer=text_tok,
+              cot_tokenizer=cot_tok)
+
+
+def build_model(model_config, *, seed: int) -> cers_model.CERS:
+  """The CERS network, with whatever pretrained weights the config points to."""
+  from cers_jax.convert import bert as bert_convert
+  from cers_jax.convert import cers_torch
+  from cers_jax.convert import convnext as convnext_convert
+
+  model = cers_model.CERS(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  if model_config.encoder_weights:
+    convnext_convert.load_convnext(model.encoder, model_config.encoder_weights)
+  if model_config.text.weights:
+    bert_convert.load_bert(model.text_encoder, model_config.text.weights)
+  if model_config.cot.weights:
+    bert_convert.load_bert(model.cot_encoder, model_config.cot.weights)
+  if model_config.checkpoint:
+    cers_torch.load_authors_checkpoint(model, model_config.checkpoint)
+  return model
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """SGD with momentum and torch-style (coupled) weight decay on a cosine schedule."""
+  schedule = optax.cosine_decay_schedule(config.train.learning_rate, max(total_steps, 1))
+  return optax.chain(optax.add_decayed_weights(config.train.weight_decay),
+                     optax.sgd(schedule, momentum=config.train.momentum))
+
+
+def steps_per_epoch(config, data: Data) -> tuple[int, int]:
+  """(warm-up steps, semi-supervised steps) per epoch; both need at least one batch."""
+  batch = config.train.batch_size
+  labeled = len(data.rows['train_labeled'])
+  if labeled < batch:
+    raise ValueError(
+        f'Only {labeled} labeled training images for a batch of {batch}: lower '
+        '--config.train.batch_size or raise --config.data.labeled_fraction.')
+  unlabeled = len(data.rows['train_unlabeled'])
+  semi = config.train.steps_per_epoch or max(labeled, unlabeled) // batch
+  return labeled // batch, max(semi, 1)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built once; `state` is replaced as training goes."""
+
+  config: ml_collections.ConfigDict  # Resolved (unlocked) copy.
+  workdir: str
+  data: Data
+  graphdef: Any
+  state: TrainState
+  steps: ts.Steps
+  checkpoints: checkpointing.Checkpoints
+  mesh: Any  # jax.sharding.Mesh with one 'data' axis.
+  warmup_steps_per_epoch: int
+  semi_steps_per_epoch: int
+
+  def device_batch(self, batch: dict) -> dict:
+    """A host batch placed on the mesh, split along the batch axis."""
+    return sharding.shard_batch(batch, self.mesh)
+
+
+def create(config, workdir: str) -> Experiment:
+  """Prepares data and builds a freshly initialised experiment (restore is separate)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  config = resolve_config(config, workdir)
+  data = prepare_data(config, workdir)
+  with config.unlocked():
+    config.model.text.vocab_size = len(data.text_tokenizer)
+    config.model.cot.vocab_size = len(data.cot_tokenizer)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  mesh = sharding.make_mesh(config.mesh.data_parallel)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  sharding.check_batch_size(config.train.eval_batch_size, mesh, 'train.eval_batch_size')
+  warmup_spe, semi_spe = steps_per_epoch(config, data)
+  total = (config.train.warmup_epochs * warmup_spe + config.train.epochs * semi_spe)
+  tx = make_optimizer(config, total)
+  model = build_model(config.model, seed=config.seed)
+  size = config.data.image_size
+  f4_shape = jax.eval_shape(
+      lambda m: m.encoder(jnp.zeros((1, size, size, 3)))[-1], model).shape[1:]
+  pool = empty_pool(len(data.rows['train_labeled']), f4_shape, config.model.embed_dim)
+  tables = empty_tables(data.num_samples, config.model.cot.hidden_size,
+                        config.model.embed_dim)
+  graphdef, state = create_train_state(
+      model, tx, text_trainable=config.model.text.trainable, pool=pool, tables=tables,
+      rng=jax.random.key(config.seed))
+  state = sharding.place_state(state, mesh, shard_pool_rows=config.pool.shard_rows)
+  steps = ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config),
+                        threshold=config.eval.threshold)
+  return Experiment(config=config, workdir=workdir, data=data, graphdef=graphdef,
+                    state=state, steps=steps,
+                    checkpoints=checkpointing.Checkpoints(workdir,
+                                                          keep=config.checkpoint.keep),
+                    mesh=mesh, warmup_steps_per_epoch=warmup_spe, semi_steps_per_epoch=semi_spe)
+
+
+def config_json(config) -> str:
+  return json.dumps(json.loads(config.to_json_best_effort()), indent=2)

@@ -1,0 +1,149 @@
+"""BERT text encoder with HF `BertModel` semantics, without the pooler (DESIGN.md section 1).
+
+Used twice in CERS: for the report text (CXR-BERT in the paper; token features feed the
+text cross-attention) and for the chain-of-thought (Bio_ClinicalBERT; its [CLS] token
+feeds the CoT projection). Post-LayerNorm encoder, LayerNorm eps 1e-12, exact GELU,
+absolute position embeddings 0..L-1, padding keys masked. Attribute names are relied on
+by `cers_jax.convert.bert`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from cers_jax.models.layers import gelu_exact, trunc_normal
+
+_LN_EPS = 1e-12
+
+
+def _layer_norm(dim: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=_LN_EPS, use_fast_variance=False, dtype=dtype,
+                       rngs=rngs)
+
+
+class BertLayer(nnx.Module):
+  """Self-attention + feed-forward, each followed by dropout, residual and LayerNorm."""
+
+  def __init__(self, *, hidden_size: int, num_heads: int, intermediate_size: int,
+               dropout: float, dtype: Any = None, rngs: nnx.Rngs):
+    """Builds one layer.
+
+    Args:
+      hidden_size: H.
+      num_heads: attention heads (H must divide evenly).
+      intermediate_size: feed-forward width.
+      dropout: rate for attention probabilities and hidden states.
+      dtype: computation dtype (parameters stay float32).
+      rngs: parameter and dropout streams.
+    """
+    init = trunc_normal(0.02)
+    # HF drops attention probabilities elementwise, so broadcast_dropout=False.
+    self.attention = nnx.MultiHeadAttention(
+        num_heads, hidden_size, decode=False, dropout_rate=dropout, broadcast_dropout=False,
+        deterministic=False, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.attention_norm = _layer_norm(hidden_size, dtype, rngs)
+    self.intermediate = nnx.Linear(hidden_size, intermediate_size, kernel_init=init,
+                                   dtype=dtype, rngs=rngs)
+    self.output = nnx.Linear(intermediate_size, hidden_size, kernel_init=init, dtype=dtype,
+                             rngs=rngs)
+    self.output_norm = _layer_norm(hidden_size, dtype, rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B, L, H), (B, 1, 1, L) bool -> (B, L, H)."""
+    attended = self.attention(x, mask=mask)
+    x = self.attention_norm(x + self.dropout(attended))
+    y = self.output(gelu_exact(self.intermediate(x)))
+    return self.output_norm(x + self.dropout(y))
+
+
+class BertEncoder(nnx.Module):
+  """Embeddings + a stack of `BertLayer`; returns the last hidden state."""
+
+  def __init__(self, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+               intermediate_size: int, max_position: int = 512, type_vocab_size: int = 2,
+               dropout: float = 0.1, dtype: Any = None, rngs: nnx.Rngs):
+    """Builds the encoder (HF `BertConfig` names in brackets).
+
+    Args:
+      vocab_size: token vocabulary [vocab_size].
+      hidden_size: H [hidden_size].
+      num_layers: transformer layers [num_hidden_layers].
+      num_heads: attention heads [num_attention_heads].
+      intermediate_size: feed-forward width [intermediate_size].
+      max_position: longest sequence [max_position_embeddings].
+      type_vocab_size: token types [type_vocab_size].
+      dropout: hidden and attention-probability dropout
+        [hidden_dropout_prob = attention_probs_dropout_prob].
+      dtype: computation dtype (parameters stay float32).
+      rngs: parameter and dropout streams.
+    """
+    if hidden_size % num_heads:
+      raise ValueError(f'hidden_size {hidden_size} is not divisible by num_heads {num_heads}.')
+    init = trunc_normal(0.02)
+    self.max_position = max_position
+    self.word_embeddings = nnx.Embed(vocab_size, hidden_size, embedding_init=init,
+                                     dtype=dtype, rngs=rngs)
+    self.position_embeddings = nnx.Embed(max_position, hidden_size, embedding_init=init,
+                                         dtype=dtype, rngs=rngs)
+    self.token_type_embeddings = nnx.Embed(type_vocab_size, hidden_size,
+                                           embedding_init=init, dtype=dtype, rngs=rngs)
+    self.embed_norm = _layer_norm(hidden_size, dtype, rngs)
+    self.embed_dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.layers = nnx.List([
+        BertLayer(hidden_size=hidden_size, num_heads=num_heads,
+                  intermediate_size=intermediate_size, dropout=dropout, dtype=dtype, rngs=rngs)
+        for _ in range(num_layers)])
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, *, dtype: Any = None,
+                  rngs: nnx.Rngs) -> BertEncoder:
+    """Builds from `config.model.text` or `config.model.cot` (configs/base.py).
+
+    Args:
+      cfg: section with vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
+        max_position, type_vocab_size and dropout.
+      dtype: computation dtype.
+      rngs: parameter and dropout streams.
+
+    Returns:
+      A freshly initialised BertEncoder.
+    """
+    return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+               num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+               intermediate_size=cfg.intermediate_size, max_position=cfg.max_position,
+               type_vocab_size=cfg.type_vocab_size, dropout=cfg.dropout, dtype=dtype,
+               rngs=rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Encodes token sequences.
+
+    Args:
+      input_ids: (B, L) int token ids.
+      attention_mask: (B, L) int or bool, nonzero for real tokens, 0 for padding.
+      token_type_ids: (B, L) int segment ids; None = all zeros.
+
+    Returns:
+      (B, L, H) last hidden state. Padding positions hold values too (they attend to the
+      real tokens, as in HF) but no real position attends to them.
+    """
+    length = input_ids.shape[1]
+    if length > self.max_position:
+      raise ValueError(f'Sequence length {length} exceeds max_position {self.max_position}; '
+                       'truncate the tokens (data.max_text_len / data.max_cot_len).')
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    positions = jnp.arange(length)[None, :]
+    x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+         + self.position_embeddings(positions))
+    x = self.embed_dropout(self.embed_norm(x))
+    mask = (attention_mask != 0)[:, None, None, :]
+    for layer in self.layers:
+      x = layer(x, mask)
+    return x

@@ -1,0 +1,122 @@
+"""ConvNeXt image encoder, torchvision `convnext_tiny` semantics (DESIGN.md section 1).
+
+NHWC throughout. The stem and the downsampling layers normalise channels with
+`nnx.LayerNorm` over the last axis, which is what torchvision's `LayerNorm2d` computes on
+NCHW. Attribute names are relied on by `cers_jax.convert.convnext`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cers_jax.models.layers import DropPath, gelu_exact, trunc_normal
+
+_LN_EPS = 1e-6
+
+
+def _layer_norm(dim: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # Two-pass variance, as torch computes it; the one-pass E[x^2]-E[x]^2 loses digits on
+  # activations with a large mean.
+  return nnx.LayerNorm(dim, epsilon=_LN_EPS, use_fast_variance=False, dtype=dtype,
+                       rngs=rngs)
+
+
+class ConvNeXtBlock(nnx.Module):
+  """dw7x7 -> LN -> Linear(C, 4C) -> GELU -> Linear(4C, C) -> x layer_scale -> DropPath -> +x."""
+
+  def __init__(self, dim: int, *, drop_path: float, layer_scale_init: float,
+               dtype: Any = None, rngs: nnx.Rngs):
+    """Builds one block.
+
+    Args:
+      dim: channels C.
+      drop_path: stochastic-depth rate of this block.
+      layer_scale_init: initial value of every layer-scale entry.
+      dtype: computation dtype (parameters stay float32).
+      rngs: parameter and dropout streams.
+    """
+    init = trunc_normal(0.02)
+    self.dwconv = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)),
+                           feature_group_count=dim, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.norm = _layer_norm(dim, dtype, rngs)
+    self.pwconv1 = nnx.Linear(dim, 4 * dim, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.pwconv2 = nnx.Linear(4 * dim, dim, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.layer_scale = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32))
+    self.drop_path = DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, H, W, C)."""
+    y = self.dwconv(x)
+    y = self.norm(y)
+    y = self.pwconv2(gelu_exact(self.pwconv1(y)))
+    y = y * self.layer_scale[...].astype(y.dtype)
+    return x + self.drop_path(y)
+
+
+class ConvNeXt(nnx.Module):
+  """ConvNeXt feature extractor returning the four stage outputs (strides 4, 8, 16, 32)."""
+
+  def __init__(self, *, depths: Sequence[int] = (3, 3, 9, 3),
+               dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.1,
+               layer_scale_init: float = 1e-6, in_channels: int = 3, dtype: Any = None,
+               rngs: nnx.Rngs):
+    """Builds the encoder.
+
+    Args:
+      depths: blocks per stage.
+      dims: channels per stage.
+      drop_path_rate: stochastic depth of the last block; block i of n gets
+        drop_path_rate * i / (n - 1), as in torchvision.
+      layer_scale_init: initial layer-scale value.
+      in_channels: image channels.
+      dtype: computation dtype passed to every layer (parameters stay float32).
+      rngs: parameter and dropout streams.
+    """
+    if len(depths) != 4 or len(dims) != 4:
+      raise ValueError(f'ConvNeXt needs 4 stages, got depths={depths}, dims={dims}.')
+    init = trunc_normal(0.02)
+    self.stem_conv = nnx.Conv(in_channels, dims[0], (4, 4), strides=(4, 4), padding='VALID',
+                              kernel_init=init, dtype=dtype, rngs=rngs)
+    self.stem_norm = _layer_norm(dims[0], dtype, rngs)
+    self.downsample_norms = nnx.List(
+        [_layer_norm(dims[i], dtype, rngs) for i in range(3)])
+    self.downsample_convs = nnx.List([
+        nnx.Conv(dims[i], dims[i + 1], (2, 2), strides=(2, 2), padding='VALID',
+                 kernel_init=init, dtype=dtype, rngs=rngs) for i in range(3)])
+    total = sum(depths)
+    denominator = max(total - 1, 1)
+    stages = []
+    block_id = 0
+    for dim, depth in zip(dims, depths):
+      blocks = []
+      for _ in range(depth):
+        blocks.append(ConvNeXtBlock(
+            dim, drop_path=drop_path_rate * block_id / denominator,
+            layer_scale_init=layer_scale_init, dtype=dtype, rngs=rngs))
+        block_id += 1
+      stages.append(nnx.List(blocks))
+    self.stages = nnx.List(stages)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Encodes images.
+
+    Args:
+      x: (B, H, W, in_channels) images.
+
+    Returns:
+      (f1, f2, f3, f4): (B, H/4, W/4, dims[0]) ... (B, H/32, W/32, dims[3]).
+    """
+    x = self.stem_norm(self.stem_conv(x))
+    features = []
+    for i, stage in enumerate(self.stages):
+      if i > 0:
+        x = self.downsample_convs[i - 1](self.downsample_norms[i - 1](x))
+      for block in stage:
+        x = block(x)
+      features.append(x)
+    return tuple(features)

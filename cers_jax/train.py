@@ -1,0 +1,342 @@
+"""The training loop: warm-up, pool build, semi-supervised stage (DESIGN.md section 3).
+
+`train_and_evaluate(config, workdir, mode)` is what `run.py` calls. Every stage resumes
+from `<workdir>/checkpoints/latest`; a checkpoint is written at the end of every epoch with
+the data iterators' state, so a resumed run repeats exactly the batches and random keys an
+uninterrupted one would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from cers_jax import evaluate as evaluate_lib
+from cers_jax import experiment as experiment_lib
+from cers_jax import knowledge_pool as kp
+from cers_jax import losses
+from cers_jax import predict as predict_lib
+from cers_jax import sharding
+from cers_jax.data import pipeline
+
+MODES = ('prepare', 'warmup', 'train', 'eval', 'predict', 'all')
+
+INIT, WARMUP, SEMI, DONE = 'init', 'warmup', 'semi', 'done'
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def default_workdir(workdir: str | None, config_file: str) -> str:
+  if workdir:
+    return workdir
+  name = os.path.splitext(os.path.basename(config_file or 'run'))[0]
+  return os.path.join('runs', name)
+
+
+def _fresh_meta() -> dict:
+  return dict(stage=INIT, epoch=0, best_dice=-1.0, best_epoch=-1, bad_epochs=0,
+              iterators={})
+
+
+def _padded_row_batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """(rows padded to batch_size by repeating the last row, number of real rows)."""
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    real = len(chunk)
+    yield np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real)]), real
+
+
+def compute_cls_tables(exp) -> None:
+  """[CLS] features of the frozen CoT BERT for every row, once per run.
+
+  A labeled training image aligns with, and queries with, its mask-aware CoT; every other
+  image queries with the CoT written without the mask (DESIGN.md section 1).
+  """
+  data, tokens = exp.data, exp.data.tokens
+  labeled = np.zeros(data.num_samples, bool)
+  labeled[data.rows['train_labeled']] = True
+  all_rows = np.arange(data.num_samples, dtype=np.int32)
+
+  def cls_of(prefix: str) -> np.ndarray:
+    out = np.zeros((data.num_samples, exp.config.model.cot.hidden_size), np.float32)
+    ids, mask = tokens[f'{prefix}_ids'], tokens[f'{prefix}_mask']
+    for rows, real in _padded_row_batches(all_rows, exp.config.train.eval_batch_size):
+      cls = exp.steps.cot_cls(exp.state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]))
+      out[rows[:real]] = np.asarray(cls)[:real]
+    return out
+
+  with tqdm(total=3, desc='CoT/text [CLS] features', leave=False) as bar:
+    cot_mask = cls_of('cot_mask'); bar.update()
+    cot_no_mask = cls_of('cot_no_mask'); bar.update()
+    text = cls_of('report_cot'); bar.update()
+  query = np.where(labeled[:, None], cot_mask, cot_no_mask)
+  tables = exp.state.tables.replace(cot_cls=jnp.asarray(cot_mask),
+                                    query_cls=jnp.asarray(query),
+                                    text_cls=jnp.asarray(text))
+  exp.state = exp.state.replace(tables=tables)
+
+
+def _project(exp, cls: jax.Array) -> jax.Array:
+  out = []
+  rows = np.arange(cls.shape[0], dtype=np.int32)
+  for chunk, real in _padded_row_batches(rows, exp.config.train.eval_batch_size):
+    out.append(np.asarray(exp.steps.project(exp.state, cls[chunk]))[:real])
+  return jnp.asarray(np.concatenate(out))
+
+
+def build_pool(exp) -> None:
+  """After warm-up: fixed CoT/text embeddings for every row, then the labeled pool."""
+  tables = exp.state.tables
+  tables = tables.replace(query_cot=_project(exp, tables.query_cls),
+                          query_text=_project(exp, tables.text_cls))
+  exp.state = exp.state.replace(tables=tables)
+  batches = _eval_batches(exp, exp.data.rows['train_labeled'], is_labeled=True)
+  pool = kp.collect_pool(batches, lambda b: exp.steps.features(exp.state, exp.device_batch(b)),
+                         cot_table=tables.query_cot, text_table=tables.query_text)
+  if pool.feat.shape != exp.state.pool.feat.shape:
+    raise RuntimeError(f'Pool of shape {pool.feat.shape}, expected '
+                       f'{exp.state.pool.feat.shape}: labeled rows were lost.')
+  exp.state = exp.state.replace(pool=jax.tree.map(
+      lambda new, old: new.astype(old.dtype), pool, exp.state.pool))
+
+
+def refresh_pool(exp) -> None:
+  """The authors' once-an-epoch refresh of every labeled row (config pool.update)."""
+  rows = exp.data.rows['train_labeled']
+  pool = exp.state.pool
+  for batch in _eval_batches(exp, rows, is_labeled=True):
+    feats = exp.steps.features(exp.state, exp.device_batch(batch))
+    pool_rows = kp.pool_rows(pool, jnp.asarray(batch['index']))
+    pool_rows = jnp.where(jnp.asarray(batch['valid']), pool_rows, -1)
+    # values='key': the authors hand the unit-norm blended rows to the fusion module.
+    pool = kp.refresh_rows(pool, pool_rows, feats, exp.config.pool.momentum, values='key')
+  exp.state = exp.state.replace(pool=pool)
+
+
+def _eval_batches(exp, rows, *, is_labeled: bool = False):
+  for batch in pipeline.make_eval_batches(exp.data.arrays(), rows,
+                                          batch_size=exp.config.train.eval_batch_size):
+    batch = dict(batch)
+    batch['is_labeled'] = np.asarray(batch['valid']) & is_labeled
+    yield batch
+
+
+def _train_loaders(exp, meta: dict) -> dict:
+  """Infinite, seeded, resumable iterators over the labeled and unlabeled train rows.
+
+  With 100% labeled data there is no unlabeled split: the consistency term then runs on a
+  second, differently shuffled stream of labeled images.
+  """
+  config, rows = exp.config, exp.data.rows
+  unlabeled_rows = rows['train_unlabeled']
+  unlabeled_is_labeled = False
+  if len(unlabeled_rows) < config.train.batch_size:
+    unlabeled_rows, unlabeled_is_labeled = rows['train_labeled'], True
+  loaders = {
+      'labeled': pipeline.make_train_loader(
+          exp.data.arrays(), sharding.process_rows(rows['train_labeled']),
+          batch_size=config.train.batch_size // jax.process_count(),
+          seed=config.seed, is_labeled=True, worker_count=config.data.num_workers,
+          prefetch=config.data.prefetch, augment_prob=config.data.zoom_prob,
+          zoom_range=tuple(config.data.zoom_range)),
+      'unlabeled': pipeline.make_train_loader(
+          exp.data.arrays(), sharding.process_rows(unlabeled_rows),
+          batch_size=config.train.batch_size // jax.process_count(),
+          seed=config.seed + 1, is_labeled=unlabeled_is_labeled,
+          worker_count=config.data.num_workers, prefetch=config.data.prefetch,
+          augment_prob=config.data.zoom_prob, zoom_range=tuple(config.data.zoom_range)),
+  }
+  for name, state in meta.get('iterators', {}).items():
+    loaders[name].set_state(state)
+  return loaders
+
+
+class _MetricLog:
+  """Appends one JSON object per line to <workdir>/metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+
+  def write(self, record: dict) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def _check_finite(history: list[tuple[int, dict]], stage: str) -> None:
+  """Fetches buffered step losses and names the first non-finite one."""
+  for step, aux in history:
+    loss = float(aux['loss'])
+    if not math.isfinite(loss):
+      raise NonFiniteLossError(
+          f'{stage} loss is {loss} at step {step}; stopping. The last good checkpoint is '
+          'kept in checkpoints/latest: lower --config.train.learning_rate and resume.')
+
+
+def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) -> dict:
+  """Runs `num_steps` steps; host syncs only every log_every steps (loss check, bar)."""
+  sums: dict[str, float] = {}
+  history: list[tuple[int, dict]] = []
+  batch_images = exp.config.train.batch_size * (2 if stage == SEMI else 1)
+  start = time.perf_counter()
+  with tqdm(total=num_steps, desc=desc, leave=False, dynamic_ncols=True) as bar:
+    for i in range(num_steps):
+      step = int(exp.state.step) if i == 0 else step + 1
+      aux = step_fn()
+      history.append((step, aux))
+      if len(history) >= exp.config.train.log_every or i == num_steps - 1:
+        _check_finite(history, stage)
+        for _, a in history:
+          for k, v in a.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        rate = (i + 1) * batch_images / (time.perf_counter() - start)
+        bar.set_postfix(loss=f'{float(history[-1][1]["loss"]):.4f}',
+                        img_s=f'{rate:.1f}')
+        bar.update(len(history))
+        history = []
+  elapsed = time.perf_counter() - start
+  means = {k: v / num_steps for k, v in sums.items()}
+  means.update(stage=stage, epoch=epoch, step=int(exp.state.step), seconds=elapsed,
+               images_per_s=num_steps * batch_images / elapsed)
+  return means
+
+
+def validate(exp) -> dict:
+  """Mean val Dice/IoU of both decoders (D_r with retrieval: the CERS result)."""
+  summary = evaluate_lib.evaluate_rows(exp, exp.data.rows['val'])
+  return {f'val_{k}': v for k, v in summary.items() if k.endswith('_mean')}
+
+
+def _save(exp, meta: dict, loaders: dict | None, which: str = 'latest') -> None:
+  if loaders is not None:
+    meta['iterators'] = {name: loader.get_state() for name, loader in loaders.items()}
+  exp.checkpoints.save(which, int(exp.state.step), exp.state, meta,
+                       experiment_lib.config_json(exp.config))
+
+
+def run_training(exp, *, until: str = SEMI) -> dict:
+  """Runs (or resumes) warm-up and, unless until == 'warmup', the semi-supervised stage."""
+  config = exp.config
+  log = _MetricLog(exp.workdir)
+  meta = _fresh_meta()
+  if exp.checkpoints.latest_step() is not None:
+    exp.state, meta = exp.checkpoints.restore('latest', exp.state)
+    logging.info('Resuming: stage %s, epoch %d, step %d', meta['stage'], meta['epoch'],
+                 int(exp.state.step))
+  budget = config.train.stop_after_epochs or None
+
+  if meta['stage'] == INIT:
+    compute_cls_tables(exp)
+    meta.update(stage=WARMUP, epoch=0)
+  loaders = _train_loaders(exp, meta)
+
+  def spend_budget() -> bool:
+    nonlocal budget
+    if budget is None:
+      return False
+    budget -= 1
+    return budget <= 0
+
+  while meta['stage'] == WARMUP and meta['epoch'] < config.train.warmup_epochs:
+    epoch = meta['epoch']
+
+    def warmup_fn():
+      exp.state, aux = exp.steps.warmup(exp.state,
+                                        exp.device_batch(next(loaders['labeled'])))
+      return aux
+
+    record = _run_epoch(exp, WARMUP, epoch, exp.warmup_steps_per_epoch, warmup_fn,
+                        f'warm-up {epoch + 1}/{config.train.warmup_epochs}')
+    log.write(record)
+    logging.info('warm-up epoch %d: loss %.4f (%.1f img/s)', epoch + 1, record['loss'],
+                 record['images_per_s'])
+    meta['epoch'] = epoch + 1
+    _save(exp, meta, loaders)
+    if spend_budget():
+      return meta
+  if meta['stage'] == WARMUP:
+    build_pool(exp)
+    meta.update(stage=SEMI, epoch=0)
+    _save(exp, meta, loaders)
+  if until == WARMUP:
+    return meta
+
+  while meta['stage'] == SEMI and meta['epoch'] < config.train.epochs:
+    epoch = meta['epoch']
+    weight = jnp.float32(losses.consistency_weight(
+        epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup))
+
+    def semi_fn():
+      exp.state, aux = exp.steps.semi(exp.state,
+                                      exp.device_batch(next(loaders['labeled'])),
+                                      exp.device_batch(next(loaders['unlabeled'])), weight)
+      return aux
+
+    record = _run_epoch(exp, SEMI, epoch, exp.semi_steps_per_epoch, semi_fn,
+                        f'semi {epoch + 1}/{config.train.epochs}')
+    if config.pool.update == 'epoch_refresh':
+      refresh_pool(exp)
+    record.update(validate(exp))
+    meta['epoch'] = epoch + 1
+    improved = record['val_dice_r_mean'] > meta['best_dice']
+    if improved:
+      meta.update(best_dice=record['val_dice_r_mean'], best_epoch=epoch + 1, bad_epochs=0)
+    else:
+      meta['bad_epochs'] += 1
+    stop = meta['bad_epochs'] >= config.train.patience
+    if stop or meta['epoch'] >= config.train.epochs:
+      meta['stage'] = DONE
+    record['best_val_dice_r'] = meta['best_dice']
+    log.write(record)
+    logging.info('semi epoch %d: loss %.4f, val Dice D_r %.4f / D_s %.4f (best %.4f @ %d), '
+                 '%.1f img/s', epoch + 1, record['loss'], record['val_dice_r_mean'],
+                 record['val_dice_s_mean'], meta['best_dice'], meta['best_epoch'],
+                 record['images_per_s'])
+    if improved:
+      _save(exp, meta, None, which='best')
+    _save(exp, meta, loaders)
+    if stop:
+      logging.info('Early stopping: no better val Dice for %d epochs.',
+                   config.train.patience)
+    if spend_budget():
+      return meta
+  if meta['stage'] == SEMI:  # epochs == 0: warm-up only; keep its model as the best.
+    meta['stage'] = DONE
+    _save(exp, meta, None, which='best')
+    _save(exp, meta, loaders)
+  return meta
+
+
+def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
+  """The whole job behind run.py; returns a summary dict (also written to the workdir)."""
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
+  start = time.perf_counter()
+  exp = experiment_lib.create(config, workdir)
+  summary: dict = dict(workdir=exp.workdir, mode=mode)
+  if mode == 'prepare':
+    return summary
+  if mode in ('warmup', 'train', 'all'):
+    meta = run_training(exp, until=WARMUP if mode == 'warmup' else SEMI)
+    summary.update(stage=meta['stage'], best_val_dice_r=meta['best_dice'],
+                   best_epoch=meta['best_epoch'])
+  if mode in ('eval', 'all'):
+    summary['test'] = evaluate_lib.evaluate_checkpoint(exp, split='test')
+  if mode in ('predict', 'all'):
+    summary['predict_dir'] = predict_lib.predict(exp)
+  summary['seconds'] = time.perf_counter() - start
+  with open(os.path.join(exp.workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  logging.info('Summary: %s', json.dumps(summary, indent=2))
+  exp.checkpoints.close()
+  return summary

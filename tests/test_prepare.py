@@ -1,0 +1,285 @@
+"""Tests for cers_jax.data.{images,prepare,cache}: decoding, validation, split and cache reuse."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import base
+from cers_jax.data import images
+from cers_jax.data.cache import load_cache
+from cers_jax.data.prepare import prepare
+from cers_jax.data.records import SPLIT_NAMES, DataError
+
+SHARED = pathlib.Path(os.environ.get(
+    'CERS_SHARED_DIR', pathlib.Path(__file__).resolve().parents[1].parent / 'shared'))
+W, H = 24, 20  # Tiny non-square images: width 24, height 20.
+
+
+def _lesion_mask(value=255, noisy=False):
+  m = np.zeros((H, W), np.uint8)
+  m[4:12, 5:15] = value
+  if noisy:  # BRISC-like: 0..7 off the lesion, 249..255 on it.
+    rng = np.random.default_rng(0)
+    m = np.where(m > 0, 255 - rng.integers(0, 7, m.shape), rng.integers(0, 8, m.shape))
+  return m.astype(np.uint8)
+
+
+def _gray_photo():
+  y, x = np.mgrid[0:H, 0:W]
+  return (40 + 6 * x + 2 * y).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ images.py
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB', 'RGBA', 'P', 'LA', '1', 'I;16', 'I', 'F'])
+def test_read_image_any_mode(tmp_path, mode):
+  gray = _gray_photo()
+  if mode == 'I;16':
+    im = Image.fromarray(gray.astype(np.uint16) * 200)
+    assert im.mode == 'I;16'
+  else:
+    im = Image.fromarray(gray).convert(mode)
+  path = tmp_path / ('x.tif' if mode in ('I', 'F') else 'x.png')
+  im.save(path)
+  pixels = images.read_image(str(path))
+  assert pixels.dtype == np.uint8 and pixels.shape[:2] == (H, W)
+  out = images.resize_image(pixels, 16)
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  if mode in ('L', 'RGB', 'RGBA', 'LA'):
+    np.testing.assert_array_equal(pixels if pixels.ndim == 2 else pixels[..., 0], gray)
+  if mode in ('I;16', 'I', 'F'):  # Min-max scaled: the full 8-bit range is used.
+    assert pixels.min() == 0 and pixels.max() == 255
+    assert np.corrcoef(pixels.ravel(), gray.ravel())[0, 1] > 0.999
+
+
+def test_resize_image_replicates_gray_and_is_bicubic():
+  gray = _gray_photo()
+  out = images.resize_image(gray, 32)
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  expected = np.asarray(Image.fromarray(gray).resize((32, 32), Image.Resampling.BICUBIC))
+  np.testing.assert_array_equal(out[..., 1], expected)
+
+
+def test_masks_binarised():
+  noisy = _lesion_mask(noisy=True)
+  assert len(np.unique(noisy)) > 2
+  np.testing.assert_array_equal(images.binarize_mask(noisy), _lesion_mask(1))
+  np.testing.assert_array_equal(images.binarize_mask(_lesion_mask(1)), _lesion_mask(1))
+  with pytest.raises(DataError, match='photo.png is not binary-like'):
+    images.binarize_mask(_gray_photo(), 'photo.png')
+  resized = images.resize_mask(_lesion_mask(1), 40)
+  assert resized.shape == (40, 40) and set(np.unique(resized)) == {0, 1}
+
+
+def test_read_mask_palette_rgb_and_corrupt(tmp_path):
+  p = Image.fromarray(_lesion_mask(1), mode='L').convert('P')
+  p.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+  p.save(tmp_path / 'p.png')
+  np.testing.assert_array_equal(images.read_mask(str(tmp_path / 'p.png')), _lesion_mask(1))
+  Image.fromarray(_lesion_mask()).convert('RGB').save(tmp_path / 'rgb.png')
+  np.testing.assert_array_equal(images.read_mask(str(tmp_path / 'rgb.png')), _lesion_mask(1))
+  (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+  with pytest.raises(DataError, match='Cannot decode .*bad.png'):
+    images.read_mask(str(tmp_path / 'bad.png'))
+
+
+# ------------------------------------------------------------------ prepare / cache
+
+
+def _dataset(root, n=12):
+  """A CERS flat-layout folder: n images, the last one without a mask."""
+  (root / 'frames').mkdir(parents=True)
+  (root / 'masks').mkdir()
+  modes = ['L', 'RGB', 'RGBA', 'P']
+  rows_text, rows_cot = [], []
+  for i in range(n):
+    name = f'img{i:02d}'
+    Image.fromarray(_gray_photo() + i).convert(modes[i % 4]).save(root / 'frames' /
+                                                                  f'{name}.png')
+    if i < n - 1:
+      mask = _lesion_mask(noisy=True) if i % 2 else np.zeros((H, W), np.uint8)
+      Image.fromarray(mask).save(root / 'masks' / f'{name}.png')
+    rows_text.append(f'{name}.png,report {i}')
+    rows_cot.append(f'{name},"Texture: t{i}\nBoundary: b\nContext: c\nSummary: s"')
+  (root / 'text.csv').write_text('image,text\n' + '\n'.join(rows_text) + '\n')
+  (root / 'cot_output_no_mask.csv').write_text('image,cot\n' + '\n'.join(rows_cot) + '\n')
+
+
+def _config(root, **data):
+  config = base.get_config()
+  config.data.layout = 'cers'
+  config.data.root = str(root)
+  config.data.image_size = 16
+  config.data.split_ratios = (0.6, 0.2, 0.2)
+  config.data.labeled_fraction = 0.5
+  config.data.update(data)
+  return config
+
+
+def test_prepare_writes_cache_split_and_report(tmp_path):
+  _dataset(tmp_path / 'ds')
+  prepared = prepare(_config(tmp_path / 'ds'), str(tmp_path / 'work'))
+  cache_dir = tmp_path / 'work' / 'data'
+  assert prepared.cache_dir == str(cache_dir)
+  for name in ('report.json', 'split.json', 'samples.json', 'images.npy', 'masks.npy',
+               'has_mask.npy'):
+    assert (cache_dir / name).is_file(), name
+  cache = load_cache(str(cache_dir))
+  assert cache.images.shape == (12, 16, 16, 3) and cache.images.dtype == np.uint8
+  assert cache.masks.shape == (12, 16, 16) and set(np.unique(cache.masks)) == {0, 1}
+  assert cache.has_mask.tolist() == [True] * 11 + [False]
+  assert [s.id for s in cache.samples] == [f'img{i:02d}' for i in range(12)]
+  assert cache.samples[3].text == 'report 3' and cache.samples[3].cot_mask is None
+  assert cache.samples[3].cot_no_mask.startswith('Texture: t3')
+  # Rows in the cache hold the right pixels: img01 resized like the pipeline would.
+  expected = images.resize_image(images.read_image(cache.samples[1].image_path), 16)
+  np.testing.assert_array_equal(cache.images[1], expected)
+  expected = images.resize_mask(images.read_mask(cache.samples[1].mask_path), 16)
+  np.testing.assert_array_equal(cache.masks[1], expected)
+  assert not cache.masks[11].any()
+  # The manifest: a partition; the mask-less image is unlabeled training data.
+  manifest = json.loads((cache_dir / 'split.json').read_text())
+  assert {k: len(v) for k, v in manifest['ids'].items()} == {
+      'train_labeled': 4, 'train_unlabeled': 4, 'val': 2, 'test': 2}
+  assert 'img11' in manifest['ids']['train_unlabeled']
+  assert manifest['seed'] == 0 and manifest['protocol'] == 'paper'
+  assert manifest['layout'] == 'cers' and manifest['image_size'] == 16
+  for name in SPLIT_NAMES:
+    np.testing.assert_array_equal(prepared.rows[name], cache.rows_of(manifest['ids'][name]))
+    assert prepared.rows[name].dtype == np.int32
+  report = json.loads((cache_dir / 'report.json').read_text())
+  assert report['counts']['images'] == 12 and report['counts']['with_mask'] == 11
+  assert report['counts']['empty_masks'] == 6  # img00, 02, ..., 10 have empty masks.
+  assert report['problem_counts'] == {'missing_mask': 1, 'empty_mask': 6,
+                                      'no_annotation_file': 1}
+  with pytest.raises(DataError, match=r"not in the cache.*split.json"):
+    cache.rows_of(['img00', 'nobody'])
+
+
+def test_prepare_reuses_and_checks_the_manifest(tmp_path):
+  _dataset(tmp_path / 'ds')
+  config = _config(tmp_path / 'ds')
+  first = prepare(config, str(tmp_path / 'w'))
+  images_path = tmp_path / 'w' / 'data' / 'images.npy'
+  stamp = images_path.stat().st_mtime_ns
+  second = prepare(config, str(tmp_path / 'w'))
+  assert second.report['reused'] == {'split': True, 'cache': True}
+  assert images_path.stat().st_mtime_ns == stamp
+  assert second.manifest == first.manifest
+  # Another image size rebuilds the cache but keeps the split.
+  config.data.image_size = 8
+  third = prepare(config, str(tmp_path / 'w'))
+  assert third.report['reused'] == {'split': True, 'cache': False}
+  assert third.cache.images.shape == (12, 8, 8, 3)
+  assert third.manifest['ids'] == first.manifest['ids']
+  config.seed = 1
+  with pytest.raises(DataError, match=r'split.json was made with other settings \(seed: '
+                     r'split.json has 0, config has 1\).*delete that file'):
+    prepare(config, str(tmp_path / 'w'))
+  config.seed = 0
+  test_id = first.manifest['ids']['test'][0]
+  os.remove(tmp_path / 'ds' / 'frames' / f'{test_id}.png')
+  os.remove(tmp_path / 'ds' / 'masks' / f'{test_id}.png')
+  with pytest.raises(DataError, match=rf"names 1 ids that are no longer in the dataset "
+                     rf"\(e.g. \['{test_id}'\]\)"):
+    prepare(config, str(tmp_path / 'w'))
+
+
+def test_same_seed_same_split_other_seed_other_split(tmp_path):
+  _dataset(tmp_path / 'ds', n=30)
+  config = _config(tmp_path / 'ds', cache_dir=str(tmp_path / 'a'))
+  a = prepare(config, str(tmp_path / 'w')).manifest['ids']
+  config.data.cache_dir = str(tmp_path / 'b')
+  b = prepare(config, str(tmp_path / 'w')).manifest['ids']
+  config.data.cache_dir, config.seed = str(tmp_path / 'c'), 7
+  c = prepare(config, str(tmp_path / 'w')).manifest['ids']
+  assert a == b and a != c
+
+
+@pytest.mark.parametrize('breakage,kind,file_pattern', [
+    ('corrupt_image', 'unreadable_image', r'frames/img03.png'),
+    ('size_mismatch', 'size_mismatch', r'masks/img03.png is 10x10 but its image'),
+    ('photo_as_mask', 'non_binary_mask', r'masks/img03.png is not binary-like'),
+])
+def test_prepare_rejects_broken_files(tmp_path, breakage, kind, file_pattern):
+  _dataset(tmp_path / 'ds')
+  frames, masks = tmp_path / 'ds' / 'frames', tmp_path / 'ds' / 'masks'
+  if breakage == 'corrupt_image':
+    (frames / 'img03.png').write_bytes((frames / 'img03.png').read_bytes()[:60])
+  elif breakage == 'size_mismatch':
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / 'img03.png')
+  else:
+    Image.fromarray(_gray_photo()).save(masks / 'img03.png')
+  with pytest.raises(DataError, match=rf'1 files make the dataset unusable[\s\S]*{kind}: '
+                     rf'[\s\S]*{file_pattern}'):
+    prepare(_config(tmp_path / 'ds'), str(tmp_path / 'w'))
+  cache_dir = tmp_path / 'w' / 'data'
+  report = json.loads((cache_dir / 'report.json').read_text())
+  assert report['problem_counts'][kind] == 1
+  assert [p['id'] for p in report['problems'] if p['kind'] == kind] == ['img03']
+  # Nothing half-written: no split, no arrays.
+  assert sorted(os.listdir(cache_dir)) == ['report.json']
+
+
+def test_prepare_empty_dataset_and_missing_cache(tmp_path):
+  (tmp_path / 'ds' / 'frames').mkdir(parents=True)
+  with pytest.raises(DataError, match='No images found'):
+    prepare(_config(tmp_path / 'ds'), str(tmp_path / 'w'))
+  with pytest.raises(DataError, match=r"lacks \['images.npy'.*prepare"):
+    load_cache(str(tmp_path / 'nowhere'))
+
+
+def test_prepare_with_a_process_pool_matches_serial(tmp_path):
+  _dataset(tmp_path / 'ds', n=8)
+  serial = prepare(_config(tmp_path / 'ds', cache_dir=str(tmp_path / 's')),
+                   str(tmp_path / 'w'))
+  pooled = prepare(_config(tmp_path / 'ds', cache_dir=str(tmp_path / 'p')),
+                   str(tmp_path / 'w'), processes=2)
+  np.testing.assert_array_equal(serial.cache.images, pooled.cache.images)
+  np.testing.assert_array_equal(serial.cache.masks, pooled.cache.masks)
+
+
+def test_real_brisc(tmp_path):
+  root = SHARED / 'data' / 'brisc2025_mini'
+  cot = SHARED / 'data' / 'cers_cot' / 'brisc2025'
+  if not (root.is_dir() and cot.is_dir()):
+    pytest.skip(f'{root} or {cot} absent (set CERS_SHARED_DIR to the shared folder)')
+  config = base.get_config()
+  config.data.update(dict(
+      layout='brisc', root=str(root), image_size=32, text_csv=str(cot / 'text.csv'),
+      cot_mask_csv=str(cot / 'cot_output_gpt5_mask.csv'),
+      cot_no_mask_csv=str(cot / 'cot_output_gpt5_no_mask.csv'),
+      cache_dir=str(tmp_path / 'a')))
+  prepared = prepare(config, str(tmp_path / 'w'))
+  cache = prepared.cache
+  assert cache.images.shape == (99, 32, 32, 3) and cache.has_mask.all()
+  assert set(np.unique(cache.masks)) == {0, 1}
+  raw = [np.asarray(Image.open(s.mask_path)) for s in cache.samples]
+  assert all(not set(np.unique(m)) <= {0, 255} for m in raw)  # The PNGs are noisy...
+  assert all((m >= 128).any() for m in raw)  # ...and every BRISC slice has a tumour,
+  # but a tiny one can vanish at 32x32: reported, not hidden.
+  empty = [s.id for s, m in zip(cache.samples, cache.masks) if not m.any()]
+  assert [p['id'] for p in prepared.report['problems'] if p['kind'] == 'empty_mask'] == empty
+  assert prepared.report['counts']['empty_masks'] == len(empty) == 1
+  assert all(s.text and s.cot_mask and s.cot_no_mask for s in cache.samples)
+  photo = images.read_mask_values(cache.samples[0].image_path)  # An MRI slice as a mask.
+  with pytest.raises(DataError, match='is not binary-like'):
+    images.binarize_mask(photo, cache.samples[0].image_path)
+  counts = prepared.report['counts']
+  assert counts['with_text'] == counts['with_cot_mask'] == counts['with_cot_no_mask'] == 99
+  assert counts['split'] == {'train_labeled': 20, 'train_unlabeled': 59, 'val': 10,
+                             'test': 10}
+  config.data.cache_dir = str(tmp_path / 'b')
+  again = prepare(config, str(tmp_path / 'w'))
+  assert again.manifest['ids'] == prepared.manifest['ids']
+  config.data.cache_dir, config.seed = str(tmp_path / 'c'), 1
+  assert prepare(config, str(tmp_path / 'w')).manifest['ids'] != prepared.manifest['ids']
+  config.data.update(dict(split_protocol='official', cache_dir=str(tmp_path / 'd')))
+  official = prepare(config, str(tmp_path / 'w')).manifest['ids']
+  assert len(official['test']) == 27 and all('_test_' in i for i in official['test'])
+  assert len(official['val']) == 7
