@@ -112,7 +112,7 @@ def build_pool(exp) -> None:
 
 
 def refresh_pool(exp) -> None:
-  """The authors' once-an-epoch refresh of every labeled row (config pool.update)."""
+  """The authors' once-an-epoch refresh of every labeled row (config pool.update_rule)."""
   rows = exp.data.rows['train_labeled']
   pool = exp.state.pool
   for batch in _eval_batches(exp, rows, is_labeled=True):
@@ -284,7 +284,7 @@ def run_training(exp, *, until: str = SEMI) -> dict:
 
     record = _run_epoch(exp, SEMI, epoch, exp.semi_steps_per_epoch, semi_fn,
                         f'semi {epoch + 1}/{config.train.epochs}')
-    if config.pool.update == 'epoch_refresh':
+    if config.pool.update_rule == 'epoch_refresh':
       refresh_pool(exp)
     record.update(validate(exp))
     meta['epoch'] = epoch + 1

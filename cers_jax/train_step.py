@@ -21,6 +21,7 @@ from cers_jax import metrics as metrics_lib
 from cers_jax.train_state import EmbeddingTables, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
+UPDATE_RULES = ('ema', 'epoch_refresh')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +39,13 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
+    if config.pool.mode not in kp.MODES:
+      raise ValueError(f'--config.pool.mode={config.pool.mode!r}: choose one of {kp.MODES}.')
+    if config.pool.update_rule not in UPDATE_RULES:
+      raise ValueError(f'--config.pool.update_rule={config.pool.update_rule!r}: choose one '
+                       f'of {UPDATE_RULES}.')
     return cls(mode=config.pool.mode, k_coarse=config.pool.k_coarse, k=config.pool.k,
-               exclude_self=config.pool.exclude_self, pool_update=config.pool.update,
+               exclude_self=config.pool.exclude_self, pool_update=config.pool.update_rule,
                pool_momentum=config.pool.momentum, clip_weight=config.train.clip_weight,
                sharpen_temperature=config.train.sharpen_temperature)
 

@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   pool.k = 5  # k: reference cases fused into the retrieval-aware decoder.
   pool.exclude_self = True  # A labeled image may not retrieve its own pool row.
   pool.momentum = 0.99  # Eq. 5 EMA momentum m.
-  pool.update = 'ema'  # 'ema' (in-step, Eq. 5) | 'epoch_refresh' (authors' code).
+  pool.update_rule = 'ema'  # 'ema' (in-step, Eq. 5) | 'epoch_refresh' (authors' code).
   pool.shard_rows = False  # Shard pool rows over the data mesh axis (multi-device).
 
   # --- training ---------------------------------------------------------------------

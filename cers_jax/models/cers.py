@@ -1,0 +1,236 @@
+"""The whole CERS network as one nnx.Module (DESIGN.md section 1).
+
+    image --ConvNeXt--> f1..f4 --TextCrossAttention(text BERT tokens)--> a1..a4
+    f4, retrieved f4 maps --RetrievalFusion (paper Eq. 3)--> r
+    D_r = MCAMDecoder(a1..a4, r) -> logits_r      D_s = ResUNetDecoder(a1..a4) -> logits_s
+    mean(f4) -> image_proj -> image embedding;  CoT BERT [CLS] -> cot_proj -> CoT embedding
+
+Retrieval itself is not a module: it is a pure function of the knowledge pool
+(`cers_jax.knowledge_pool`). `encode` and `decode` are separate so that one encoder pass
+serves both the retrieval query (f4) and the decoders in the same jitted step.
+
+Modes come from the module structure: `nnx.view(model, deterministic=True,
+use_running_average=True)` is eval mode (dropout, stochastic depth off; BatchNorm uses its
+running statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from cers_jax.models.bert import BertEncoder
+from cers_jax.models.convnext import ConvNeXt
+from cers_jax.models.decoders import MCAMDecoder
+from cers_jax.models.decoders import ResUNetDecoder
+from cers_jax.models.fusion import RetrievalFusion
+from cers_jax.models.fusion import TextCrossAttention
+from cers_jax.models.layers import xavier_uniform
+
+Array = jax.Array
+
+_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Sub-modules whose parameters are not in the authors' 48,728,354 count.
+AUTHORS_EXCLUDED = ('text_encoder', 'cot_encoder', 'alignment')
+
+
+class Encoded(NamedTuple):
+  """Encoder outputs shared by retrieval and both decoders.
+
+  Attributes:
+    features: (f1, f2, f3, f4) raw ConvNeXt stage outputs, (B, H/4, W/4, C1) ...
+      (B, H/32, W/32, C4); f4 is the retrieval query and the pool's value.
+    attended: (a1, a2, a3, a4) text-aware features, same shapes.
+  """
+  features: tuple[Array, Array, Array, Array]
+  attended: tuple[Array, Array, Array, Array]
+
+
+def compute_dtype(name: str) -> Any:
+  """Maps `config.model.compute_dtype` to a jnp dtype.
+
+  Args:
+    name: 'float32' or 'bfloat16'.
+
+  Returns:
+    The dtype every layer computes in (parameters stay float32).
+  """
+  if name not in _COMPUTE_DTYPES:
+    raise ValueError(f'config.model.compute_dtype={name!r} is not one of '
+                     f'{sorted(_COMPUTE_DTYPES)}.')
+  return _COMPUTE_DTYPES[name]
+
+
+def _bert(cfg: ml_collections.ConfigDict, *, dtype: Any, rngs: nnx.Rngs) -> BertEncoder:
+  """A BERT from a config section; a frozen one runs without dropout (it is not trained)."""
+  if not cfg.trainable:
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.dropout = 0.0
+  return BertEncoder.from_config(cfg, dtype=dtype, rngs=rngs)
+
+
+def _unit(x: Array) -> Array:
+  """Row-wise L2 normalisation in float32 (torch F.normalize, eps 1e-12)."""
+  x = x.astype(jnp.float32)
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, 1e-12)
+
+
+class Alignment(nnx.Module):
+  """CLIP-style projections of image and CoT features (DESIGN.md: projections for the pool)."""
+
+  def __init__(self, image_dim: int, cot_dim: int, embed_dim: int, logit_scale_init: float,
+               *, dtype: Any = None, rngs: nnx.Rngs):
+    """Builds the projections.
+
+    Args:
+      image_dim: C4, channels of f4.
+      cot_dim: H_cot, width of the CoT BERT.
+      embed_dim: width of the shared embedding space.
+      logit_scale_init: initial log of the CLIP logit scale.
+      dtype: computation dtype (parameters stay float32).
+      rngs: parameter stream.
+    """
+    self.image_proj = nnx.Linear(image_dim, embed_dim, use_bias=False, dtype=dtype,
+                                 kernel_init=xavier_uniform(), rngs=rngs)
+    self.cot_proj = nnx.Linear(cot_dim, embed_dim, use_bias=False, dtype=dtype,
+                               kernel_init=xavier_uniform(), rngs=rngs)
+    self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
+
+
+class CERS(nnx.Module):
+  """CERS: ConvNeXt + text BERT + cross-attention, retrieval fusion, two decoders.
+
+  Attributes:
+    encoder: ConvNeXt image encoder.
+    text_encoder: report-text BERT (config.model.text).
+    cross_attns: four TextCrossAttention, one per stage.
+    fusion: RetrievalFusion on f4 (paper Eq. 3).
+    decoder_r: MCAMDecoder, the retrieval-aware decoder.
+    decoder_s: ResUNetDecoder, the standard decoder.
+    alignment: image/CoT projections and the CLIP logit scale.
+    cot_encoder: CoT BERT (config.model.cot).
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    """Builds the network.
+
+    Args:
+      cfg: `config.model` of configs/base.py.
+      rngs: 'params' and 'dropout' streams.
+    """
+    dtype = compute_dtype(cfg.compute_dtype)
+    dims = tuple(cfg.encoder_dims)
+    self.text_trainable = bool(cfg.text.trainable)
+    self.cot_trainable = bool(cfg.cot.trainable)
+    self.encoder = ConvNeXt(depths=tuple(cfg.encoder_depths), dims=dims,
+                            drop_path_rate=cfg.drop_path_rate,
+                            layer_scale_init=cfg.layer_scale_init, dtype=dtype, rngs=rngs)
+    self.text_encoder = _bert(cfg.text, dtype=dtype, rngs=rngs)
+    self.cross_attns = nnx.List([
+        TextCrossAttention(c, cfg.text.hidden_size, cfg.attn_dim, cfg.attn_heads,
+                           dtype=dtype, rngs=rngs) for c in dims
+    ])
+    self.fusion = RetrievalFusion(dims[3], cfg.attn_heads, dropout=cfg.fusion_dropout,
+                                  dtype=dtype, rngs=rngs)
+    self.decoder_r = MCAMDecoder(dims, tuple(cfg.decoder_dims),
+                                 reduction=cfg.coord_reduction, dtype=dtype, rngs=rngs)
+    self.decoder_s = ResUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
+    self.alignment = Alignment(dims[3], cfg.cot.hidden_size, cfg.embed_dim,
+                               cfg.logit_scale_init, dtype=dtype, rngs=rngs)
+    self.cot_encoder = _bert(cfg.cot, dtype=dtype, rngs=rngs)
+
+  def encode(self, image: Array, text_ids: Array, text_mask: Array) -> Encoded:
+    """Runs the image and text encoders and the per-stage text cross-attention.
+
+    Args:
+      image: (B, H, W, 3) normalised images; H and W divisible by 32.
+      text_ids: (B, L) report-text token ids.
+      text_mask: (B, L) 1 for real tokens, 0 for padding.
+
+    Returns:
+      Encoded(features=(f1..f4), attended=(a1..a4)).
+    """
+    if image.ndim != 4 or image.shape[1] % 32 or image.shape[2] % 32:
+      raise ValueError(f'image must be (B, H, W, 3) with H, W divisible by 32, got '
+                       f'{image.shape}; set data.image_size to a multiple of 32.')
+    features = self.encoder(image)
+    text = self.text_encoder(text_ids, text_mask)
+    if not self.text_trainable:
+      text = jax.lax.stop_gradient(text)
+    attended = tuple(att(f, text, text_mask) for att, f in zip(self.cross_attns, features))
+    return Encoded(features=tuple(features), attended=attended)
+
+  def decode(self, encoded: Encoded, retrieved: Array | None = None) -> tuple[Array, Array]:
+    """Runs both decoders.
+
+    Args:
+      encoded: output of `encode`.
+      retrieved: (B, k, h, w, C4) raw f4 maps of the k reference cases, or None (warm-up,
+        pool mode 'none'): then D_r's deepest block gets no retrieval stream.
+
+    Returns:
+      (logits_r, logits_s), each (B, H, W, 1) float32: D_r's and D_s's logits.
+    """
+    rag = None if retrieved is None else self.fusion(encoded.features[3], retrieved)
+    logits_r = self.decoder_r(encoded.attended, rag)
+    logits_s = self.decoder_s(encoded.attended)
+    return logits_r.astype(jnp.float32), logits_s.astype(jnp.float32)
+
+  def __call__(self, image: Array, text_ids: Array, text_mask: Array,
+               retrieved: Array | None = None) -> tuple[Array, Array, Array]:
+    """Encodes and decodes in one call.
+
+    Args:
+      image: (B, H, W, 3) images.
+      text_ids: (B, L) report-text token ids.
+      text_mask: (B, L) 1 for real tokens.
+      retrieved: (B, k, h, w, C4) reference f4 maps, or None.
+
+    Returns:
+      (logits_r, logits_s, f4): logits (B, H, W, 1) float32 and f4 (B, H/32, W/32, C4).
+    """
+    encoded = self.encode(image, text_ids, text_mask)
+    logits_r, logits_s = self.decode(encoded, retrieved)
+    return logits_r, logits_s, encoded.features[3]
+
+  def image_embedding(self, f4: Array) -> Array:
+    """(B, h, w, C4) f4 -> (B, embed_dim) unit-norm float32 (spatial mean, then projection)."""
+    return _unit(self.alignment.image_proj(jnp.mean(f4, axis=(1, 2))))
+
+  def cot_features(self, ids: Array, mask: Array) -> Array:
+    """CoT token ids (B, L) and mask (B, L) -> (B, H_cot) [CLS] features of the CoT BERT.
+
+    Gradients stop here while the CoT BERT is frozen (config.model.cot.trainable=False).
+    """
+    cls = self.cot_encoder(ids, mask)[:, 0]
+    return cls if self.cot_trainable else jax.lax.stop_gradient(cls)
+
+  def cot_embedding(self, cls_features: Array) -> Array:
+    """(B, H_cot) [CLS] features -> (B, embed_dim) unit-norm float32 CoT embeddings."""
+    return _unit(self.alignment.cot_proj(cls_features))
+
+
+def count_params(model: nnx.Module, *, exclude: tuple[str, ...] = AUTHORS_EXCLUDED) -> int:
+  """Number of trainable parameter scalars (nnx.Param; BatchNorm statistics excluded).
+
+  Args:
+    model: any module (an `nnx.eval_shape` abstract one works too).
+    exclude: top-level attribute names whose parameters are not counted. The default
+      leaves out what the authors' 48,728,354 count leaves out: both BERTs and the
+      alignment projections.
+
+  Returns:
+    The count.
+  """
+  total = 0
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path and str(path[0]) in exclude:
+      continue
+    total += math.prod(value.shape)
+  return total

@@ -1,0 +1,179 @@
+"""Tests for cers_jax/models/decoders.py against the authors' golden fixtures."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cers_jax.convert import cers_torch
+from cers_jax.convert.assign import load_into
+from cers_jax.models import decoders
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+def _fixture(name):
+  data = np.load(os.path.join(FIXTURES, f'{name}.npz'))
+  state = {k[len('state/'):]: data[k] for k in data.files if k.startswith('state/')}
+  return data, state
+
+
+def _nhwc(x):
+  return np.transpose(x, (0, 2, 3, 1))
+
+
+def _rel_err(got, want):
+  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+def _eval(module):
+  return nnx.view(module, use_running_average=True)
+
+
+def _load(module, weights, state):
+  report = load_into(module, weights, ignored=cers_torch.ignored_names(state))
+  assert report.ok
+  return report
+
+
+def _coord_gate():
+  data, state = _fixture('coord_att_gated_fusion')
+  module = decoders.CoordAttGatedFusion(16, reduction=16, rngs=nnx.Rngs(0))
+  report = _load(module, cers_torch.coord_gate_weights(state), state)
+  assert set(report.ignored) == {'bn1.num_batches_tracked', 'out_conv.1.num_batches_tracked'}
+  assert 'bn1/mean' in report.loaded and 'out_bn/var' in report.loaded
+  return data, state, module
+
+
+def test_coord_gate_eval_matches_fixture():
+  data, _, module = _coord_gate()
+  main, rag = _eval(module)(_nhwc(data['in/main']), _nhwc(data['in/rag']))
+  assert _rel_err(main, _nhwc(data['out/y_eval'])) < 1e-5
+  assert _rel_err(rag, _nhwc(data['out/rag_eval'])) < 1e-5
+
+
+def test_coord_gate_train_mode_uses_batch_statistics():
+  data, state, module = _coord_gate()
+  x_main, x_rag = _nhwc(data['in/main']), _nhwc(data['in/rag'])
+  main, rag = module(x_main, x_rag)
+  assert _rel_err(main, _nhwc(data['out/y_train'])) < 1e-5
+  assert _rel_err(rag, _nhwc(data['out/rag_train'])) < 1e-5
+  # Running statistics moved by PyTorch's momentum 0.1 towards the batch statistics of
+  # bn1's input (the pooled H and W profiles through conv1).
+  z = np.concatenate([x_main, x_rag], -1)
+  profiles = np.concatenate([z.mean(2, keepdims=True),
+                             z.mean(1, keepdims=True).transpose(0, 2, 1, 3)], 1)
+  x = np.asarray(module.conv1(profiles)).reshape(-1, 8)
+  np.testing.assert_allclose(module.bn1.mean[...],
+                             0.9 * state['bn1.running_mean'] + 0.1 * x.mean(0), rtol=1e-5,
+                             atol=1e-6)
+  # flax updates running_var with the biased batch variance (torch: unbiased, a factor
+  # n/(n-1) = 28/27 here); see the module docstring.
+  np.testing.assert_allclose(module.bn1.var[...],
+                             0.9 * state['bn1.running_var'] + 0.1 * x.var(0), rtol=1e-5)
+
+
+def _mcam_block():
+  data, state = _fixture('mcam_decoder_block')
+  module = decoders.MCAMBlock(32, 16, 16, reduction=16, rngs=nnx.Rngs(0))
+  _load(module, cers_torch.mcam_block_weights(state), state)
+  return data, _eval(module)
+
+
+def test_mcam_block_matches_fixture_with_retrieval():
+  data, module = _mcam_block()
+  main, rag = module(_nhwc(data['in/x']), _nhwc(data['in/skip']), _nhwc(data['in/rag']))
+  assert main.shape == (2, 8, 8, 16)
+  assert _rel_err(main, _nhwc(data['out/main'])) < 1e-5
+  assert _rel_err(rag, _nhwc(data['out/rag_out'])) < 1e-5
+
+
+def test_mcam_block_matches_fixture_without_retrieval():
+  data, module = _mcam_block()
+  main, rag = module(_nhwc(data['in/x']), _nhwc(data['in/skip']), None)
+  assert _rel_err(main, _nhwc(data['out/main_norag'])) < 1e-5
+  assert _rel_err(rag, _nhwc(data['out/rag_out_norag'])) < 1e-5
+
+
+def test_mcam_block_checks_skip():
+  _, module = _mcam_block()
+  with pytest.raises(ValueError, match='skip_channels=16'):
+    module(jnp.zeros((1, 4, 4, 32)), None, None)
+
+
+def test_resunet_block_matches_fixture():
+  data, state = _fixture('resunet_decoder_block')
+  module = decoders.ResUNetBlock(32, 16, 16, rngs=nnx.Rngs(0))
+  report = _load(module, cers_torch.resunet_block_weights(state), state)
+  assert len(report.ignored) == 3
+  y = _eval(module)(_nhwc(data['in/x']), _nhwc(data['in/skip']))
+  assert _rel_err(y, _nhwc(data['out/y'])) < 1e-5
+
+
+def test_unknown_torch_names_are_reported_not_dropped():
+  _, state = _fixture('resunet_decoder_block')
+  state = dict(state, **{'conv3.0.weight': np.zeros((1, 1, 1, 1), np.float32)})
+  weights = cers_torch.resunet_block_weights(state)
+  assert 'conv3.0.weight' in weights
+  report = load_into(decoders.ResUNetBlock(32, 16, 16, rngs=nnx.Rngs(0)), weights,
+                     strict=False)
+  assert report.unexpected == ('conv3.0.weight',)
+
+
+ENC, DEC = (16, 32, 48, 64), (32, 16, 16, 8)
+
+
+@pytest.fixture(scope='module')
+def tiny_decoders():
+  # 'rbg' keys compile their random ops faster than threefry on CPU (eager init).
+  rngs = nnx.Rngs(jax.random.key(0, impl='rbg'))
+  return (decoders.MCAMDecoder(ENC, DEC, reduction=16, rngs=rngs),
+          decoders.ResUNetDecoder(ENC, DEC, rngs=rngs))
+
+
+@nnx.jit
+def _run_decoders(d_r, d_s, attended, rag):
+  return d_r(attended, rag), d_r(attended, None), d_s(attended)
+
+
+@pytest.mark.parametrize('height,width', [(64, 64), (64, 96)])
+def test_decoders_shapes(tiny_decoders, height, width):
+  d_r, d_s = tiny_decoders
+  keys = jax.random.split(jax.random.key(0), 5)
+  attended = tuple(
+      jax.random.normal(keys[i], (2, height // s, width // s, c))
+      for i, (s, c) in enumerate(zip((4, 8, 16, 32), ENC)))
+  rag = jax.random.normal(keys[4], (2, height // 32, width // 32, ENC[3]))
+  # Deepest block first, as config.model.decoder_dims: blocks[0] consumes a4.
+  assert d_r.blocks[0].conv_rag.kernel.shape == (1, 1, 64, 32)
+  assert d_r.head.conv.kernel.shape == (3, 3, 16, 4)
+  assert d_s.head.conv.kernel.shape == (3, 3, 8, 4)
+  outs = _run_decoders(d_r, d_s, attended, rag)
+  for out in outs:
+    assert out.shape == (2, height, width, 1)
+    assert np.isfinite(np.asarray(out)).all()
+  # Retrieval changes D_r's output.
+  assert np.abs(outs[0] - outs[1]).max() > 1e-5
+
+
+def test_decoder_init():
+  """Xavier-uniform weights, zero biases, BN 1/0 with running stats 0/1."""
+  block = decoders.MCAMBlock(64, 0, 32, rngs=nnx.Rngs(0))
+  kernel = np.asarray(block.expand_main.kernel[...])  # 1x1, 32 -> 128
+  bound = np.sqrt(6 / (32 + 128))
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+  assert np.all(np.asarray(block.expand_main.bias[...]) == 0)
+  dw = np.asarray(block.dw_main.kernel[...])  # (7, 7, 1, 32): torch fans 49 and 32 * 49
+  assert np.abs(dw).max() <= np.sqrt(6 / (49 + 32 * 49))
+  bn = block.coord_gate.out_bn
+  assert np.all(np.asarray(bn.scale[...]) == 1) and np.all(np.asarray(bn.bias[...]) == 0)
+  assert np.all(np.asarray(bn.var[...]) == 1) and np.all(np.asarray(bn.mean[...]) == 0)

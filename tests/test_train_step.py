@@ -1,0 +1,204 @@
+"""The jitted warm-up / semi-supervised / eval steps on a tiny CERS."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cers_jax import knowledge_pool as kp
+from cers_jax import train_step as ts
+from tests import train_helpers as th
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = th.tiny_config()
+  graphdef, tx, state = th.make_state(config)
+  return config, graphdef, tx, state, th.steps_for(config, graphdef, tx)
+
+
+def _copy(state):
+  return jax.tree.map(jnp.copy, state)
+
+
+def test_warmup_step_trains_and_keeps_the_pool(setup):
+  config, graphdef, tx, state, steps = setup
+  state = _copy(state)
+  pool_before = np.array(state.pool.feat)
+  params_before = jax.tree.map(np.array, state.params)
+  losses = []
+  for i in range(3):
+    state, aux = steps.warmup(state, th.to_device(th.make_batch(i, labeled=True)))
+    losses.append(float(aux['loss']))
+    assert np.isfinite(float(aux['clip'])) and float(aux['clip']) > 0
+  assert all(np.isfinite(losses))
+  assert int(state.step) == 3
+  np.testing.assert_array_equal(np.asarray(state.pool.feat), pool_before)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), params_before,
+                         state.params)
+  assert any(jax.tree.leaves(changed)), 'no parameter moved'
+  # The CoT encoder is frozen: it lives outside the optimized params.
+  assert not any('cot_encoder' in str(path) for path, _ in
+                 jax.tree_util.tree_leaves_with_path(state.params))
+
+
+def test_semi_step_updates_only_labeled_pool_rows_with_eq5(setup):
+  config, graphdef, tx, state, steps = setup
+  state = _copy(state)
+  labeled = th.make_batch(10, labeled=True)
+  unlabeled = th.make_batch(11, labeled=False)
+  old_feat = np.array(state.pool.feat)  # A copy: the step donates (reuses) the buffer.
+  # f4 of the labeled batch as the training forward computes it (same rng, same params).
+  new_state, aux = steps.semi(state, th.to_device(labeled), th.to_device(unlabeled),
+                              jnp.float32(0.003))
+  assert np.isfinite(float(aux['loss'])) and float(aux['consistency']) > 0
+  new_feat = np.asarray(new_state.pool.feat)
+  rows = labeled['index']
+  untouched = np.setdiff1d(np.arange(th.POOL_ROWS), rows)
+  np.testing.assert_array_equal(new_feat[untouched], old_feat[untouched])
+  assert not np.allclose(new_feat[rows], old_feat[rows])
+  # Eq. 5: new = m*old + (1-m)*f4, so (new - m*old)/(1-m) is an encoder output; its keys
+  # are the normalised flattened maps.
+  m = config.pool.momentum
+  key = new_feat[rows].reshape(len(rows), -1)
+  np.testing.assert_allclose(np.asarray(new_state.pool.key)[rows],
+                             key / np.linalg.norm(key, axis=1, keepdims=True), rtol=1e-5,
+                             atol=1e-6)
+  implied_f4 = (new_feat[rows] - m * old_feat[rows]) / (1 - m)
+  assert np.all(np.isfinite(implied_f4)) and np.abs(implied_f4).max() > 0
+
+
+def test_no_recompiles_after_the_first_step(setup):
+  config, graphdef, tx, state, steps = setup
+  state = _copy(state)
+  for i in range(3):
+    state, _ = steps.warmup(state, th.to_device(th.make_batch(20 + i, labeled=True)))
+    state, _ = steps.semi(state, th.to_device(th.make_batch(30 + i, labeled=True)),
+                          th.to_device(th.make_batch(40 + i, labeled=False)),
+                          jnp.float32(0.001 * i))
+    steps.evaluate(state, th.to_device(th.make_batch(50 + i, labeled=False)), True)
+  for fn in (steps.warmup, steps.semi, steps.evaluate):
+    assert fn._cache_size() == 1, f'{fn} compiled {fn._cache_size()} times'
+
+
+def test_eval_step_is_deterministic_and_retrieves_k_rows(setup):
+  config, graphdef, tx, state, steps = setup
+  batch = th.to_device(th.make_batch(60, labeled=False))
+  out1 = steps.evaluate(state, batch, True)
+  out2 = steps.evaluate(state, batch, True)
+  np.testing.assert_array_equal(np.asarray(out1['prob_r']), np.asarray(out2['prob_r']))
+  assert out1['prob_r'].shape == (th.BATCH, th.IMAGE, th.IMAGE, 1)
+  ids = np.asarray(out1['retrieved_ids'])
+  assert ids.shape == (th.BATCH, config.pool.k)
+  assert ids.min() >= 0 and ids.max() < th.POOL_ROWS
+  # The same ranking as calling the pool directly with the batch's f4 and CoT embedding.
+  f4 = steps.features(state, batch)
+  direct = kp.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
+                       state.tables.query_text[batch['index']], mode=config.pool.mode,
+                       k_coarse=config.pool.k_coarse, k=config.pool.k,
+                       exclude=batch['index'])
+  np.testing.assert_array_equal(ids, np.asarray(direct.ids))
+
+
+def test_self_exclusion_in_the_step(setup):
+  config, graphdef, tx, state, steps = setup
+  batch = th.to_device(th.make_batch(70, labeled=True))
+  # Put each query's own f4 into its pool row: without exclusion it would retrieve itself.
+  f4 = steps.features(state, batch)
+  pool = kp.ema_update(state.pool, kp.pool_rows(state.pool, batch['index']), f4, 0.0)
+  state = state.replace(pool=pool)
+  image_steps = ts.make_steps(graphdef, tx, ts.StepConfig(mode='image', k_coarse=6, k=3,
+                                                          exclude_self=True))
+  ids = np.asarray(image_steps.evaluate(state, batch, True)['retrieved_ids'])
+  assert not np.any(ids == np.asarray(batch['index'])[:, None])
+  keep_steps = ts.make_steps(graphdef, tx, ts.StepConfig(mode='image', k_coarse=6, k=3,
+                                                         exclude_self=False))
+  ids = np.asarray(keep_steps.evaluate(state, batch, True)['retrieved_ids'])
+  np.testing.assert_array_equal(ids[:, 0], np.asarray(batch['index']))
+
+
+@pytest.mark.parametrize('mode', ['none', 'image', 'cot', 'text'])
+def test_every_retrieval_mode_trains(mode):
+  config = th.tiny_config()
+  config.pool.mode = mode
+  graphdef, tx, state = th.make_state(config)
+  steps = th.steps_for(config, graphdef, tx)
+  state, aux = steps.semi(state, th.to_device(th.make_batch(1, labeled=True)),
+                          th.to_device(th.make_batch(2, labeled=False)), jnp.float32(0.003))
+  assert np.isfinite(float(aux['loss']))
+  out = steps.evaluate(state, th.to_device(th.make_batch(3, labeled=False)), True)
+  assert ('retrieved_ids' in out) == (mode != 'none')
+
+
+def test_bfloat16_compute_tracks_float32():
+  """Mixed precision: bf16 activations, f32 params and losses, close to the f32 run."""
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = th.tiny_config(compute_dtype=dtype)
+    # A small step size: with the demo's 0.05, a tiny random model is chaotic enough that
+    # any rounding difference grows step by step, which says nothing about precision.
+    config.train.learning_rate = 0.005
+    graphdef, tx, state = th.make_state(config)
+    steps = th.steps_for(config, graphdef, tx)
+    losses = []
+    for i in range(4):
+      state, aux = steps.warmup(state, th.to_device(th.make_batch(80 + i, labeled=True)))
+      losses.append(float(aux['loss']))
+    state, aux = steps.semi(state, th.to_device(th.make_batch(90, labeled=True)),
+                            th.to_device(th.make_batch(91, labeled=False)),
+                            jnp.float32(0.003))
+    losses.append(float(aux['loss']))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+    results[dtype] = np.array(losses)
+  np.testing.assert_allclose(results['bfloat16'], results['float32'], rtol=0.05)
+
+
+_MULTI_DEVICE = r'''
+import sys
+sys.path.insert(0, {repo!r})
+import jax, jax.numpy as jnp, numpy as np
+from cers_jax import sharding
+from tests import train_helpers as th
+
+assert jax.device_count() == 4, jax.devices()
+config = th.tiny_config()
+results = {{}}
+for devices in (1, 4):
+  graphdef, tx, state = th.make_state(config)
+  steps = th.steps_for(config, graphdef, tx)
+  mesh = sharding.make_mesh(devices)
+  state = sharding.place_state(state, mesh)
+  losses = []
+  for i in range(2):
+    state, aux = steps.warmup(state, sharding.shard_batch(th.make_batch(i, labeled=True), mesh))
+    losses.append(float(aux['loss']))
+  state, aux = steps.semi(state, sharding.shard_batch(th.make_batch(5, labeled=True), mesh),
+                          sharding.shard_batch(th.make_batch(6, labeled=False), mesh),
+                          jnp.float32(0.003))
+  losses.append(float(aux['loss']))
+  results[devices] = (np.array(losses), jax.tree.map(np.asarray, state.params),
+                      jax.tree.map(np.asarray, state.batch_stats), np.asarray(state.pool.feat))
+l1, p1, b1, f1 = results[1]
+l4, p4, b4, f4 = results[4]
+np.testing.assert_allclose(l4, l1, rtol=1e-4)
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), p4, p1)
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), b4, b1)
+np.testing.assert_allclose(f4, f1, rtol=1e-3, atol=1e-5)
+print('4-device step matches 1 device:', l1, l4)
+'''
+
+
+def test_four_devices_match_one_device():
+  """Data parallel over 4 host devices: same losses, params, BN stats and pool."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _MULTI_DEVICE.format(repo=REPO)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+  assert '4-device step matches 1 device' in result.stdout

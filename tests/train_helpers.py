@@ -1,0 +1,93 @@
+"""A tiny CERS, a random pool and random batches, shared by the train-step tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import synthetic
+from cers_jax import knowledge_pool as kp
+from cers_jax import train_step as ts
+from cers_jax.experiment import make_optimizer
+from cers_jax.models.cers import CERS
+from cers_jax.train_state import create_train_state, empty_tables
+
+IMAGE = 32
+BATCH = 4
+POOL_ROWS = 12
+NUM_SAMPLES = 32  # Rows 0..11 are labeled (in the pool); 12.. are unlabeled.
+
+
+def tiny_config(**model_overrides):
+  config = synthetic.get_config()
+  model = config.model
+  model.encoder_depths = (1, 1, 1, 1)
+  model.encoder_dims = (8, 16, 24, 32)
+  for bert in (model.text, model.cot):
+    bert.vocab_size = 50
+    bert.hidden_size = 16
+    bert.num_layers = 1
+    bert.num_heads = 2
+    bert.intermediate_size = 32
+    bert.max_position = 32
+  model.attn_dim = 16
+  model.attn_heads = 2
+  model.decoder_dims = (16, 8, 8, 4)
+  model.embed_dim = 8
+  for key, value in model_overrides.items():
+    setattr(model, key, value)
+  config.pool.k_coarse = 6
+  config.pool.k = 3
+  config.data.image_size = IMAGE
+  config.train.batch_size = BATCH
+  return config
+
+
+def make_state(config, seed: int = 0):
+  """(graphdef, tx, state) with a random pool of POOL_ROWS rows and random tables."""
+  model = CERS(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  f4 = jax.eval_shape(lambda m: m.encoder(jnp.zeros((1, IMAGE, IMAGE, 3)))[-1], model)
+  rng = np.random.default_rng(seed)
+  e = config.model.embed_dim
+  pool = kp.build_pool(rng.standard_normal((POOL_ROWS,) + f4.shape[1:], np.float32),
+                       rng.standard_normal((POOL_ROWS, e), np.float32),
+                       rng.standard_normal((POOL_ROWS, e), np.float32),
+                       np.arange(POOL_ROWS, dtype=np.int32))
+  tables = empty_tables(NUM_SAMPLES, config.model.cot.hidden_size, e)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  tables = tables.replace(
+      cot_cls=jnp.asarray(rng.standard_normal((NUM_SAMPLES, config.model.cot.hidden_size)),
+                          jnp.float32),
+      query_cot=jnp.asarray(unit(rng.standard_normal((NUM_SAMPLES, e))), jnp.float32),
+      query_text=jnp.asarray(unit(rng.standard_normal((NUM_SAMPLES, e))), jnp.float32))
+  tx = make_optimizer(config, 100)
+  graphdef, state = create_train_state(model, tx, text_trainable=True, pool=pool,
+                                       tables=tables, rng=jax.random.key(seed))
+  return graphdef, tx, state
+
+
+def make_batch(seed: int, *, labeled: bool) -> dict:
+  rng = np.random.default_rng(seed)
+  start = 0 if labeled else POOL_ROWS
+  index = rng.choice(np.arange(start, start + POOL_ROWS), BATCH, replace=False)
+  text_mask = np.ones((BATCH, 8), np.int32)
+  text_mask[:, 5:] = 0
+  yy, xx = np.mgrid[:IMAGE, :IMAGE]
+  centres = rng.integers(8, IMAGE - 8, (BATCH, 2))
+  mask = ((yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2
+          < 36).astype(np.float32)[..., None]
+  image = rng.standard_normal((BATCH, IMAGE, IMAGE, 3)).astype(np.float32) + 2 * mask
+  return dict(image=image, mask=mask * labeled,
+              text_ids=rng.integers(5, 50, (BATCH, 8)).astype(np.int32),
+              text_mask=text_mask, index=index.astype(np.int32),
+              is_labeled=np.full((BATCH,), labeled), valid=np.ones((BATCH,), bool))
+
+
+def to_device(batch: dict) -> dict:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def steps_for(config, graphdef, tx):
+  return ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config))
