@@ -10,12 +10,16 @@ Any config field can be overridden with `--config.section.field=value`; the conf
 locked, so a misspelt field is an error.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from cers_jax import train
+from cers_jax.convert.assign import WeightLoadError
+from cers_jax.data.records import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/synthetic.py', 'Config file (configs/*.py).', lock_config=True)
@@ -35,8 +39,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_library_info)
-  train.train_and_evaluate(_CONFIG.value, train.default_workdir(
-      _WORKDIR.value, flags.FLAGS['config'].config_filename), mode=_MODE.value)
+  workdir = train.default_workdir(_WORKDIR.value, flags.FLAGS['config'].config_filename)
+  try:
+    train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)
+  except (DataError, WeightLoadError, train.NonFiniteLossError) as error:
+    # Problems with the user's inputs or the run: the message says what to do; a
+    # traceback into our code would only hide it.
+    logging.error('%s', error)
+    sys.exit(f'error: {error}')
 
 
 if __name__ == '__main__':

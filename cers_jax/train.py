@@ -322,10 +322,14 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   start = time.perf_counter()
+  if mode == 'prepare':
+    workdir = os.path.abspath(workdir)
+    resolved = experiment_lib.resolve_config(config, workdir)
+    data = experiment_lib.prepare_data(resolved, workdir)
+    return dict(workdir=workdir, mode=mode, cache_dir=resolved.data.cache_dir,
+                splits={name: len(rows) for name, rows in data.rows.items()})
   exp = experiment_lib.create(config, workdir)
   summary: dict = dict(workdir=exp.workdir, mode=mode)
-  if mode == 'prepare':
-    return summary
   if mode in ('warmup', 'train', 'all'):
     meta = run_training(exp, until=WARMUP if mode == 'warmup' else SEMI)
     summary.update(stage=meta['stage'], best_val_dice_r=meta['best_dice'],

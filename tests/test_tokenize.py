@@ -76,3 +76,15 @@ def test_encode_texts_pads_truncates_and_blanks_none(tmp_path):
   assert (ids[2, 3:] == tok.pad_token_id).all()
   all_none_ids, all_none_mask = tokenize.encode_texts(tok, [None, None], 5)
   assert all_none_ids.shape == (2, 5) and not all_none_mask.any()
+
+
+def test_trained_vocabulary_is_deterministic(tmp_path):
+  """Two runs on the same texts must tokenize identically (resume, reproducibility)."""
+  texts = ['An axial MRI scan with one small glioma lesion.',
+           'Texture: heterogeneous. Boundary: blurred rim. Summary: infiltrative lesion.',
+           'A coronal scan with two lesions; margins well defined.'] * 3
+  first = tokenize.train_wordpiece(texts, vocab_size=60, out_dir=str(tmp_path / 'a'))
+  second = tokenize.train_wordpiece(texts, vocab_size=60, out_dir=str(tmp_path / 'b'))
+  assert first.get_vocab() == second.get_vocab()
+  assert len(first) == 60
+  assert '[UNK]' not in first.tokenize('glioma lesions with blurred margins')

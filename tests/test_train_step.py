@@ -123,17 +123,33 @@ def test_self_exclusion_in_the_step(setup):
   np.testing.assert_array_equal(ids[:, 0], np.asarray(batch['index']))
 
 
-@pytest.mark.parametrize('mode', ['none', 'image', 'cot', 'text'])
-def test_every_retrieval_mode_trains(mode):
+def test_semi_step_without_retrieval():
+  """Mode 'none' (Table 2's baseline): no pool access, D_r's deepest block gets no rag."""
   config = th.tiny_config()
-  config.pool.mode = mode
+  config.pool.mode = 'none'
   graphdef, tx, state = th.make_state(config)
   steps = th.steps_for(config, graphdef, tx)
+  pool_before = np.array(state.pool.feat)
   state, aux = steps.semi(state, th.to_device(th.make_batch(1, labeled=True)),
                           th.to_device(th.make_batch(2, labeled=False)), jnp.float32(0.003))
   assert np.isfinite(float(aux['loss']))
+  np.testing.assert_array_equal(np.asarray(state.pool.feat), pool_before)
   out = steps.evaluate(state, th.to_device(th.make_batch(3, labeled=False)), True)
-  assert ('retrieved_ids' in out) == (mode != 'none')
+  assert 'retrieved_ids' not in out
+
+
+@pytest.mark.parametrize('mode', ['image', 'cot', 'text'])
+def test_eval_step_ranks_like_the_pool_in_every_mode(setup, mode):
+  config, graphdef, tx, state, _ = setup
+  cfg = ts.StepConfig(mode=mode, k_coarse=6, k=3)
+  steps = ts.make_steps(graphdef, tx, cfg)
+  batch = th.to_device(th.make_batch(4, labeled=False))
+  ids = np.asarray(steps.evaluate(state, batch, True)['retrieved_ids'])
+  f4 = steps.features(state, batch)
+  direct = kp.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
+                       state.tables.query_text[batch['index']], mode=mode, k_coarse=6, k=3,
+                       exclude=batch['index'])
+  np.testing.assert_array_equal(ids, np.asarray(direct.ids))
 
 
 def test_bfloat16_compute_tracks_float32():
@@ -147,13 +163,11 @@ def test_bfloat16_compute_tracks_float32():
     graphdef, tx, state = th.make_state(config)
     steps = th.steps_for(config, graphdef, tx)
     losses = []
-    for i in range(4):
-      state, aux = steps.warmup(state, th.to_device(th.make_batch(80 + i, labeled=True)))
+    for i in range(4):  # Semi steps: encoder, retrieval (bf16 f4 queries), both decoders.
+      state, aux = steps.semi(state, th.to_device(th.make_batch(80 + i, labeled=True)),
+                              th.to_device(th.make_batch(90 + i, labeled=False)),
+                              jnp.float32(0.003))
       losses.append(float(aux['loss']))
-    state, aux = steps.semi(state, th.to_device(th.make_batch(90, labeled=True)),
-                            th.to_device(th.make_batch(91, labeled=False)),
-                            jnp.float32(0.003))
-    losses.append(float(aux['loss']))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
     results[dtype] = np.array(losses)
   np.testing.assert_allclose(results['bfloat16'], results['float32'], rtol=0.05)
@@ -175,13 +189,11 @@ for devices in (1, 4):
   mesh = sharding.make_mesh(devices)
   state = sharding.place_state(state, mesh)
   losses = []
-  for i in range(2):
-    state, aux = steps.warmup(state, sharding.shard_batch(th.make_batch(i, labeled=True), mesh))
+  for i in range(2):  # The semi step covers BN, retrieval, the pool update and gradients.
+    state, aux = steps.semi(state, sharding.shard_batch(th.make_batch(i, labeled=True), mesh),
+                            sharding.shard_batch(th.make_batch(5 + i, labeled=False), mesh),
+                            jnp.float32(0.003))
     losses.append(float(aux['loss']))
-  state, aux = steps.semi(state, sharding.shard_batch(th.make_batch(5, labeled=True), mesh),
-                          sharding.shard_batch(th.make_batch(6, labeled=False), mesh),
-                          jnp.float32(0.003))
-  losses.append(float(aux['loss']))
   results[devices] = (np.array(losses), jax.tree.map(np.asarray, state.params),
                       jax.tree.map(np.asarray, state.batch_stats), np.asarray(state.pool.feat))
 l1, p1, b1, f1 = results[1]

@@ -8,13 +8,14 @@ scratch without any download. Token ids are computed once for every cache row
 (`encode_texts`) and kept as (N, L) int32 arrays that the input pipeline gathers by row.
 """
 
+import collections
 from collections.abc import Sequence
 import os
 
 from absl import logging
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 import transformers
 
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # [PAD] gets id 0.
@@ -61,6 +62,34 @@ def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerFast:
   return tokenizer
 
 
+def _wordpiece_vocab(texts, vocab_size, normalizer, pre_tokenizer) -> dict[str, int]:
+  """A deterministic WordPiece vocabulary: specials, every character, then frequent words.
+
+  The `tokenizers` WordPieceTrainer breaks frequency ties in hash-map order, so two runs on
+  the same texts give different vocabularies (and a resumed run would tokenize differently
+  from the one it resumes). Here ties break alphabetically. Every character is in the
+  vocabulary both word-initially and as a '##' continuation, so no in-domain word becomes
+  [UNK]; whole words fill the rest by frequency.
+  """
+  counts: collections.Counter = collections.Counter()
+  for text in texts:
+    words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    counts.update(word for word, _ in words)
+  chars = set()
+  for word in counts:
+    chars.add(word[0])
+    chars.update('##' + c for c in word[1:])
+  pieces = list(SPECIAL_TOKENS) + sorted(chars)
+  known = set(pieces)
+  for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+    if len(pieces) >= vocab_size:
+      break
+    if word not in known:
+      pieces.append(word)
+      known.add(word)
+  return {piece: i for i, piece in enumerate(pieces)}
+
+
 def train_wordpiece(
     texts: Sequence[str], *, vocab_size: int, out_dir: str
 ) -> transformers.PreTrainedTokenizerFast:
@@ -81,13 +110,13 @@ def train_wordpiece(
   if not texts:
     raise ValueError(f'train_wordpiece got no non-empty texts for {out_dir!r}.')
   unk, cls, sep = '[UNK]', '[CLS]', '[SEP]'
-  tok = tokenizers.Tokenizer(models.WordPiece(unk_token=unk))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  normalizer = normalizers.BertNormalizer(lowercase=True)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  vocab = _wordpiece_vocab(texts, vocab_size, normalizer, pre_tokenizer)
+  tok = tokenizers.Tokenizer(models.WordPiece(vocab=vocab, unk_token=unk))
+  tok.normalizer = normalizer
+  tok.pre_tokenizer = pre_tokenizer
   tok.decoder = decoders.WordPiece()
-  trainer = trainers.WordPieceTrainer(
-      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
   tok.post_processor = processors.TemplateProcessing(
       single=f'{cls} $A {sep}',
       pair=f'{cls} $A {sep} $B:1 {sep}:1',

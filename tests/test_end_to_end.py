@@ -1,0 +1,142 @@
+"""The real CLI on a tiny synthetic dataset: every mode, resume and eval from checkpoints.
+
+Each `run.py` call is a fresh process, as a user would run it. They share a persistent JAX
+compilation cache so that only the first one pays for compiling the steps.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
+
+
+@pytest.fixture(scope='module')
+def cli(tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TQDM_DISABLE='1')
+
+  def run(workdir, *flags, expect_ok=True):
+    result = subprocess.run(
+        [sys.executable, 'run.py', f'--config={CONFIG}', f'--workdir={workdir}', *flags],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if expect_ok:
+      assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    return result
+
+  return run
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _comparable(records):
+  drop = {'seconds', 'images_per_s'}
+  return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(cli, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  cli(workdir)  # --mode=all: train, eval, predict.
+  return workdir
+
+
+def test_all_mode_writes_every_artifact(uninterrupted):
+  w = uninterrupted
+  for path in ('synthetic/text.csv', 'data/split.json', 'data/report.json',
+               'tokenizers/text/tokenizer.json', 'metrics.jsonl', 'summary.json',
+               'eval/test_per_image.csv', 'eval/test_summary.json',
+               'predictions/index.html', 'predictions/predictions.csv', 'config.json'):
+    assert os.path.exists(os.path.join(w, path)), path
+  records = _metrics(w)
+  assert [(r['stage'], r['epoch']) for r in records] == [
+      ('warmup', 0), ('warmup', 1), ('semi', 0), ('semi', 1)]
+  assert all(np.isfinite(r['loss']) for r in records)
+  assert 0.0 <= records[-1]['val_dice_r_mean'] <= 1.0
+  with open(os.path.join(w, 'eval', 'test_summary.json')) as f:
+    summary = json.load(f)
+  with open(os.path.join(w, 'data', 'split.json')) as f:
+    split = json.load(f)
+  assert summary['count'] == len(split['ids']['test'])
+  assert 'both empty scores 1' in summary['empty_rule']
+  with open(os.path.join(w, 'eval', 'test_per_image.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == summary['count']
+  assert np.isclose(np.mean([float(r['dice_r']) for r in rows]), summary['dice_r_mean'])
+  pages = os.listdir(os.path.join(w, 'predictions', 'pages'))
+  assert len(pages) == min(16, summary['count'])
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'resumed')
+  cli(workdir, '--mode=train', '--config.train.stop_after_epochs=1')  # warm-up epoch 1
+  assert [r['epoch'] for r in _metrics(workdir)] == [0]
+  cli(workdir, '--mode=train', '--config.train.stop_after_epochs=2')  # warm-up 2, semi 1
+  cli(workdir, '--mode=train')  # semi 2
+  resumed, reference = _comparable(_metrics(workdir)), _comparable(_metrics(uninterrupted))
+  assert len(resumed) == len(reference)
+  for got, want in zip(resumed, reference):
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+      if isinstance(value, float):
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, got, want)
+      else:
+        assert got[key] == value
+
+  # Evaluation restores the best checkpoint in a new process and reproduces the scores.
+  cli(workdir, '--mode=eval')
+  with open(os.path.join(workdir, 'eval', 'test_summary.json')) as f:
+    got = json.load(f)
+  with open(os.path.join(uninterrupted, 'eval', 'test_summary.json')) as f:
+    want = json.load(f)
+  for key in ('count', 'dice_r_mean', 'iou_r_mean', 'dice_s_mean', 'iou_s_mean'):
+    assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6)
+
+  # Prediction on a folder of new images with texts and CoTs, no masks.
+  folder = tmp_path / 'new_images'
+  folder.mkdir()
+  source = os.path.join(uninterrupted, 'synthetic')
+  with open(os.path.join(source, 'text.csv'), newline='') as f:
+    texts = list(csv.reader(f))[1:4]
+  with open(os.path.join(source, 'cot_output_no_mask.csv'), newline='') as f:
+    cots = {row[0]: row[1] for row in list(csv.reader(f))[1:]}
+  with open(folder / 'text.csv', 'w', newline='') as f:
+    csv.writer(f).writerows([('image', 'text')] + texts)
+  with open(folder / 'cot.csv', 'w', newline='') as f:
+    stems = [os.path.splitext(name)[0] for name, _ in texts]
+    csv.writer(f).writerows([('image', 'cot')] + [(s, cots[s]) for s in stems])
+  for name, _ in texts:
+    os.link(os.path.join(source, 'frames', name), folder / name)
+  cli(workdir, '--mode=predict', f'--config.eval.predict_dir={folder}')
+  out = os.path.join(workdir, 'predictions', 'new_images')
+  for stem in stems:
+    assert os.path.exists(os.path.join(out, 'masks', f'{stem}.png'))
+    with open(os.path.join(out, 'pages', f'{stem}.html')) as f:
+      assert 'reference' in f.read().lower()
+
+  # A required CoT missing: refused, naming the image, before any model work.
+  os.remove(folder / 'cot.csv')
+  result = cli(workdir, '--mode=predict', f'--config.eval.predict_dir={folder}',
+               expect_ok=False)
+  assert result.returncode != 0
+  assert 'cot' in (result.stdout + result.stderr).lower()
+
+
+def test_prepare_mode_and_locked_config(cli, tmp_path):
+  workdir = str(tmp_path / 'prepared')
+  cli(workdir, '--mode=prepare')
+  assert os.path.exists(os.path.join(workdir, 'data', 'split.json'))
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', 'latest'))
+  result = cli(workdir, '--mode=prepare', '--config.train.batchsize=3', expect_ok=False)
+  assert result.returncode != 0 and 'batchsize' in result.stderr
