@@ -42,7 +42,7 @@ def main(argv):
   workdir = train.default_workdir(_WORKDIR.value, flags.FLAGS['config'].config_filename)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)
-  except (DataError, WeightLoadError, train.NonFiniteLossError) as error:
+  except (DataError, WeightLoadError, train.NonFiniteLossError, FileNotFoundError) as error:
     # Problems with the user's inputs or the run: the message says what to do; a
     # traceback into our code would only hide it.
     logging.error('%s', error)

@@ -184,26 +184,41 @@ def _check_finite(history: list[tuple[int, dict]], stage: str) -> None:
 
 
 def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) -> dict:
-  """Runs `num_steps` steps; host syncs only every log_every steps (loss check, bar)."""
+  """Runs `num_steps` steps without waiting on the device between them.
+
+  Step metrics stay on the device; every `log_every` steps the host reads the *previous*
+  chunk's values (long finished, so the read does not stall the queue of dispatched steps)
+  to check for NaN/inf, accumulate means and refresh the progress bar. The epoch's end
+  reads the rest.
+  """
   sums: dict[str, float] = {}
-  history: list[tuple[int, dict]] = []
+  last_loss = float('nan')
+  chunk: list[tuple[int, dict]] = []
+  previous: list[tuple[int, dict]] = []
   batch_images = exp.config.train.batch_size * (2 if stage == SEMI else 1)
   start = time.perf_counter()
+
+  def read(entries):
+    nonlocal last_loss
+    _check_finite(entries, stage)
+    for _, aux in entries:
+      for key, value in aux.items():
+        sums[key] = sums.get(key, 0.0) + float(value)
+    if entries:
+      last_loss = float(entries[-1][1]['loss'])
+
   with tqdm(total=num_steps, desc=desc, leave=False, dynamic_ncols=True) as bar:
+    first_step = int(exp.state.step)
     for i in range(num_steps):
-      step = int(exp.state.step) if i == 0 else step + 1
-      aux = step_fn()
-      history.append((step, aux))
-      if len(history) >= exp.config.train.log_every or i == num_steps - 1:
-        _check_finite(history, stage)
-        for _, a in history:
-          for k, v in a.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        rate = (i + 1) * batch_images / (time.perf_counter() - start)
-        bar.set_postfix(loss=f'{float(history[-1][1]["loss"]):.4f}',
-                        img_s=f'{rate:.1f}')
-        bar.update(len(history))
-        history = []
+      chunk.append((first_step + i, step_fn()))
+      if len(chunk) >= exp.config.train.log_every:
+        read(previous)
+        bar.update(len(previous))
+        rate = (i + 1 - len(chunk)) * batch_images / (time.perf_counter() - start)
+        bar.set_postfix(loss=f'{last_loss:.4f}', img_s=f'{rate:.1f}')
+        previous, chunk = chunk, []
+    read(previous + chunk)
+    bar.update(len(previous) + len(chunk))
   elapsed = time.perf_counter() - start
   means = {k: v / num_steps for k, v in sums.items()}
   means.update(stage=stage, epoch=epoch, step=int(exp.state.step), seconds=elapsed,

@@ -1,7 +1,5 @@
 """Tests for cers_jax/models/decoders.py against the authors' golden fixtures."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,28 +9,13 @@ from flax import nnx
 from cers_jax.convert import cers_torch
 from cers_jax.convert.assign import load_into
 from cers_jax.models import decoders
-
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+from tests.fixture_utils import load_fixture, nhwc, rel_err
 
 
 @pytest.fixture(autouse=True)
 def _highest_precision():
   with jax.default_matmul_precision('highest'):
     yield
-
-
-def _fixture(name):
-  data = np.load(os.path.join(FIXTURES, f'{name}.npz'))
-  state = {k[len('state/'):]: data[k] for k in data.files if k.startswith('state/')}
-  return data, state
-
-
-def _nhwc(x):
-  return np.transpose(x, (0, 2, 3, 1))
-
-
-def _rel_err(got, want):
-  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
 def _eval(module):
@@ -46,7 +29,7 @@ def _load(module, weights, state):
 
 
 def _coord_gate():
-  data, state = _fixture('coord_att_gated_fusion')
+  data, state = load_fixture('coord_att_gated_fusion')
   module = decoders.CoordAttGatedFusion(16, reduction=16, rngs=nnx.Rngs(0))
   report = _load(module, cers_torch.coord_gate_weights(state), state)
   assert set(report.ignored) == {'bn1.num_batches_tracked', 'out_conv.1.num_batches_tracked'}
@@ -54,19 +37,19 @@ def _coord_gate():
   return data, state, module
 
 
-def test_coord_gate_eval_matches_fixture():
+def test_coord_gate_eval_matchesload_fixture():
   data, _, module = _coord_gate()
-  main, rag = _eval(module)(_nhwc(data['in/main']), _nhwc(data['in/rag']))
-  assert _rel_err(main, _nhwc(data['out/y_eval'])) < 1e-5
-  assert _rel_err(rag, _nhwc(data['out/rag_eval'])) < 1e-5
+  main, rag = _eval(module)(nhwc(data['in/main']), nhwc(data['in/rag']))
+  assert rel_err(main, nhwc(data['out/y_eval'])) < 1e-5
+  assert rel_err(rag, nhwc(data['out/rag_eval'])) < 1e-5
 
 
 def test_coord_gate_train_mode_uses_batch_statistics():
   data, state, module = _coord_gate()
-  x_main, x_rag = _nhwc(data['in/main']), _nhwc(data['in/rag'])
+  x_main, x_rag = nhwc(data['in/main']), nhwc(data['in/rag'])
   main, rag = module(x_main, x_rag)
-  assert _rel_err(main, _nhwc(data['out/y_train'])) < 1e-5
-  assert _rel_err(rag, _nhwc(data['out/rag_train'])) < 1e-5
+  assert rel_err(main, nhwc(data['out/y_train'])) < 1e-5
+  assert rel_err(rag, nhwc(data['out/rag_train'])) < 1e-5
   # Running statistics moved by PyTorch's momentum 0.1 towards the batch statistics of
   # bn1's input (the pooled H and W profiles through conv1).
   z = np.concatenate([x_main, x_rag], -1)
@@ -83,7 +66,7 @@ def test_coord_gate_train_mode_uses_batch_statistics():
 
 
 def _mcam_block():
-  data, state = _fixture('mcam_decoder_block')
+  data, state = load_fixture('mcam_decoder_block')
   module = decoders.MCAMBlock(32, 16, 16, reduction=16, rngs=nnx.Rngs(0))
   _load(module, cers_torch.mcam_block_weights(state), state)
   return data, _eval(module)
@@ -91,17 +74,17 @@ def _mcam_block():
 
 def test_mcam_block_matches_fixture_with_retrieval():
   data, module = _mcam_block()
-  main, rag = module(_nhwc(data['in/x']), _nhwc(data['in/skip']), _nhwc(data['in/rag']))
+  main, rag = module(nhwc(data['in/x']), nhwc(data['in/skip']), nhwc(data['in/rag']))
   assert main.shape == (2, 8, 8, 16)
-  assert _rel_err(main, _nhwc(data['out/main'])) < 1e-5
-  assert _rel_err(rag, _nhwc(data['out/rag_out'])) < 1e-5
+  assert rel_err(main, nhwc(data['out/main'])) < 1e-5
+  assert rel_err(rag, nhwc(data['out/rag_out'])) < 1e-5
 
 
 def test_mcam_block_matches_fixture_without_retrieval():
   data, module = _mcam_block()
-  main, rag = module(_nhwc(data['in/x']), _nhwc(data['in/skip']), None)
-  assert _rel_err(main, _nhwc(data['out/main_norag'])) < 1e-5
-  assert _rel_err(rag, _nhwc(data['out/rag_out_norag'])) < 1e-5
+  main, rag = module(nhwc(data['in/x']), nhwc(data['in/skip']), None)
+  assert rel_err(main, nhwc(data['out/main_norag'])) < 1e-5
+  assert rel_err(rag, nhwc(data['out/rag_out_norag'])) < 1e-5
 
 
 def test_mcam_block_checks_skip():
@@ -110,17 +93,17 @@ def test_mcam_block_checks_skip():
     module(jnp.zeros((1, 4, 4, 32)), None, None)
 
 
-def test_resunet_block_matches_fixture():
-  data, state = _fixture('resunet_decoder_block')
+def test_resunet_block_matchesload_fixture():
+  data, state = load_fixture('resunet_decoder_block')
   module = decoders.ResUNetBlock(32, 16, 16, rngs=nnx.Rngs(0))
   report = _load(module, cers_torch.resunet_block_weights(state), state)
   assert len(report.ignored) == 3
-  y = _eval(module)(_nhwc(data['in/x']), _nhwc(data['in/skip']))
-  assert _rel_err(y, _nhwc(data['out/y'])) < 1e-5
+  y = _eval(module)(nhwc(data['in/x']), nhwc(data['in/skip']))
+  assert rel_err(y, nhwc(data['out/y'])) < 1e-5
 
 
 def test_unknown_torch_names_are_reported_not_dropped():
-  _, state = _fixture('resunet_decoder_block')
+  _, state = load_fixture('resunet_decoder_block')
   state = dict(state, **{'conv3.0.weight': np.zeros((1, 1, 1, 1), np.float32)})
   weights = cers_torch.resunet_block_weights(state)
   assert 'conv3.0.weight' in weights

@@ -1,7 +1,5 @@
 """Tests for cers_jax/models/fusion.py against the authors' golden fixtures."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +9,7 @@ from flax import nnx
 from cers_jax.convert import cers_torch
 from cers_jax.convert.assign import load_into
 from cers_jax.models import fusion
-
-FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+from tests.fixture_utils import load_fixture, nhwc, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -21,32 +18,18 @@ def _highest_precision():
     yield
 
 
-def _fixture(name):
-  data = np.load(os.path.join(FIXTURES, f'{name}.npz'))
-  state = {k[len('state/'):]: data[k] for k in data.files if k.startswith('state/')}
-  return data, state
-
-
-def _nhwc(x):
-  return np.transpose(x, (0, 2, 3, 1))
-
-
-def _rel_err(got, want):
-  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
-
-
 def _loaded_text_attention():
-  data, state = _fixture('cross_attention_block')
+  data, state = load_fixture('cross_attention_block')
   module = fusion.TextCrossAttention(24, 32, 16, 4, rngs=nnx.Rngs(0))
   report = load_into(module, cers_torch.text_cross_attention_weights(state, num_heads=4))
   assert report.ok and not report.ignored
   return data, module
 
 
-def test_text_cross_attention_matches_fixture():
+def test_text_cross_attention_matchesload_fixture():
   data, module = _loaded_text_attention()
-  y = module(_nhwc(data['in/feat']), data['in/text'], data['in/text_mask'])
-  assert _rel_err(y, _nhwc(data['out/y'])) < 1e-5
+  y = module(nhwc(data['in/feat']), data['in/text'], data['in/text_mask'])
+  assert rel_err(y, nhwc(data['out/y'])) < 1e-5
 
 
 def test_text_cross_attention_ignores_padding_tokens():
@@ -55,7 +38,7 @@ def test_text_cross_attention_ignores_padding_tokens():
   assert (mask == 0).any(), 'the fixture should contain padding'
   text = data['in/text'].copy()
   text[mask == 0] = 1e3 * np.random.default_rng(0).normal(size=text[mask == 0].shape)
-  feat = _nhwc(data['in/feat'])
+  feat = nhwc(data['in/feat'])
   np.testing.assert_allclose(module(feat, text, mask),
                              module(feat, data['in/text'], mask), rtol=1e-5, atol=1e-5)
   # ... while a real token does change the output.
@@ -77,7 +60,7 @@ def test_text_cross_attention_starts_as_layer_norm():
 
 
 def _loaded_retrieval_fusion(rngs=None):
-  data, state = _fixture('spatial_rag_fusion')
+  data, state = load_fixture('spatial_rag_fusion')
   module = fusion.RetrievalFusion(32, 4, dropout=0.1, rngs=rngs or nnx.Rngs(0))
   report = load_into(module, cers_torch.retrieval_fusion_weights(state, num_heads=4))
   assert report.ok
@@ -86,23 +69,23 @@ def _loaded_retrieval_fusion(rngs=None):
   return data, module, retrieved
 
 
-def test_retrieval_fusion_matches_fixture():
+def test_retrieval_fusion_matchesload_fixture():
   data, module, retrieved = _loaded_retrieval_fusion()
   module = nnx.view(module, deterministic=True)
-  y = module(_nhwc(data['in/curr']), retrieved)
-  assert _rel_err(y, _nhwc(data['out/y'])) < 1e-5
+  y = module(nhwc(data['in/curr']), retrieved)
+  assert rel_err(y, nhwc(data['out/y'])) < 1e-5
 
 
 def test_retrieval_fusion_dropout_only_in_training():
   data, module, retrieved = _loaded_retrieval_fusion(nnx.Rngs(params=0, dropout=1))
   _, other, _ = _loaded_retrieval_fusion(nnx.Rngs(params=0, dropout=2))
-  curr = _nhwc(data['in/curr'])
+  curr = nhwc(data['in/curr'])
   train_a, train_b = module(curr, retrieved), other(curr, retrieved)
   assert np.abs(train_a - train_b).max() > 1e-4
   assert np.abs(module(curr, retrieved) - train_a).max() > 1e-4  # fresh mask per call
   ev = nnx.view(module, deterministic=True)
   np.testing.assert_array_equal(ev(curr, retrieved), ev(curr, retrieved))
-  np.testing.assert_allclose(ev(curr, retrieved), _nhwc(data['out/y']), rtol=1e-4,
+  np.testing.assert_allclose(ev(curr, retrieved), nhwc(data['out/y']), rtol=1e-4,
                              atol=1e-5)
 
 
@@ -110,7 +93,7 @@ def test_retrieval_fusion_key_tokens_are_order_free():
   """Keys/values are a set: permuting the k reference maps changes nothing."""
   data, module, retrieved = _loaded_retrieval_fusion()
   module = nnx.view(module, deterministic=True)
-  curr = _nhwc(data['in/curr'])
+  curr = nhwc(data['in/curr'])
   np.testing.assert_allclose(module(curr, retrieved[:, ::-1]), module(curr, retrieved),
                              rtol=1e-5, atol=1e-6)
 

@@ -202,6 +202,18 @@ np.testing.assert_allclose(l4, l1, rtol=1e-4)
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), p4, p1)
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), b4, b1)
 np.testing.assert_allclose(f4, f1, rtol=1e-3, atol=1e-5)
+
+# config.pool.shard_rows: pool rows split over the 4 devices, same retrieval and outputs.
+graphdef, tx, state = th.make_state(config)
+steps = th.steps_for(config, graphdef, tx)
+mesh = sharding.make_mesh(4)
+batch = sharding.shard_batch(th.make_batch(7, labeled=False), mesh)
+outs = [steps.evaluate(sharding.place_state(state, mesh, shard_pool_rows=rows), batch, True)
+        for rows in (False, True)]
+np.testing.assert_array_equal(np.asarray(outs[0]['retrieved_ids']),
+                              np.asarray(outs[1]['retrieved_ids']))
+np.testing.assert_allclose(np.asarray(outs[0]['prob_r']), np.asarray(outs[1]['prob_r']),
+                           rtol=1e-5, atol=1e-6)
 print('4-device step matches 1 device:', l1, l4)
 '''
 

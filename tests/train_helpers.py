@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configs import synthetic
 from cers_jax import knowledge_pool as kp
 from cers_jax import train_step as ts
 from cers_jax.experiment import make_optimizer
 from cers_jax.models.cers import CERS
 from cers_jax.train_state import create_train_state, empty_tables
+from tests.run_configs import tiny_run
 
 IMAGE = 32
 BATCH = 4
@@ -21,27 +21,13 @@ NUM_SAMPLES = 32  # Rows 0..11 are labeled (in the pool); 12.. are unlabeled.
 
 
 def tiny_config(**model_overrides):
-  config = synthetic.get_config()
-  model = config.model
-  model.encoder_depths = (1, 1, 1, 1)
-  model.encoder_dims = (8, 16, 24, 32)
-  for bert in (model.text, model.cot):
+  """The end-to-end tests' tiny CERS, with a fixed vocabulary (no tokenizer here)."""
+  config = tiny_run.get_config()
+  for bert in (config.model.text, config.model.cot):
     bert.vocab_size = 50
-    bert.hidden_size = 16
-    bert.num_layers = 1
-    bert.num_heads = 2
-    bert.intermediate_size = 32
-    bert.max_position = 32
-  model.attn_dim = 16
-  model.attn_heads = 2
-  model.decoder_dims = (16, 8, 8, 4)
-  model.embed_dim = 8
   for key, value in model_overrides.items():
-    setattr(model, key, value)
-  config.pool.k_coarse = 6
-  config.pool.k = 3
-  config.data.image_size = IMAGE
-  config.train.batch_size = BATCH
+    setattr(config.model, key, value)
+  assert config.data.image_size == IMAGE and config.train.batch_size == BATCH
   return config
 
 
