@@ -226,3 +226,35 @@ def test_four_devices_match_one_device():
                           capture_output=True, text=True, timeout=600, cwd=REPO)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
   assert '4-device step matches 1 device' in result.stdout
+
+
+def test_epoch_refresh_follows_the_authors_rule(setup):
+  """pool.update_rule=epoch_refresh: every labeled row recomputed in eval mode and blended
+  into the unit-norm key; fusion gets the unit-norm rows (as the authors' code does)."""
+  import types
+
+  from cers_jax import train
+  from cers_jax.data.pipeline import PipelineArrays
+
+  config, graphdef, tx, state, steps = setup
+  rng = np.random.default_rng(3)
+  n = th.NUM_SAMPLES
+  arrays = PipelineArrays(
+      images=rng.integers(0, 255, (n, th.IMAGE, th.IMAGE, 3), dtype=np.uint8),
+      masks=rng.integers(0, 2, (n, th.IMAGE, th.IMAGE), dtype=np.uint8),
+      text_ids=rng.integers(5, 50, (n, 8)).astype(np.int32),
+      text_mask=np.ones((n, 8), np.int32))
+  labeled = np.arange(th.POOL_ROWS, dtype=np.int32)
+  exp = types.SimpleNamespace(
+      config=config, state=state, steps=steps, device_batch=th.to_device,
+      data=types.SimpleNamespace(rows={'train_labeled': labeled}, arrays=lambda: arrays))
+  old_key = np.array(state.pool.key)
+  train.refresh_pool(exp)
+  feats = np.concatenate([np.asarray(steps.features(state, th.to_device(b)))[b['valid']]
+                          for b in train._eval_batches(exp, labeled)])
+  beta = config.pool.momentum
+  blended = beta * old_key + (1 - beta) * feats.reshape(len(labeled), -1)
+  want = blended / np.maximum(np.linalg.norm(blended, axis=1, keepdims=True), 1e-8)
+  np.testing.assert_allclose(np.asarray(exp.state.pool.key), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(exp.state.pool.feat).reshape(len(labeled), -1), want,
+                             rtol=1e-5, atol=1e-6)
