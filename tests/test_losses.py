@@ -1,6 +1,5 @@
 """Tests for cers_jax.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,15 +7,14 @@ import numpy as np
 import pytest
 
 from cers_jax import losses
+from tests.fixture_utils import load_fixture, nhwc
 
-_FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'losses_and_metrics.npz'
 _RTOL = 1e-5
 
 
 @pytest.fixture(scope='module')
 def fx():
-  z = np.load(_FIXTURE)
-  nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
+  z, _ = load_fixture('losses_and_metrics')
   return {
       'probs': nhwc(z['in/probs']), 'target': nhwc(z['in/target']),
       'logits': nhwc(z['in/logits']), 'clip_logits': z['in/clip_logits_per_image'],

@@ -5,7 +5,6 @@ numbers only match the sigmoid of the logits, whose third sample predicts nothin
 empty target and so scores 1).
 """
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +12,14 @@ import numpy as np
 import pytest
 
 from cers_jax import metrics
+from tests.fixture_utils import load_fixture, nhwc
 
-_FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'losses_and_metrics.npz'
 _RTOL = 1e-5
 
 
 @pytest.fixture(scope='module')
 def fx():
-  z = np.load(_FIXTURE)
-  nhwc = lambda x: np.transpose(x, (0, 2, 3, 1))
+  z, _ = load_fixture('losses_and_metrics')
   return {
       'probs': np.asarray(jax.nn.sigmoid(nhwc(z['in/logits']))),
       'target': nhwc(z['in/target']),
