@@ -65,9 +65,7 @@ def _random_batch(rng: np.random.Generator, config, batch: int, size: int, offse
 
 def _state(config, num_samples: int):
   model = CERS(config.model, rngs=nnx.Rngs(0))
-  size = _IMAGE.value
-  f4 = jax.eval_shape(lambda m: m.encoder(jnp.zeros((1, size, size, 3)))[-1], model)
-  h, w, c = f4.shape[1:]
+  h, w, c = model.f4_shape(_IMAGE.value)
   rng = np.random.default_rng(0)
   n, e = _POOL.value, config.model.embed_dim
   pool = kp.build_pool(

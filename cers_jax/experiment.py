@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -207,9 +206,7 @@ def create(config, workdir: str) -> Experiment:
   total = (config.train.warmup_epochs * warmup_spe + config.train.epochs * semi_spe)
   tx = make_optimizer(config, total)
   model = build_model(config.model, seed=config.seed)
-  size = config.data.image_size
-  f4_shape = jax.eval_shape(
-      lambda m: m.encoder(jnp.zeros((1, size, size, 3)))[-1], model).shape[1:]
+  f4_shape = model.f4_shape(config.data.image_size)
   pool = empty_pool(len(data.rows['train_labeled']), f4_shape, config.model.embed_dim)
   tables = empty_tables(data.num_samples, config.model.cot.hidden_size,
                         config.model.embed_dim)

@@ -34,10 +34,10 @@ def tiny_config(**model_overrides):
 def make_state(config, seed: int = 0):
   """(graphdef, tx, state) with a random pool of POOL_ROWS rows and random tables."""
   model = CERS(config.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-  f4 = jax.eval_shape(lambda m: m.encoder(jnp.zeros((1, IMAGE, IMAGE, 3)))[-1], model)
+  f4_shape = model.f4_shape(IMAGE)
   rng = np.random.default_rng(seed)
   e = config.model.embed_dim
-  pool = kp.build_pool(rng.standard_normal((POOL_ROWS,) + f4.shape[1:], np.float32),
+  pool = kp.build_pool(rng.standard_normal((POOL_ROWS,) + f4_shape, np.float32),
                        rng.standard_normal((POOL_ROWS, e), np.float32),
                        rng.standard_normal((POOL_ROWS, e), np.float32),
                        np.arange(POOL_ROWS, dtype=np.int32))

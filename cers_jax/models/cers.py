@@ -145,6 +145,14 @@ class CERS(nnx.Module):
                                cfg.logit_scale_init, dtype=dtype, rngs=rngs)
     self.cot_encoder = _bert(cfg.cot, dtype=dtype, rngs=rngs)
 
+  def f4_shape(self, image_size: int) -> tuple[int, int, int]:
+    """(h, w, C4) of f4 for square images of `image_size`: a pool row's map shape.
+
+    Computed abstractly (jax.eval_shape): nothing is allocated or run.
+    """
+    zeros = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return tuple(jax.eval_shape(lambda m, x: m.encoder(x)[-1], self, zeros).shape[1:])
+
   def encode(self, image: Array, text_ids: Array, text_mask: Array) -> Encoded:
     """Runs the image and text encoders and the per-stage text cross-attention.
 
