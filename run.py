@@ -4,6 +4,8 @@
   python run.py --config configs/brisc.py --config.data.root=/data/brisc2025 \
       --workdir runs/brisc --mode all
 
+Multi-host: the same command on every host, with --distributed.
+
 Modes: prepare | warmup | train | eval | predict | all (default). `train` runs warm-up
 first when it has not finished; every mode resumes from what `--workdir` already holds.
 Any config field can be overridden with `--config.section.field=value`; the config is
@@ -12,6 +14,7 @@ locked, so a misspelt field is an error.
 
 import sys
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -27,6 +30,18 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: checkpoints, metrics, reports. Defaults to '
     'runs/<config file name>.')
 _MODE = flags.DEFINE_enum('mode', 'all', train.MODES, 'What to run.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Multi-host: run the same command on every host. Calls '
+    'jax.distributed.initialize(), which detects SLURM, Open MPI, Kubernetes and Cloud TPU '
+    'clusters by itself; elsewhere give the three flags below.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'With --distributed: host:port of process 0 (default: '
+    'detected, or $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'With --distributed: number of processes (default: detected).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'With --distributed: this process\'s index, 0 on the host that '
+    'writes the files (default: detected).')
 
 
 def _quiet_library_info(record) -> bool:
@@ -39,6 +54,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  if _DISTRIBUTED.value:
+    # Before anything asks for devices.
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+    logging.info('Process %d of %d; %d of %d devices are local.', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
   workdir = train.default_workdir(_WORKDIR.value, flags.FLAGS['config'].config_filename)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)

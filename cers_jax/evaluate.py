@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from cers_jax import sharding
 from cers_jax.data import pipeline
 
 EMPTY_RULE = 'an image whose thresholded prediction and mask are both empty scores 1'
@@ -29,8 +30,8 @@ def predict_rows(exp, rows: np.ndarray, *, desc: str = 'evaluating'):
   total = -(-len(rows) // exp.config.train.eval_batch_size)
   for batch in tqdm(batches, total=total, desc=desc, leave=False):
     valid = np.asarray(batch['valid'])
-    out = exp.steps.evaluate(exp.state, exp.device_batch(batch), True)
-    out = {k: np.asarray(v)[valid] for k, v in out.items()}
+    out = exp.to_host(exp.steps.evaluate(exp.state, exp.global_batch(batch), True))
+    out = {k: v[valid] for k, v in out.items()}
     yield np.asarray(batch['index'])[valid], out, {k: np.asarray(v)[valid]
                                                     for k, v in batch.items()}
 
@@ -63,6 +64,16 @@ def evaluate_rows(exp, rows: np.ndarray) -> dict:
   return summarize(_per_image(exp, rows))
 
 
+def _write(out_dir: str, split: str, records: list[dict], summary: dict) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{split}_per_image.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+  with open(os.path.join(out_dir, f'{split}_summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+
+
 def evaluate_checkpoint(exp, *, split: str = 'test', which: str | None = None) -> dict:
   """Restores the best (or latest) checkpoint, scores `split`, writes CSV + JSON."""
   which = which or exp.config.eval.which
@@ -75,14 +86,8 @@ def evaluate_checkpoint(exp, *, split: str = 'test', which: str | None = None) -
   summary.update(split=split, checkpoint=which, step=int(exp.state.step),
                  epoch=meta.get('epoch'), stage=meta.get('stage'),
                  retrieval_mode=exp.config.pool.mode, threshold=exp.config.eval.threshold)
-  out_dir = os.path.join(exp.workdir, 'eval')
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'{split}_per_image.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(records[0]))
-    writer.writeheader()
-    writer.writerows(records)
-  with open(os.path.join(out_dir, f'{split}_summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  if sharding.is_main_process():
+    _write(os.path.join(exp.workdir, 'eval'), split, records, summary)
   logging.info(
       '%s (%s checkpoint, %d images, %d empty masks; %s): Dice D_r %.4f +- %.4f, '
       'IoU D_r %.4f +- %.4f; Dice D_s %.4f +- %.4f, IoU D_s %.4f +- %.4f', split, which,

@@ -129,6 +129,21 @@ def prepare_data(config, workdir: str) -> Data:
               cot_tokenizer=cot_tok)
 
 
+def prepare_data_once(config, workdir: str) -> Data:
+  """`prepare_data` on the main process first (it writes the dataset files), then on the
+  others, which find and read what it wrote. One process on one host: just prepare_data.
+
+  If the main process fails (a DataError, say), it reports why; the others wait at the
+  barrier until the distributed runtime notices that it is gone.
+  """
+  if sharding.is_main_process():
+    data = prepare_data(config, workdir)
+  sharding.sync('cers_jax: data prepared')
+  if not sharding.is_main_process():
+    data = prepare_data(config, workdir)
+  return data
+
+
 def build_model(model_config, *, seed: int) -> cers_model.CERS:
   """The CERS network, with whatever pretrained weights the config points to."""
   from cers_jax.convert import bert as bert_convert
@@ -183,8 +198,21 @@ class Experiment:
   semi_steps_per_epoch: int
 
   def device_batch(self, batch: dict) -> dict:
-    """A host batch placed on the mesh, split along the batch axis."""
+    """This process's training batch placed on the mesh, split along the batch axis."""
     return sharding.shard_batch(batch, self.mesh)
+
+  def global_batch(self, batch: dict) -> dict:
+    """A batch every process holds whole (eval, pool build, prediction), on the mesh."""
+    return sharding.global_batch(batch, self.mesh)
+
+  def replicated(self, tree):
+    """Host arrays, identical on every process, replicated over the mesh."""
+    return sharding.replicate(tree, self.mesh)
+
+  @staticmethod
+  def to_host(tree):
+    """Step outputs as numpy, whole on every process."""
+    return sharding.to_host(tree)
 
 
 def create(config, workdir: str) -> Experiment:
@@ -192,12 +220,13 @@ def create(config, workdir: str) -> Experiment:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = resolve_config(config, workdir)
-  data = prepare_data(config, workdir)
+  data = prepare_data_once(config, workdir)
   with config.unlocked():
     config.model.text.vocab_size = len(data.text_tokenizer)
     config.model.cot.vocab_size = len(data.cot_tokenizer)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if sharding.is_main_process():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   mesh = sharding.make_mesh(config.mesh.data_parallel)
   sharding.check_batch_size(config.train.batch_size, mesh)

@@ -43,6 +43,7 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
+from cers_jax import sharding
 from cers_jax.data import annotations
 from cers_jax.data import augment
 from cers_jax.data import images as images_lib
@@ -271,9 +272,10 @@ def _embed(exp, texts: Sequence[str | None]) -> np.ndarray:
   batch_size = config.train.eval_batch_size
   for start in range(0, len(present), batch_size):
     real = min(batch_size, len(present) - start)
-    cls = exp.steps.cot_cls(exp.state, _pad(ids[start:start + real], batch_size),
-                            _pad(mask[start:start + real], batch_size))
-    emb = np.asarray(exp.steps.project(exp.state, cls))[:real]
+    cls = exp.steps.cot_cls(
+        exp.state, exp.replicated(_pad(ids[start:start + real], batch_size)),
+        exp.replicated(_pad(mask[start:start + real], batch_size)))
+    emb = exp.to_host(exp.steps.project(exp.state, cls))[:real]
     out[present[start:start + real]] = emb
   return out
 
@@ -504,7 +506,7 @@ def predict(exp) -> str:
 
   Args:
     exp: an `experiment.Experiment` (config, workdir, data, state, steps, checkpoints,
-      device_batch).
+      global_batch, replicated, to_host).
 
   Returns:
     The output directory.
@@ -516,8 +518,10 @@ def predict(exp) -> str:
   config = exp.config
   items, out_dir, from_folder = _items_and_output(exp)
   exp.state, _ = exp.checkpoints.restore(config.eval.which, exp.state)
-  for sub in ('images', 'masks', 'overlays', 'refs', 'pages'):
-    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+  writes = sharding.is_main_process()  # Every process computes; the main one writes.
+  if writes:
+    for sub in ('images', 'masks', 'overlays', 'refs', 'pages'):
+      os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
   size = config.data.image_size
   threshold = config.eval.threshold
   samples = exp.data.cache.samples
@@ -534,8 +538,10 @@ def predict(exp) -> str:
       loaded = [_load_cache_item(exp, it) for it in chunk]
       queries = None
     batch = _make_batch(exp, chunk, loaded, queries)
-    out = exp.steps.evaluate(exp.state, exp.device_batch(batch), True)
-    out = {k: np.asarray(v)[:len(chunk)] for k, v in out.items()}
+    out = exp.to_host(exp.steps.evaluate(exp.state, exp.global_batch(batch), True))
+    out = {k: v[:len(chunk)] for k, v in out.items()}
+    if not writes:
+      continue
     for i, (item, x) in enumerate(zip(chunk, loaded)):
       height, width = x.original.shape[:2]
       prob = out['prob_r'][i, ..., 0]
@@ -562,6 +568,8 @@ def predict(exp) -> str:
                 encoding='utf-8') as f:
         f.write(render_page(exp, item, record, refs))
       records.append(record)
+  if not writes:
+    return out_dir
   title = (f'CERS predictions: {config.eval.predict_dir}' if from_folder
            else f'CERS predictions: first {len(items)} test images')
   with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:

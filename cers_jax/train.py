@@ -72,8 +72,9 @@ def compute_cls_tables(exp) -> None:
     out = np.zeros((data.num_samples, exp.config.model.cot.hidden_size), np.float32)
     ids, mask = tokens[f'{prefix}_ids'], tokens[f'{prefix}_mask']
     for rows, real in _padded_row_batches(all_rows, exp.config.train.eval_batch_size):
-      cls = exp.steps.cot_cls(exp.state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]))
-      out[rows[:real]] = np.asarray(cls)[:real]
+      cls = exp.steps.cot_cls(exp.state, exp.replicated(ids[rows]),
+                              exp.replicated(mask[rows]))
+      out[rows[:real]] = exp.to_host(cls)[:real]
     return out
 
   with tqdm(total=3, desc='CoT/text [CLS] features', leave=False) as bar:
@@ -81,18 +82,19 @@ def compute_cls_tables(exp) -> None:
     cot_no_mask = cls_of('cot_no_mask'); bar.update()
     text = cls_of('report_cot'); bar.update()
   query = np.where(labeled[:, None], cot_mask, cot_no_mask)
-  tables = exp.state.tables.replace(cot_cls=jnp.asarray(cot_mask),
-                                    query_cls=jnp.asarray(query),
-                                    text_cls=jnp.asarray(text))
+  tables = exp.state.tables.replace(cot_cls=exp.replicated(cot_mask),
+                                    query_cls=exp.replicated(query),
+                                    text_cls=exp.replicated(text))
   exp.state = exp.state.replace(tables=tables)
 
 
 def _project(exp, cls: jax.Array) -> jax.Array:
   out = []
+  cls = exp.to_host(cls)
   rows = np.arange(cls.shape[0], dtype=np.int32)
   for chunk, real in _padded_row_batches(rows, exp.config.train.eval_batch_size):
-    out.append(np.asarray(exp.steps.project(exp.state, cls[chunk]))[:real])
-  return jnp.asarray(np.concatenate(out))
+    out.append(exp.to_host(exp.steps.project(exp.state, exp.replicated(cls[chunk])))[:real])
+  return exp.replicated(np.concatenate(out))
 
 
 def build_pool(exp) -> None:
@@ -102,13 +104,16 @@ def build_pool(exp) -> None:
                           query_text=_project(exp, tables.text_cls))
   exp.state = exp.state.replace(tables=tables)
   batches = _eval_batches(exp, exp.data.rows['train_labeled'], is_labeled=True)
-  pool = kp.collect_pool(batches, lambda b: exp.steps.features(exp.state, exp.device_batch(b)),
-                         cot_table=tables.query_cot, text_table=tables.query_text)
+  pool = kp.collect_pool(
+      batches, lambda b: exp.to_host(exp.steps.features(exp.state, exp.global_batch(b))),
+      cot_table=exp.to_host(tables.query_cot), text_table=exp.to_host(tables.query_text))
   if pool.feat.shape != exp.state.pool.feat.shape:
     raise RuntimeError(f'Pool of shape {pool.feat.shape}, expected '
                        f'{exp.state.pool.feat.shape}: labeled rows were lost.')
-  exp.state = exp.state.replace(pool=jax.tree.map(
-      lambda new, old: new.astype(old.dtype), pool, exp.state.pool))
+  pool = jax.tree.map(lambda new, old: np.asarray(new).astype(old.dtype), pool,
+                      exp.state.pool)
+  exp.state = sharding.place_state(exp.state.replace(pool=pool), exp.mesh,
+                                   shard_pool_rows=exp.config.pool.shard_rows)
 
 
 def refresh_pool(exp) -> None:
@@ -116,9 +121,9 @@ def refresh_pool(exp) -> None:
   rows = exp.data.rows['train_labeled']
   pool = exp.state.pool
   for batch in _eval_batches(exp, rows, is_labeled=True):
-    feats = exp.steps.features(exp.state, exp.device_batch(batch))
-    pool_rows = kp.pool_rows(pool, jnp.asarray(batch['index']))
-    pool_rows = jnp.where(jnp.asarray(batch['valid']), pool_rows, -1)
+    feats = exp.steps.features(exp.state, exp.global_batch(batch))
+    pool_rows = kp.pool_rows(pool, exp.replicated(batch['index']))
+    pool_rows = jnp.where(exp.replicated(batch['valid']), pool_rows, -1)
     # values='key': the authors hand the unit-norm blended rows to the fusion module.
     pool = kp.refresh_rows(pool, pool_rows, feats, exp.config.pool.momentum, values='key')
   exp.state = exp.state.replace(pool=pool)
@@ -132,6 +137,9 @@ def _eval_batches(exp, rows, *, is_labeled: bool = False):
     yield batch
 
 
+_PROCESS_SEED_STRIDE = 1000  # Seed offset of each further process's data streams.
+
+
 def _train_loaders(exp, meta: dict) -> dict:
   """Infinite, seeded, resumable iterators over the labeled and unlabeled train rows.
 
@@ -143,22 +151,28 @@ def _train_loaders(exp, meta: dict) -> dict:
   unlabeled_is_labeled = False
   if len(unlabeled_rows) < config.train.batch_size:
     unlabeled_rows, unlabeled_is_labeled = rows['train_labeled'], True
-  loaders = {
-      'labeled': pipeline.make_train_loader(
-          exp.data.arrays(), sharding.process_rows(rows['train_labeled']),
-          batch_size=config.train.batch_size // jax.process_count(),
-          seed=config.seed, is_labeled=True, worker_count=config.data.num_workers,
-          prefetch=config.data.prefetch, augment_prob=config.data.zoom_prob,
-          zoom_range=tuple(config.data.zoom_range)),
-      'unlabeled': pipeline.make_train_loader(
-          exp.data.arrays(), sharding.process_rows(unlabeled_rows),
-          batch_size=config.train.batch_size // jax.process_count(),
-          seed=config.seed + 1, is_labeled=unlabeled_is_labeled,
-          worker_count=config.data.num_workers, prefetch=config.data.prefetch,
-          augment_prob=config.data.zoom_prob, zoom_range=tuple(config.data.zoom_range)),
-  }
-  for name, state in meta.get('iterators', {}).items():
-    loaders[name].set_state(state)
+  process = jax.process_index()
+
+  def loader(split_rows: np.ndarray, seed: int, is_labeled: bool):
+    # Each process draws from its own rows, with a random stream of its own.
+    return pipeline.make_train_loader(
+        exp.data.arrays(), sharding.process_rows(split_rows),
+        batch_size=config.train.batch_size // jax.process_count(),
+        seed=seed + _PROCESS_SEED_STRIDE * process, is_labeled=is_labeled,
+        worker_count=config.data.num_workers, prefetch=config.data.prefetch,
+        augment_prob=config.data.zoom_prob, zoom_range=tuple(config.data.zoom_range))
+
+  loaders = {'labeled': loader(rows['train_labeled'], config.seed, True),
+             'unlabeled': loader(unlabeled_rows, config.seed + 1, unlabeled_is_labeled)}
+  for name, states in meta.get('iterators', {}).items():
+    if isinstance(states, dict):  # Written before positions were kept per process.
+      states = [states]
+    if len(states) != jax.process_count():
+      raise RuntimeError(
+          f'This checkpoint was written by {len(states)} processes and is resumed by '
+          f'{jax.process_count()}: the data iterators cannot be restored. Resume with '
+          f'{len(states)} processes, or evaluate it (--mode=eval), which needs no iterators.')
+    loaders[name].set_state(states[jax.process_index()])
   return loaders
 
 
@@ -169,6 +183,8 @@ class _MetricLog:
     self.path = os.path.join(workdir, 'metrics.jsonl')
 
   def write(self, record: dict) -> None:
+    if not sharding.is_main_process():
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
 
@@ -200,6 +216,9 @@ def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) 
 
   def read(entries):
     nonlocal last_loss
+    # One explicit device-to-host copy per chunk (jax.device_get), never an implicit one.
+    values = jax.device_get([aux for _, aux in entries])
+    entries = [(step, aux) for (step, _), aux in zip(entries, values)]
     _check_finite(entries, stage)
     for _, aux in entries:
       for key, value in aux.items():
@@ -208,7 +227,7 @@ def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) 
       last_loss = float(entries[-1][1]['loss'])
 
   with tqdm(total=num_steps, desc=desc, leave=False, dynamic_ncols=True) as bar:
-    first_step = int(exp.state.step)
+    first_step = int(jax.device_get(exp.state.step))
     for i in range(num_steps):
       chunk.append((first_step + i, step_fn()))
       if len(chunk) >= exp.config.train.log_every:
@@ -221,8 +240,8 @@ def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) 
     bar.update(len(previous) + len(chunk))
   elapsed = time.perf_counter() - start
   means = {k: v / num_steps for k, v in sums.items()}
-  means.update(stage=stage, epoch=epoch, step=int(exp.state.step), seconds=elapsed,
-               images_per_s=num_steps * batch_images / elapsed)
+  means.update(stage=stage, epoch=epoch, step=int(jax.device_get(exp.state.step)),
+               seconds=elapsed, images_per_s=num_steps * batch_images / elapsed)
   return means
 
 
@@ -234,7 +253,9 @@ def validate(exp) -> dict:
 
 def _save(exp, meta: dict, loaders: dict | None, which: str = 'latest') -> None:
   if loaders is not None:
-    meta['iterators'] = {name: loader.get_state() for name, loader in loaders.items()}
+    # Each process reads its own rows: the checkpoint keeps every process's position.
+    meta['iterators'] = {name: sharding.gather_json(loader.get_state())
+                         for name, loader in loaders.items()}
   exp.checkpoints.save(which, int(exp.state.step), exp.state, meta,
                        experiment_lib.config_json(exp.config))
 
@@ -288,8 +309,8 @@ def run_training(exp, *, until: str = SEMI) -> dict:
 
   while meta['stage'] == SEMI and meta['epoch'] < config.train.epochs:
     epoch = meta['epoch']
-    weight = jnp.float32(losses.consistency_weight(
-        epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup))
+    weight = exp.replicated(np.float32(losses.consistency_weight(
+        epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup)))
 
     def semi_fn():
       exp.state, aux = exp.steps.semi(exp.state,
@@ -340,7 +361,7 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   if mode == 'prepare':
     workdir = os.path.abspath(workdir)
     resolved = experiment_lib.resolve_config(config, workdir)
-    data = experiment_lib.prepare_data(resolved, workdir)
+    data = experiment_lib.prepare_data_once(resolved, workdir)
     return dict(workdir=workdir, mode=mode, cache_dir=resolved.data.cache_dir,
                 splits={name: len(rows) for name, rows in data.rows.items()})
   exp = experiment_lib.create(config, workdir)
@@ -354,8 +375,9 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   if mode in ('predict', 'all'):
     summary['predict_dir'] = predict_lib.predict(exp)
   summary['seconds'] = time.perf_counter() - start
-  with open(os.path.join(exp.workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  if sharding.is_main_process():
+    with open(os.path.join(exp.workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
   logging.info('Summary: %s', json.dumps(summary, indent=2))
   exp.checkpoints.close()
   return summary

@@ -7,6 +7,7 @@ compilation cache so that only the first one pays for compiling the steps.
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ def cli(tmp_path_factory):
       assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     return result
 
+  run.env = env
   return run
 
 
@@ -140,3 +142,60 @@ def test_prepare_mode_and_locked_config(cli, tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'checkpoints', 'latest'))
   result = cli(workdir, '--mode=prepare', '--config.train.batchsize=3', expect_ok=False)
   assert result.returncode != 0 and 'batchsize' in result.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _predictions(workdir):
+  with open(os.path.join(workdir, 'predictions', 'predictions.csv'), newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def test_two_processes_run_the_job_as_one_host_would(cli, tmp_path):
+  """Multi-host through `run.py --distributed`: two processes with one CPU device each
+  train, evaluate and predict. Files are written once, each process's data position is
+  checkpointed, and the model they trained predicts in one process as it did in two."""
+  workdir = str(tmp_path / 'two_processes')
+  port = _free_port()
+  procs = []
+  for process_id in (1, 0):
+    log = open(tmp_path / f'process_{process_id}.log', 'w')
+    procs.append((process_id, log, subprocess.Popen(
+        [sys.executable, 'run.py', f'--config={CONFIG}', f'--workdir={workdir}',
+         '--distributed', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+         f'--process_id={process_id}', '--config.train.warmup_epochs=1',
+         '--config.train.epochs=1'],
+        cwd=REPO, env=cli.env, stdout=log, stderr=subprocess.STDOUT)))
+  for process_id, log, proc in procs:
+    try:
+      proc.wait(timeout=900)
+    finally:
+      proc.kill()
+      log.close()
+    with open(log.name) as f:
+      assert proc.returncode == 0, f'process {process_id}:\n' + f.read()[-6000:]
+
+  assert [(r['stage'], r['epoch']) for r in _metrics(workdir)] == [('warmup', 0),
+                                                                   ('semi', 0)]
+  with open(os.path.join(workdir, 'data', 'split.json')) as f:
+    split = json.load(f)
+  with open(os.path.join(workdir, 'eval', 'test_per_image.csv')) as f:
+    evaluated = [row['id'] for row in csv.DictReader(f)]
+  assert sorted(evaluated) == sorted(split['ids']['test'])  # None lost, none twice.
+  latest = os.path.join(workdir, 'checkpoints', 'latest')
+  with open(os.path.join(latest, max(os.listdir(latest), key=int), 'meta', 'metadata')) as f:
+    iterators = json.load(f)['iterators']
+  assert {name: len(states) for name, states in iterators.items()} == {'labeled': 2,
+                                                                       'unlabeled': 2}
+
+  two = _predictions(workdir)
+  cli(workdir, '--mode=predict')  # One process, same best checkpoint.
+  one = _predictions(workdir)
+  assert [r['id'] for r in one] == [r['id'] for r in two] and len(one) > 0
+  for a, b in zip(one, two):
+    assert a['retrieved_ids'] == b['retrieved_ids']
+    assert float(a['mean_prob']) == pytest.approx(float(b['mean_prob']), rel=1e-5)

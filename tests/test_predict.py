@@ -137,7 +137,8 @@ def _exp(tmp_path, tokenizers, *, mode='image+cot', predict_dir=''):
   return types.SimpleNamespace(
       config=config, workdir=str(tmp_path / 'work'), data=data, state='state',
       steps=FakeSteps(mode), checkpoints=types.SimpleNamespace(restore=restore),
-      device_batch=lambda batch: batch, restores=restores)
+      global_batch=lambda batch: batch, replicated=lambda x: x, to_host=lambda x: x,
+      restores=restores)
 
 
 def _folder(tmp_path, *, cot_missing=(), text_missing=(), with_masks=True,

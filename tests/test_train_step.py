@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from cers_jax import knowledge_pool as kp
+from cers_jax import sharding
+from cers_jax import train
 from cers_jax import train_step as ts
 from tests import train_helpers as th
 
@@ -85,6 +88,34 @@ def test_no_recompiles_after_the_first_step(setup):
     steps.evaluate(state, th.to_device(th.make_batch(50 + i, labeled=False)), True)
   for fn in (steps.warmup, steps.semi, steps.evaluate):
     assert fn._cache_size() == 1, f'{fn} compiled {fn._cache_size()} times'
+
+
+def test_an_epoch_makes_only_explicit_transfers(setup):
+  """The training loop's epoch under jax.transfer_guard('disallow'): batches reach the mesh
+  through explicit placement and metrics come back through jax.device_get, so no step
+  hides a host round-trip. (The CPU backend guards host-to-device copies only; on a GPU,
+  scripts/gpu_check.sh runs this test with device-to-host reads guarded too.)"""
+  config, graphdef, tx, state, steps = setup
+  mesh = sharding.make_mesh(1)
+  exp = types.SimpleNamespace(config=config, steps=steps,
+                              state=sharding.place_state(_copy(state), mesh))
+  batches = iter([(th.make_batch(60 + i, labeled=True), th.make_batch(70 + i, labeled=False))
+                  for i in range(4)])
+  weight = jax.device_put(np.float32(0.01))
+
+  def step_fn():
+    labeled, unlabeled = next(batches)
+    exp.state, aux = exp.steps.semi(exp.state, sharding.shard_batch(labeled, mesh),
+                                    sharding.shard_batch(unlabeled, mesh), weight)
+    return aux
+
+  step_fn()  # Compiling may move constants; the guard covers the steady state.
+  with jax.transfer_guard('disallow'):
+    record = train._run_epoch(exp, train.SEMI, 0, 3, step_fn, 'guarded epoch')
+  assert np.isfinite(record['loss']) and record['step'] == int(state.step) + 4
+  with pytest.raises(Exception, match='[Dd]isallowed'):  # The guard is live here.
+    with jax.transfer_guard('disallow'):
+      jnp.asarray(th.make_batch(80, labeled=True)['image'])
 
 
 def test_eval_step_is_deterministic_and_retrieves_k_rows(setup):
@@ -231,9 +262,6 @@ def test_four_devices_match_one_device():
 def test_epoch_refresh_follows_the_authors_rule(setup):
   """pool.update_rule=epoch_refresh: every labeled row recomputed in eval mode and blended
   into the unit-norm key; fusion gets the unit-norm rows (as the authors' code does)."""
-  import types
-
-  from cers_jax import train
   from cers_jax.data.pipeline import PipelineArrays
 
   config, graphdef, tx, state, steps = setup
@@ -246,7 +274,8 @@ def test_epoch_refresh_follows_the_authors_rule(setup):
       text_mask=np.ones((n, 8), np.int32))
   labeled = np.arange(th.POOL_ROWS, dtype=np.int32)
   exp = types.SimpleNamespace(
-      config=config, state=state, steps=steps, device_batch=th.to_device,
+      config=config, state=state, steps=steps, global_batch=th.to_device,
+      replicated=jnp.asarray,
       data=types.SimpleNamespace(rows={'train_labeled': labeled}, arrays=lambda: arrays))
   old_key = np.array(state.pool.key)
   train.refresh_pool(exp)
