@@ -131,14 +131,19 @@ def replicate(tree, mesh: Mesh):
   return _put(tree, NamedSharding(mesh, P()))
 
 
+def place_pool(pool, mesh: Mesh, *, shard_rows: bool = False):
+  """Replicates the knowledge pool, or splits its rows over the mesh."""
+  if not shard_rows:
+    return replicate(pool, mesh)
+  rows = mesh.shape[DATA]
+  if pool.ids.shape[0] % rows:
+    raise ValueError(
+        f'pool.shard_rows needs the number of labeled images ({pool.ids.shape[0]}) '
+        f'to be divisible by the {rows} devices; turn it off for this split.')
+  return _put(pool, NamedSharding(mesh, P(DATA)))
+
+
 def place_state(state, mesh: Mesh, *, shard_pool_rows: bool = False):
-  """Replicates the TrainState; optionally splits the pool's rows over the mesh."""
-  state = replicate(state, mesh)
-  if shard_pool_rows:
-    rows = mesh.shape[DATA]
-    if state.pool.ids.shape[0] % rows:
-      raise ValueError(
-          f'pool.shard_rows needs the number of labeled images ({state.pool.ids.shape[0]}) '
-          f'to be divisible by the {rows} devices; turn it off for this split.')
-    state = state.replace(pool=_put(state.pool, NamedSharding(mesh, P(DATA))))
-  return state
+  """Replicates the TrainState; the pool as `place_pool` places it (each array once)."""
+  placed = replicate(state.replace(pool=None), mesh)
+  return placed.replace(pool=place_pool(state.pool, mesh, shard_rows=shard_pool_rows))

@@ -112,8 +112,8 @@ def build_pool(exp) -> None:
                        f'{exp.state.pool.feat.shape}: labeled rows were lost.')
   pool = jax.tree.map(lambda new, old: np.asarray(new).astype(old.dtype), pool,
                       exp.state.pool)
-  exp.state = sharding.place_state(exp.state.replace(pool=pool), exp.mesh,
-                                   shard_pool_rows=exp.config.pool.shard_rows)
+  exp.state = exp.state.replace(pool=sharding.place_pool(
+      pool, exp.mesh, shard_rows=exp.config.pool.shard_rows))
 
 
 def refresh_pool(exp) -> None:
