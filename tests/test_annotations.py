@@ -170,3 +170,19 @@ def test_lvit_xlsx(tmp_path):
   assert parsed.entries['mask_covid_3'].line == 4  # Spreadsheet row (header is row 1).
   assert [(p.kind, p.id, p.line) for p in parsed.problems] == [
       ('empty_value', 'mask_covid_2', 3)]
+
+
+def test_xlsx_text_on_any_sheet(tmp_path):
+  path = tmp_path / 'Test_text_for_Covid19.xlsx'
+  with pd.ExcelWriter(path) as writer:
+    pd.DataFrame({'Note': ['exported 2022']}).to_excel(writer, sheet_name='Info', index=False)
+    pd.DataFrame({'Image': ['mask_covid_9.png'], 'Description': ['Unilateral.']}).to_excel(
+        writer, sheet_name='Texts', index=False)
+  parsed = annotations.read_annotations(str(path), 'text')
+  assert parsed.entries['mask_covid_9'].value == 'Unilateral.'
+  assert parsed.summary()['sheet'] == 'Texts'
+  assert annotations.has_columns(['IMAGE ', 'report'], 'text')
+  assert not annotations.has_columns(['Image', 'cot'], 'text')
+  with pytest.raises(DataError, match=r"has no sheet with cot_mask columns: found \{'Info': "
+                     r"\['Note'\], 'Texts': \['Image', 'Description'\]\}"):
+    annotations.read_annotations(str(path), 'cot_mask')

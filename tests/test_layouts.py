@@ -6,6 +6,7 @@ import pathlib
 
 import ml_collections
 import numpy as np
+import openpyxl
 import pandas as pd
 import pytest
 from PIL import Image
@@ -119,6 +120,136 @@ def test_lvit_text_csv_overrides_xlsx(tmp_path):
 def test_lvit_missing_folders(tmp_path):
   with pytest.raises(DataError, match=r"Train_Folder is not a folder, but layout 'lvit'"):
     layouts.read_lvit(str(tmp_path))
+
+
+def _workbook(path, rows, header=('Image', 'Description'), first_sheet=None):
+  """An .xlsx like LViT's: one sheet with `header` (or a leading sheet `first_sheet`)."""
+  book = openpyxl.Workbook()
+  sheet = book.active
+  if first_sheet is not None:
+    sheet.title = 'About'
+    for row in first_sheet:
+      sheet.append(list(row))
+    sheet = book.create_sheet('Texts')
+  sheet.append(list(header))
+  for row in rows:
+    sheet.append(list(row))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  book.save(path)
+
+
+def _lvit_images(root, prefix):
+  """LViT folders without text files: train a,b,c; val d; test e,f."""
+  for folder, names in (('Train_Folder', 'abc'), ('Val_Folder', 'd'), ('Test_Folder', 'ef')):
+    for name in names:
+      _image(root / folder / 'img' / f'{name}.png')
+      _mask(root / folder / 'labelcol' / f'{prefix}{name}.png')
+
+
+@pytest.mark.parametrize('where', ['root', 'folders'])
+def test_lvit_finds_workbooks_as_downloaded(tmp_path, where):
+  _lvit_images(tmp_path, 'mask_')
+  train_dir = tmp_path if where == 'root' else tmp_path / 'Train_Folder'
+  test_dir = tmp_path if where == 'root' else tmp_path / 'Test_Folder'
+  # QaTa's published names; train and val rows share one workbook.
+  _workbook(train_dir / 'Train_text_for_Covid19.xlsx',
+            [(f'mask_{n}.png', f'report {n}') for n in 'abcd'])
+  _workbook(test_dir / 'Test_text_for_Covid19.xlsx',
+            [(f'mask_{n}.png', f'report {n}') for n in 'ef'])
+  _workbook(tmp_path / 'notes.xlsx', [('x', 'y')], header=('Patient', 'Comment'))
+  (tmp_path / '~$Test_text_for_Covid19.xlsx').write_bytes(b'Excel lock file')
+  (tmp_path / 'broken.xlsx').write_bytes(b'not a zip')
+  scan = layouts.read_lvit(str(tmp_path))
+  assert [(s.id, s.text) for s in scan.samples] == [(n, f'report {n}') for n in 'abcdef']
+  files = {os.path.basename(f['path']): f for f in scan.annotation_files}
+  assert set(files) == {'Train_text_for_Covid19.xlsx', 'Test_text_for_Covid19.xlsx'}
+  train = files['Train_text_for_Covid19.xlsx']
+  assert (train['found_by'], train['rows'], train['matched'], train['duplicates'],
+          train['unknown'], train['sheet']) == ('content', 4, 4, 0, 0, 'Sheet')
+  assert _kinds(scan) == {'ignored_workbook': 1, 'unreadable_workbook': 1,
+                          'no_annotation_file': 2}
+  ignored = next(p for p in scan.problems if p.kind == 'ignored_workbook')
+  assert ignored.file.endswith('notes.xlsx') and "'Patient', 'Comment'" in ignored.detail
+  searched = scan.annotation_search['text']
+  assert str(tmp_path / 'Val_Folder') in searched and "'description'" in searched
+
+
+def test_lvit_workbook_text_on_a_later_sheet(tmp_path):
+  _lvit_images(tmp_path, '')
+  _workbook(tmp_path / 'Val_text_MosMedData+ 1.xlsx', [(f'{n}.png', f't {n}') for n in 'abcdef'],
+            first_sheet=[('Readme',), ('LViT text annotations',)])
+  scan = layouts.read_lvit(str(tmp_path))
+  assert all(s.text == f't {s.id}' for s in scan.samples)
+  assert scan.annotation_files[0]['sheet'] == 'Texts'
+
+
+def test_lvit_without_text_files_says_where_it_looked(tmp_path):
+  _lvit_images(tmp_path, 'mask_')
+  scan = layouts.read_lvit(str(tmp_path))
+  assert all(s.text is None for s in scan.samples)
+  missing = [p for p in scan.problems if p.kind == 'no_annotation_file']
+  assert len(missing) == 3
+  text = next(p for p in missing if 'no text file' in p.detail)
+  for folder in ('Train_Folder', 'Val_Folder', 'Test_Folder'):
+    assert str(tmp_path / folder) in text.detail
+  assert 'text.csv (config.data.text_csv is empty)' in text.detail
+  # Without workbooks the root's text.csv (image names, like the CERS authors') is read.
+  _csv(tmp_path / 'text.csv', 'image,text', [(f'{n}.png', f'csv {n}') for n in 'abcdef'])
+  scan = layouts.read_lvit(str(tmp_path))
+  assert [s.text for s in scan.samples] == [f'csv {n}' for n in 'abcdef']
+  assert scan.annotation_files[0]['found_by'] == 'default'
+
+
+def test_text_csv_list_and_globs_merge_keep_the_first(tmp_path, monkeypatch):
+  root, texts = tmp_path / 'ds', tmp_path / 'texts'
+  _lvit_images(root, '')
+  _workbook(texts / 'Train_text_MosMedData+ 1.xlsx', [(f'{n}.png', f'train {n}') for n in 'abc'])
+  _workbook(texts / 'Val_text_MosMedData+ 1.xlsx',
+            [('d.png', 'val d'), ('a.png', 'other a'), ('ghost.png', 'nobody')])
+  _workbook(texts / 'Test_text_MosMedData+.xlsx', [(f'{n}.png', f'test {n}') for n in 'ef'])
+  monkeypatch.chdir(tmp_path)  # Relative items: from the working directory, else the root.
+  configured = 'texts/Train_text_MosMedData+ 1.xlsx, texts/V*.xlsx,texts/Test_*.xlsx'
+  scan = layouts.read_lvit(str(root), text_csv=configured)
+  assert [s.text for s in scan.samples] == [
+      'train a', 'train b', 'train c', 'val d', 'test e', 'test f']
+  counts = [(os.path.basename(f['path']), f['found_by'], f['matched'], f['duplicates'],
+             f['unknown']) for f in scan.annotation_files]
+  assert counts == [('Train_text_MosMedData+ 1.xlsx', 'config', 3, 0, 0),
+                    ('Val_text_MosMedData+ 1.xlsx', 'config', 1, 1, 1),
+                    ('Test_text_MosMedData+.xlsx', 'config', 2, 0, 0)]
+  duplicate = next(p for p in scan.problems if p.kind == 'duplicate_id')
+  assert (duplicate.id, duplicate.line) == ('a', 3)
+  assert duplicate.file.endswith('Val_text_MosMedData+ 1.xlsx')
+  assert 'Train_text_MosMedData+ 1.xlsx line 2 (different value); kept the first' in (
+      duplicate.detail)
+  assert _kinds(scan)['unknown_image'] == 1
+  # A glob naming the same files again reads each once; a whole path may hold a comma.
+  scan = layouts.read_lvit(str(root), text_csv=f'{texts}/*.xlsx,texts/T*.xlsx')
+  assert len(scan.annotation_files) == 3
+  (texts / 'all, texts.csv').write_text('image,text\na.png,comma\n')
+  scan = layouts.read_lvit(str(root), text_csv='texts/all, texts.csv')
+  assert scan.samples[0].text == 'comma'
+  with pytest.raises(DataError, match=r"text annotation file 'texts/\*.txt' not found.*"
+                     r"config.data.text_csv \(now 'texts/Train_text_MosMedData\+ 1.xlsx,"
+                     r"texts/\*.txt'\): one path, or a comma-separated list"):
+    layouts.read_lvit(str(root), text_csv='texts/Train_text_MosMedData+ 1.xlsx,texts/*.txt')
+  with pytest.raises(DataError, match=r"texts is a folder: name files in it, e.g. "
+                     r"'texts/\*.xlsx'"):
+    layouts.read_lvit(str(root), text_csv='texts')
+
+
+def test_globs_from_the_root_and_for_cot_files(tmp_path, monkeypatch):
+  _image(tmp_path / 'frames' / 'a.png')
+  _image(tmp_path / 'frames' / 'b.png')
+  _csv(tmp_path / 'text_1.csv', 'image,text', [('a.png', 'one')])
+  _csv(tmp_path / 'text_2.csv', 'image,text', [('b.png', 'two'), ('a.png', 'one')])
+  _csv(tmp_path / 'cot_a.csv', 'image,cot', [('a', COT)])
+  _csv(tmp_path / 'cot_b.csv', 'image,cot', [('b', COT)])
+  monkeypatch.chdir(tmp_path / 'frames')  # Nothing matches here: the root is tried next.
+  scan = layouts.read_cers(str(tmp_path), text_csv='text_*.csv', cot_no_mask_csv='cot_?.csv')
+  assert [(s.text, s.cot_no_mask) for s in scan.samples] == [('one', COT), ('two', COT)]
+  duplicate = next(p for p in scan.problems if p.kind == 'duplicate_id')
+  assert duplicate.id == 'a' and '(same value)' in duplicate.detail
 
 
 def _brisc(root):

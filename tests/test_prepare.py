@@ -1,6 +1,7 @@
 """Tests for cers_jax.data.{images,prepare,cache}: decoding, validation, split and cache reuse."""
 
 import json
+import logging
 import os
 import pathlib
 
@@ -224,6 +225,95 @@ def test_prepare_rejects_broken_files(tmp_path, breakage, kind, file_pattern):
   assert [p['id'] for p in report['problems'] if p['kind'] == kind] == ['img03']
   # Nothing half-written: no split, no arrays.
   assert sorted(os.listdir(cache_dir)) == ['report.json']
+
+
+def test_prepare_without_any_text_fails_before_decoding(tmp_path):
+  _dataset(tmp_path / 'ds')
+  os.remove(tmp_path / 'ds' / 'text.csv')
+  with pytest.raises(DataError, match=r"None of the 12 images under .*ds has a report text"
+                     r"[\s\S]*Looked for .*ds/text.csv \(config.data.text_csv is empty\). "
+                     r"No such file was found. Point --config.data.text_csv at the report-"
+                     r"text files: one path, a comma-separated list or glob patterns"):
+    prepare(_config(tmp_path / 'ds'), str(tmp_path / 'w'))
+  cache_dir = tmp_path / 'w' / 'data'
+  assert sorted(os.listdir(cache_dir)) == ['report.json']  # Nothing decoded, no split.
+  report = json.loads((cache_dir / 'report.json').read_text())
+  assert report['error'].startswith('None of the 12 images')
+  assert report['counts']['with_text'] == 0
+  # A file that names other images: the message says how many rows matched.
+  (tmp_path / 'other.csv').write_text('image,text\nsomeone_else.png,hello\n')
+  with pytest.raises(DataError, match=r"Looked for config.data.text_csv='.*other.csv'. Read "
+                     r".*other.csv \(1 rows, 0 matched an image\)"):
+    prepare(_config(tmp_path / 'ds', text_csv=str(tmp_path / 'other.csv')),
+            str(tmp_path / 'w'))
+
+
+def test_prepare_counts_a_partial_text_gap_or_rejects_it(tmp_path, caplog):
+  _dataset(tmp_path / 'ds')
+  text = tmp_path / 'ds' / 'text.csv'
+  text.write_text(''.join(l for l in text.read_text().splitlines(True)
+                          if not l.startswith('img04')))
+  caplog.set_level(logging.INFO, logger='absl')
+  prepared = prepare(_config(tmp_path / 'ds'), str(tmp_path / 'w'))
+  assert prepared.report['counts']['with_text'] == 11
+  assert [p['id'] for p in prepared.report['problems'] if p['kind'] == 'missing_text'] == [
+      'img04']
+  summary = next(r.getMessage() for r in caplog.records if 'with text' in r.getMessage())
+  assert '11 with text (1 without: missing_text in report.json' in summary
+  files = [r.getMessage() for r in caplog.records if r.getMessage().startswith('text file')]
+  assert files == [f'text file {text} (found by default): 11 rows, 11 matched an image, 0 '
+                   'repeated an earlier id, 0 named no image.']
+  with pytest.raises(DataError, match=r"1 of 12 images under .*ds have no report text "
+                     r"\(e.g. \['img04'\]\) and data.require_text is True.*"
+                     r"--config.data.require_text=False"):
+    prepare(_config(tmp_path / 'ds', require_text=True), str(tmp_path / 'w2'))
+
+
+def test_prepare_brisc_without_text_csv_names_the_flag(tmp_path):
+  task = tmp_path / 'ds' / 'segmentation_task'
+  for split in ('train', 'test'):
+    for i in range(2):
+      (task / split / 'images').mkdir(parents=True, exist_ok=True)
+      (task / split / 'masks').mkdir(parents=True, exist_ok=True)
+      Image.fromarray(_gray_photo()).save(task / split / 'images' / f'{split}{i}.jpg')
+      Image.fromarray(_lesion_mask()).save(task / split / 'masks' / f'{split}{i}.png')
+  with pytest.raises(DataError, match=r"None of the 4 images .* Looked for .*text.csv "
+                     r"\(config.data.text_csv is empty\).*--config.data.text_csv"):
+    prepare(_config(tmp_path / 'ds', layout='brisc'), str(tmp_path / 'w'))
+
+
+def _lvit_dataset(root, texts=True):
+  """LViT folders: train a-d, val e, test f and g (g without a mask); text.csv in root."""
+  rows = []
+  for folder, names in (('Train_Folder', 'abcd'), ('Val_Folder', 'e'), ('Test_Folder', 'fg')):
+    for name in names:
+      (root / folder / 'img').mkdir(parents=True, exist_ok=True)
+      (root / folder / 'labelcol').mkdir(parents=True, exist_ok=True)
+      Image.fromarray(_gray_photo()).save(root / folder / 'img' / f'{name}.png')
+      if name != 'g':
+        Image.fromarray(_lesion_mask()).save(root / folder / 'labelcol' / f'{name}.png')
+      if texts is True or folder in texts:
+        rows.append(f'{name}.png,report {name}')
+  (root / 'text.csv').write_text('image,text\n' + '\n'.join(rows) + '\n')
+
+
+def test_prepare_official_reports_unmasked_test_images(tmp_path):
+  _lvit_dataset(tmp_path / 'ds')
+  prepared = prepare(_config(tmp_path / 'ds', layout='lvit', split_protocol='official'),
+                     str(tmp_path / 'w'))
+  assert prepared.manifest['ids']['test'] == ['f'] and prepared.manifest['ids']['val'] == ['e']
+  assert 'g' not in {i for ids in prepared.manifest['ids'].values() for i in ids}
+  unsplit = [p for p in prepared.report['problems'] if p['kind'] == 'not_in_split']
+  assert [(p['id'], p['detail']) for p in unsplit] == [
+      ('g', 'no mask, in the official test folder: neither scored nor trained on')]
+
+
+def test_prepare_rejects_texts_for_val_and_test_only(tmp_path):
+  _lvit_dataset(tmp_path / 'ds', texts=('Val_Folder', 'Test_Folder'))
+  with pytest.raises(DataError, match=r"None of the 4 training images under .*ds has a "
+                     r"report text \(3 other images do\).*--config.data.text_csv"):
+    prepare(_config(tmp_path / 'ds', layout='lvit', split_protocol='official'),
+            str(tmp_path / 'w'))
 
 
 def test_prepare_empty_dataset_and_missing_cache(tmp_path):

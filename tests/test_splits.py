@@ -73,6 +73,16 @@ def test_official_protocol():
     splits.make_split(_samples(10), protocol='official', seed=0, layout='cers')
 
 
+def test_official_keeps_unmasked_val_and_test_images_out_of_training():
+  folder = lambda k: ('train', 'val', 'test')[k % 3]
+  samples = _samples(30, official=folder, masked=lambda k: k >= 3)  # k=0,1,2: no mask.
+  split = splits.make_split(samples, protocol='official', seed=0)
+  assert samples[0].id in split['train_unlabeled']  # The train folder's: unlabeled data.
+  assert samples[1].id not in _all(split) and samples[2].id not in _all(split)
+  paper = splits.make_split(samples, protocol='paper', seed=0)
+  assert {s.id for s in samples[:3]} <= set(paper['train_unlabeled'])
+
+
 def test_grouped_protocol_keeps_groups_together():
   samples = _samples(120, per_group=6, name='Jun_case{g}_{i}')
   split = splits.make_split(samples, protocol='grouped', seed=0, group_regex=r'^(.*)_\d+$',

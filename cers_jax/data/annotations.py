@@ -1,12 +1,13 @@
 """Report-text and chain-of-thought annotation files (DESIGN.md section 4).
 
-Reads the CSVs the CERS authors published (image,text and image,cot) and LViT's
-`*_text.xlsx` (Image,Description) into entries keyed by sample id. The authors' files have
-quirks this parser survives and reports instead of hiding: a UTF-8 byte-order mark, CRLF
-records holding LF-separated multi-line quoted fields, CoTs cut off before all four parts
-(Texture, Boundary, Context, Summary), a row whose parts read 'Step 1 Texture:', and garbled
-characters (U+FFFD, stray Hangul, '?' in place of a lost character). Every such finding is a
-`Problem` with file, line and id; rows are never dropped silently.
+Reads the CSVs the CERS authors published (image,text and image,cot) and LViT's text
+workbooks (Image,Description, on whichever sheet has such columns) into entries keyed by
+sample id. The authors' files have quirks this parser survives and reports instead of hiding:
+a UTF-8 byte-order mark, CRLF records holding LF-separated multi-line quoted fields, CoTs
+cut off before all four parts (Texture, Boundary, Context, Summary), a row whose parts read
+'Step 1 Texture:', and garbled characters (U+FFFD, stray Hangul, '?' in place of a lost
+character). Every such finding is a `Problem` with file, line and id; rows are never dropped
+silently.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class AnnotationFile:
     bom: whether a UTF-8 byte-order mark was stripped.
     encoding: 'utf-8', or the fallback used when the file is not valid UTF-8.
     problems: every finding, in file order.
+    sheet: the workbook sheet read ('' for CSV files).
   """
 
   path: str
@@ -81,12 +83,14 @@ class AnnotationFile:
   bom: bool
   encoding: str
   problems: list[Problem]
+  sheet: str = ''
 
   def summary(self) -> dict[str, Any]:
     """Counts for report.json."""
     return {'path': self.path, 'kind': self.kind, 'rows': self.rows,
             'entries': len(self.entries), 'bom_stripped': self.bom, 'encoding': self.encoding,
-            'problems': dict(collections.Counter(p.kind for p in self.problems))}
+            'problems': dict(collections.Counter(p.kind for p in self.problems)),
+            **({'sheet': self.sheet} if self.sheet else {})}
 
 
 def _decode(raw: bytes) -> tuple[str, bool, str]:
@@ -127,11 +131,48 @@ def _read_csv(path: str) -> tuple[list[str], list[tuple[int, list[str]]], bool, 
   return header, records[1:], bom, encoding
 
 
-def _read_spreadsheet(path: str) -> tuple[list[str], list[tuple[int, list[str]]], bool, str]:
+SPREADSHEET_EXTENSIONS = ('.xlsx', '.xlsm', '.xls')
+
+
+def is_spreadsheet(path: str) -> bool:
+  return os.path.splitext(path)[1].lower() in SPREADSHEET_EXTENSIONS
+
+
+def sheet_headers(path: str) -> dict[str, list[str]]:
+  """{sheet name: header row} of every sheet of a workbook, in workbook order.
+
+  Raises:
+    DataError: the file is not a readable workbook.
+  """
   import pandas as pd  # Only spreadsheets need pandas (openpyxl behind it).
 
   try:
-    frame = pd.read_excel(path, dtype=str, header=0)
+    with pd.ExcelFile(path) as book:
+      return {str(name): [str(c).strip() for c in pd.read_excel(book, sheet_name=name,
+                                                                 nrows=0).columns]
+              for name in book.sheet_names}
+  except Exception as e:  # pandas/openpyxl raise many types for a bad workbook.
+    raise DataError(f'Cannot read spreadsheet {path}: {e}. Is it a valid .xlsx file?'
+                    ) from e
+
+
+def has_columns(header: list[str], kind: str) -> bool:
+  """Whether a header row has the key and value columns of annotation `kind`."""
+  key_names, value_names = KIND_COLUMNS[kind]
+  return (_column_index(header, key_names) is not None
+          and _column_index(header, value_names) is not None)
+
+
+def _first_sheet(headers: dict[str, list[str]], kind: str) -> str | None:
+  return next((name for name, header in headers.items() if has_columns(header, kind)), None)
+
+
+def _read_spreadsheet(path: str, sheet: str | int = 0
+                      ) -> tuple[list[str], list[tuple[int, list[str]]], bool, str]:
+  import pandas as pd  # Only spreadsheets need pandas (openpyxl behind it).
+
+  try:
+    frame = pd.read_excel(path, sheet_name=sheet, dtype=str, header=0)
   except Exception as e:  # pandas/openpyxl raise many types for a bad workbook.
     raise DataError(f'Cannot read spreadsheet {path}: {e}. Is it a valid .xlsx file?'
                     ) from e
@@ -143,8 +184,9 @@ def _read_spreadsheet(path: str) -> tuple[list[str], list[tuple[int, list[str]]]
   return header, records, False, 'xlsx'
 
 
-def read_table(path: str) -> tuple[list[str], list[tuple[int, list[str]]], bool, str]:
-  """Reads a CSV/TSV or .xlsx table.
+def read_table(path: str, sheet: str | int = 0
+               ) -> tuple[list[str], list[tuple[int, list[str]]], bool, str]:
+  """Reads a CSV/TSV or .xlsx table (`sheet`: the workbook's sheet name or index).
 
   Returns:
     (header, [(line, fields), ...], bom_stripped, encoding); `line` is the first physical
@@ -155,16 +197,20 @@ def read_table(path: str) -> tuple[list[str], list[tuple[int, list[str]]], bool,
   """
   if not os.path.isfile(path):
     raise DataError(f'Annotation file {path} does not exist. Fix the path in the config.')
-  if os.path.splitext(path)[1].lower() in ('.xlsx', '.xlsm', '.xls'):
-    return _read_spreadsheet(path)
+  if is_spreadsheet(path):
+    return _read_spreadsheet(path, sheet)
   return _read_csv(path)
 
 
-def _find_column(header: list[str], names: tuple[str, ...], path: str, role: str) -> int:
+def _column_index(header: list[str], names: tuple[str, ...]) -> int | None:
   lowered = [h.lower().lstrip('\ufeff').strip() for h in header]
-  for name in names:
-    if name in lowered:
-      return lowered.index(name)
+  return next((lowered.index(name) for name in names if name in lowered), None)
+
+
+def _find_column(header: list[str], names: tuple[str, ...], path: str, role: str) -> int:
+  index = _column_index(header, names)
+  if index is not None:
+    return index
   raise DataError(
       f'{path} has no {role} column: found columns {header}, expected one of '
       f'{list(names)} (case-insensitive). Rename the header row.')
@@ -210,6 +256,20 @@ def _check_value(kind: str, entry: Entry) -> list[Problem]:
   return problems
 
 
+def _annotation_sheet(path: str, kind: str) -> str | int:
+  """The sheet to read `kind` from: the first with its columns (CSV files: 0)."""
+  if not (is_spreadsheet(path) and os.path.isfile(path)):
+    return 0
+  headers = sheet_headers(path)
+  sheet = _first_sheet(headers, kind)
+  if sheet is None and len(headers) > 1:
+    key_names, value_names = KIND_COLUMNS[kind]
+    raise DataError(f'{path} has no sheet with {kind} columns: found {headers}, expected an '
+                    f'image-name column (one of {list(key_names)}) and a value column (one '
+                    f'of {list(value_names)}), case-insensitive. Rename a header row.')
+  return 0 if sheet is None else sheet
+
+
 def read_annotations(path: str, kind: str) -> AnnotationFile:
   """Parses a text or CoT annotation file into entries keyed by sample id.
 
@@ -218,7 +278,7 @@ def read_annotations(path: str, kind: str) -> AnnotationFile:
   are reported, as are garbled values and CoTs lacking some of the four parts.
 
   Args:
-    path: a .csv (any of ',', ';', tab) or .xlsx file.
+    path: a .csv (any of ',', ';', tab) or .xlsx file (its first sheet with the columns).
     kind: 'text' | 'cot_mask' | 'cot_no_mask' (selects the accepted column names).
 
   Raises:
@@ -227,7 +287,8 @@ def read_annotations(path: str, kind: str) -> AnnotationFile:
   """
   if kind not in KIND_COLUMNS:
     raise DataError(f'Unknown annotation kind {kind!r}; expected one of {list(KIND_COLUMNS)}.')
-  header, records, bom, encoding = read_table(path)
+  sheet = _annotation_sheet(path, kind)
+  header, records, bom, encoding = read_table(path, sheet)
   key_names, value_names = KIND_COLUMNS[kind]
   key_col = _find_column(header, key_names, path, 'image-name')
   value_col = _find_column(header, value_names, path, f'{kind} value')
@@ -262,4 +323,18 @@ def read_annotations(path: str, kind: str) -> AnnotationFile:
     entry = Entry(sample_id, value, path, line)
     entries[sample_id] = entry
     problems.extend(_check_value(kind, entry))
-  return AnnotationFile(path, kind, entries, len(records), bom, encoding, problems)
+  return AnnotationFile(path, kind, entries, len(records), bom, encoding, problems,
+                        sheet if isinstance(sheet, str) else '')
+
+
+def read_label_column(path: str, column: str) -> dict[str, str]:
+  """{id: value} of one column of a table keyed by image name (retrieval-report labels).
+
+  Raises:
+    DataError: the file is missing or unparseable, or lacks an image or `column` column.
+  """
+  header, records, _, _ = read_table(path)
+  key = _find_column(header, KIND_COLUMNS['text'][0], path, 'image')
+  value = _find_column(header, (column.lower(),), path, f'label ({column!r})')
+  return {id_from_name(fields[key].strip()): fields[value].strip()
+          for _, fields in records if len(fields) > max(key, value) and fields[key].strip()}

@@ -3,24 +3,29 @@
 - 'cers': the CERS flat layout: `frames/`, `masks/`, `text.csv` (image,text with the file
   name incl. extension), CoT CSVs (image,cot keyed by stem).
 - 'lvit': LViT's QaTa-COV19 / MosMedData+ layout: `{Train,Val,Test}_Folder/{img,labelcol}`
-  with `*_text.xlsx` (Image, Description) keyed by the MASK file name; QaTa masks are
-  `mask_<image>`.
+  with text workbooks (Image, Description) keyed by the MASK file name; QaTa masks are
+  `mask_<image>`. Workbooks are found by their columns, not their names, since LViT publishes
+  them as e.g. `Train_text_for_Covid19.xlsx` or `Val_text_MosMedData+ 1.xlsx`.
 - 'brisc': BRISC 2025's Kaggle layout: `segmentation_task/{train,test}/{images,masks}`;
   report texts and CoTs come from the authors' CSVs, given by path.
 
 Every reader takes the dataset root and optional annotation paths and returns a
 `DatasetScan`: the samples sorted by id plus every problem found (missing masks, masks
 without images, unknown or missing annotations, duplicates). Pixels are not decoded here.
-Annotation paths: '' = the layout's default file in the root if present; a relative path
-is tried from the working directory, then from the root.
+Annotation paths (`data.text_csv` and the CoT fields): '' = the layout's default file in the
+root if present; else one path, or a comma-separated list of paths and glob patterns, each
+tried from the working directory, then from the root. Several files of one kind are merged;
+an id given twice keeps the first file's value and is reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from typing import Any, Callable, Iterable, Protocol
 
+from cers_jax.data import annotations
 from cers_jax.data.annotations import AnnotationFile, Entry, read_annotations
 from cers_jax.data.images import id_from_name, is_image_file
 from cers_jax.data.records import DataError, Problem, Sample
@@ -33,17 +38,33 @@ DEFAULT_FILES = {
     'cot_no_mask': ('cot_output_no_mask.csv', 'cot_output_gpt5_no_mask.csv',
                     'cot_no_mask.csv'),
 }
+_CONFIG_FIELD = {'text': 'text_csv', 'cot_mask': 'cot_mask_csv',
+                 'cot_no_mask': 'cot_no_mask_csv'}
+_GLOB_CHARS = '*?['
+# Workbooks the 'lvit' layout inspects for report texts ('.xls' would need xlrd).
+_WORKBOOK_EXTENSIONS = ('.xlsx', '.xlsm')
 
 
 @dataclasses.dataclass
 class DatasetScan:
-  """What a layout reader found: samples sorted by id, problems, annotation file summaries."""
+  """What a layout reader found.
+
+  Attributes:
+    layout: the layout name.
+    root: the dataset folder (absolute).
+    samples: sorted by id.
+    problems: every finding.
+    annotation_files: summary per file read: path, kind, rows, how it was found ('config' |
+      'default' | 'content') and what its rows became (matched, duplicates, unknown).
+    annotation_search: per kind, what was looked for (for messages and report.json).
+  """
 
   layout: str
   root: str
   samples: list[Sample]
   problems: list[Problem]
   annotation_files: list[dict[str, Any]]
+  annotation_search: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class LayoutReader(Protocol):
@@ -51,6 +72,15 @@ class LayoutReader(Protocol):
   def __call__(self, root: str, *, text_csv: str = '', cot_mask_csv: str = '',
                cot_no_mask_csv: str = '') -> DatasetScan:
     ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sources:
+  """The annotation files of one kind, how they were chosen and what was looked for."""
+
+  paths: list[str]
+  found_by: str  # 'config' | 'default' | 'content'
+  searched: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,43 +131,88 @@ def _pair_folder(images: dict[str, str], masks: dict[str, str] | None, split: st
   return pairs
 
 
-def _resolve(configured: str, root: str, kind: str) -> str | None:
-  """The annotation file to read for `kind`, or None when none is configured or found."""
-  if not configured:
-    return next((os.path.join(root, name) for name in DEFAULT_FILES[kind]
-                 if os.path.isfile(os.path.join(root, name))), None)
-  tried = [configured] if os.path.isabs(configured) else [configured,
-                                                          os.path.join(root, configured)]
-  for path in tried:
-    if os.path.isfile(path):
-      return path
-  raise DataError(f'{kind} annotation file {configured!r} not found (tried {tried}). Fix '
-                  f'config.data.{_CONFIG_FIELD[kind]}.')
+def _matches(item: str, root: str) -> tuple[list[str], list[str]]:
+  """Files one path or glob pattern names (from the working directory, else from root)."""
+  item = os.path.expanduser(item)
+  tried = [item] if os.path.isabs(item) else [item, os.path.join(root, item)]
+  for candidate in tried:
+    if os.path.isfile(candidate):
+      return [candidate], tried
+    if any(c in item for c in _GLOB_CHARS):
+      found = sorted(p for p in glob.glob(candidate) if os.path.isfile(p))
+      if found:
+        return found, tried
+  return [], tried
 
 
-_CONFIG_FIELD = {'text': 'text_csv', 'cot_mask': 'cot_mask_csv',
-                 'cot_no_mask': 'cot_no_mask_csv'}
+def _configured(configured: str, root: str, kind: str) -> list[str]:
+  """The files a config value names: one path, or a comma-separated list of paths and globs.
+
+  Raises:
+    DataError: an item names no file.
+  """
+  whole, _ = _matches(configured.strip(), root)
+  # A single existing path wins, so a file name holding a comma still works.
+  items = [configured.strip()] if whole else [i.strip() for i in configured.split(',')]
+  paths: list[str] = []
+  for item in filter(None, items):
+    found, tried = _matches(item, root)
+    if not found:
+      folder = next((t for t in tried if os.path.isdir(t)), None)
+      hint = (f' {folder} is a folder: name files in it, e.g. '
+              f'{os.path.join(item, "*.xlsx")!r}.' if folder else '')
+      raise DataError(
+          f'{kind} annotation file {item!r} not found (tried {tried}).{hint} Fix '
+          f'config.data.{_CONFIG_FIELD[kind]} (now {configured!r}): one path, or a '
+          'comma-separated list of paths and glob patterns, relative to the working '
+          'directory or data.root.')
+    known = {os.path.realpath(p) for p in paths}
+    paths.extend(p for p in found if os.path.realpath(p) not in known)
+  return paths
 
 
-def _merge(files: Iterable[AnnotationFile], key_map: Callable[[str], str],
-           problems: list[Problem]) -> dict[str, Entry]:
-  """Entries of several files of one kind by sample id (the first file wins)."""
+def _sources(root: str, kind: str, configured: str) -> _Sources:
+  """The configured files of `kind`, else the layout's default file in root (if any)."""
+  field = f'config.data.{_CONFIG_FIELD[kind]}'
+  if configured.strip():
+    return _Sources(_configured(configured, root, kind), 'config', f'{field}={configured!r}')
+  default = [os.path.join(root, n) for n in DEFAULT_FILES[kind]]
+  return _Sources([p for p in default if os.path.isfile(p)][:1], 'default',
+                  f'{" or ".join(default)} ({field} is empty)')
+
+
+def _merge(files: Iterable[AnnotationFile], key_map: Callable[[str], str], known: set[str],
+           problems: list[Problem]) -> tuple[dict[str, Entry], list[dict[str, int]]]:
+  """Entries of several files of one kind by sample id (the first file wins).
+
+  Returns:
+    The merged entries, and per file how many of its entries gave an image its value
+    ('matched'), repeated an id given before ('duplicates'), or named no image ('unknown').
+  """
   merged: dict[str, Entry] = {}
+  counts = []
   for annotation_file in files:
+    count = {'matched': 0, 'duplicates': 0, 'unknown': 0}
     for entry in annotation_file.entries.values():
       sample_id = key_map(entry.id)
-      if sample_id in merged:
-        first = merged[sample_id]
-        problems.append(Problem('duplicate_id', entry.file, entry.line, sample_id,
-                                f'first seen in {first.file} line {first.line}; kept the first'))
+      first = merged.get(sample_id)
+      if first is not None:
+        count['duplicates'] += 1
+        if sample_id in known:  # Rows of other images are counted in the summary only.
+          same = 'same' if first.value == entry.value else 'different'
+          problems.append(Problem('duplicate_id', entry.file, entry.line, sample_id,
+                                  f'already given by {first.file} line {first.line} '
+                                  f'({same} value); kept the first'))
         continue
       merged[sample_id] = dataclasses.replace(entry, id=sample_id)
-  return merged
+      count['matched' if sample_id in known else 'unknown'] += 1
+    counts.append(count)
+  return merged, counts
 
 
-def _assemble(layout: str, root: str, pairs: list[_Pair],
-              annotation_paths: dict[str, list[str]], problems: list[Problem],
-              key_map: Callable[[str], str] = lambda k: k) -> DatasetScan:
+def _assemble(layout: str, root: str, pairs: list[_Pair], sources: dict[str, _Sources],
+              problems: list[Problem], key_map: Callable[[str], str] = lambda k: k
+              ) -> DatasetScan:
   """Joins pairs with annotations by id into samples; reports every mismatch."""
   unique: dict[str, _Pair] = {}
   for pair in pairs:
@@ -152,16 +227,18 @@ def _assemble(layout: str, root: str, pairs: list[_Pair],
   values: dict[str, dict[str, Entry]] = {}
   summaries = []
   for kind in ('text', 'cot_mask', 'cot_no_mask'):
-    files = [read_annotations(path, kind) for path in annotation_paths[kind]]
-    summaries.extend(f.summary() for f in files)
-    values[kind] = _merge(files, key_map, problems)
+    files = [read_annotations(path, kind) for path in sources[kind].paths]
+    values[kind], counts = _merge(files, key_map, set(unique), problems)
+    summaries.extend({**f.summary(), 'found_by': sources[kind].found_by, **count}
+                     for f, count in zip(files, counts))
     # Findings about rows of images outside the dataset stay in the file summaries only
     # (each such row is reported once, as unknown_image).
     problems.extend(p for f in files for p in f.problems
                     if not p.id or key_map(p.id) in unique)
     if not files:
       problems.append(Problem('no_annotation_file', root, 0, '',
-                              f'no {kind} file configured or found; every {kind} is None'))
+                              f'no {kind} file: looked for {sources[kind].searched}; every '
+                              f'{kind} is None'))
       continue
     for sample_id, entry in values[kind].items():
       if sample_id not in unique:
@@ -181,7 +258,8 @@ def _assemble(layout: str, root: str, pairs: list[_Pair],
                     cot_no_mask=value('cot_no_mask', i), group='',
                     official_split=p.official_split)
              for i, p in sorted(unique.items())]
-  return DatasetScan(layout, os.path.abspath(root), samples, problems, summaries)
+  return DatasetScan(layout, os.path.abspath(root), samples, problems, summaries,
+                     {kind: source.searched for kind, source in sources.items()})
 
 
 def _require_dir(path: str, what: str, layout: str) -> None:
@@ -193,10 +271,9 @@ def _require_dir(path: str, what: str, layout: str) -> None:
 
 
 def _configured_files(root: str, text_csv: str, cot_mask_csv: str,
-                      cot_no_mask_csv: str) -> dict[str, list[str]]:
+                      cot_no_mask_csv: str) -> dict[str, _Sources]:
   configured = {'text': text_csv, 'cot_mask': cot_mask_csv, 'cot_no_mask': cot_no_mask_csv}
-  resolved = {kind: _resolve(path, root, kind) for kind, path in configured.items()}
-  return {kind: [path] if path else [] for kind, path in resolved.items()}
+  return {kind: _sources(root, kind, value) for kind, value in configured.items()}
 
 
 def read_cers(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
@@ -229,13 +306,52 @@ def _child_dir(parent: str, name: str) -> str | None:
 _LVIT_SPLITS = (('Train_Folder', 'train'), ('Val_Folder', 'val'), ('Test_Folder', 'test'))
 
 
+def _text_workbooks(folders: list[str], problems: list[Problem]) -> list[str]:
+  """Workbooks directly in `folders` that have a sheet of image names and report texts."""
+  found = []
+  for folder in folders:
+    for name in sorted(os.listdir(folder)):
+      path = os.path.join(folder, name)
+      # '~$x.xlsx' is the lock file Excel keeps next to an open workbook, not data.
+      if (name.startswith(('~$', '.')) or not os.path.isfile(path)
+          or os.path.splitext(name)[1].lower() not in _WORKBOOK_EXTENSIONS):
+        continue
+      try:
+        headers = annotations.sheet_headers(path)
+      except DataError as e:
+        problems.append(Problem('unreadable_workbook', path, 0, '', f'{e} Not used for text.'))
+        continue
+      if any(annotations.has_columns(header, 'text') for header in headers.values()):
+        found.append(path)
+      else:
+        problems.append(Problem('ignored_workbook', path, 0, '',
+                                f'no sheet with an image-name and a text column (sheets and '
+                                f'columns: {headers}); not used for text'))
+  return found
+
+
+def _lvit_text_sources(root: str, split_dirs: list[str], default: _Sources,
+                       problems: list[Problem]) -> _Sources:
+  """The text workbooks found by content in root and the split folders, else `default`."""
+  keys, values = annotations.KIND_COLUMNS['text']
+  searched = (f'workbooks ({", ".join(_WORKBOOK_EXTENSIONS)}, any name) with a sheet holding '
+              f'an image-name column (one of {list(keys)}) and a text column (one of '
+              f'{list(values)}) in {[root, *split_dirs]}; else {default.searched}')
+  workbooks = _text_workbooks([root, *split_dirs], problems)
+  if workbooks:
+    return _Sources(workbooks, 'content', searched)
+  return dataclasses.replace(default, searched=searched)
+
+
 def read_lvit(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
               cot_no_mask_csv: str = '') -> DatasetScan:
   """Reads LViT's layout (QaTa-COV19, MosMedData+).
 
   Texts come from `text_csv` when given (e.g. the CERS authors' text.csv, keyed by image
-  name), else from every `*_text.xlsx` in the root and the split folders, keyed by the mask
-  file name ('mask_covid_1.png' for image 'covid_1.png').
+  name, or LViT's workbooks as a list or glob), else from every workbook in the root and the
+  split folders that has an image-name and a text column (e.g. `Train_text.xlsx`,
+  `Test_text_for_Covid19.xlsx`), else from text.csv in the root. Workbook rows are keyed by
+  the mask file name ('mask_covid_1.png' for image 'covid_1.png') or the image name.
 
   Raises:
     DataError: none of Train/Val/Test_Folder exists, no images, bad annotation files.
@@ -264,10 +380,8 @@ def read_lvit(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
                  'Train_Folder/, Val_Folder/, Test_Folder/ each with img/ and labelcol/',
                  'lvit')
   files = _configured_files(root, text_csv, cot_mask_csv, cot_no_mask_csv)
-  if not text_csv:
-    files['text'] = sorted(
-        os.path.join(d, name) for d in [root, *split_dirs] for name in os.listdir(d)
-        if name.lower().endswith('_text.xlsx') and not name.startswith('~$'))
+  if not text_csv.strip():
+    files['text'] = _lvit_text_sources(root, split_dirs, files['text'], problems)
   return _assemble('lvit', root, pairs, files, problems,
                    key_map=lambda key: mask_to_image.get(key, key))
 

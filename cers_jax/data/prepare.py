@@ -7,7 +7,10 @@ reuses) and the decoded, resized arrays (see `cers_jax.data.cache`). A second ca
 same config reuses split.json (after checking that it was made with the same protocol,
 seed and fractions) and the arrays (when image size and files are unchanged).
 Files that make the dataset unusable (unreadable images, mask/image size mismatches, masks
-that are not binary-like) are all listed in report.json, then a `DataError` names them.
+that are not binary-like) are all listed in report.json, then a `DataError` names them. So
+is a dataset without report texts (every CERS model reads one per image), or whose training
+images have none, before any image is decoded; with data.require_text, a single image
+without one is an error too.
 """
 
 from __future__ import annotations
@@ -147,6 +150,52 @@ def _manifest(path: str, scan: layouts.DatasetScan, settings: dict[str, Any],
                                image_size=image_size), False
 
 
+def _text_files_read(scan: layouts.DatasetScan) -> str:
+  files = [f for f in scan.annotation_files if f['kind'] == 'text']
+  if not files:
+    return 'No such file was found.'
+  return 'Read ' + '; '.join(f"{f['path']} ({f['rows']} rows, {f['matched']} matched an "
+                             'image)' for f in files) + '.'
+
+
+def _text_gap(scan: layouts.DatasetScan, require_text: bool,
+              train_ids: set[str]) -> str | None:
+  """Why the report texts make the dataset unusable, or None when they do not."""
+  missing = [s.id for s in scan.samples if s.text is None]
+  # The text tokenizer learns from the training images' texts alone.
+  untrained = bool(train_ids) and train_ids.issubset(missing)
+  if not missing or (len(missing) < len(scan.samples) and not untrained
+                     and not require_text):
+    return None
+  looked = (f"Looked for {scan.annotation_search.get('text', 'no text file')}. "
+            f'{_text_files_read(scan)}')
+  files = ("one path, a comma-separated list or glob patterns (e.g. "
+           "'/data/QaTa-COV19/*.xlsx'), with an image column holding the image file names "
+           '(LViT workbooks: the mask file names) and a text column')
+  if len(missing) == len(scan.samples):
+    return (f'None of the {len(missing)} images under {scan.root} has a report text, and '
+            f'CERS reads one per image. {looked} Point --config.data.text_csv at the '
+            f'report-text files: {files}.')
+  if untrained:
+    return (f'None of the {len(train_ids)} training images under {scan.root} has a report '
+            f'text ({len(scan.samples) - len(missing)} other images do), and the text '
+            f'tokenizer and encoder learn from them. {looked} Point --config.data.text_csv at '
+            f'the files for all splits: {files}.')
+  return (f'{len(missing)} of {len(scan.samples)} images under {scan.root} have no report '
+          f'text (e.g. {missing[:5]}) and data.require_text is True. {looked} Add their '
+          f'texts (--config.data.text_csv: {files}), or set --config.data.require_text=False '
+          'to use them without text (all-padding tokens).')
+
+
+def _unsplit_detail(sample: Sample, manifest: dict[str, Any], split_path: str) -> str:
+  """Why an image of the dataset is in no split of the manifest."""
+  if (manifest['protocol'] == 'official' and sample.mask_path is None
+      and sample.official_split in ('val', 'test')):
+    return (f'no mask, in the official {sample.official_split} folder: neither scored nor '
+            'trained on')
+  return f'added after {split_path} was made; used by no split'
+
+
 def _empty_mask_problems(cache_dir: str, samples: list[Sample], size: int) -> list[Problem]:
   masks = np.load(os.path.join(cache_dir, 'masks.npy'), mmap_mode='r')
   has_mask = np.load(os.path.join(cache_dir, 'has_mask.npy'))
@@ -182,16 +231,24 @@ def _report(scan: layouts.DatasetScan, problems: list[Problem], manifest: dict |
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'counts': counts, 'problem_counts': dict(sorted(kinds.items())),
       'annotation_files': scan.annotation_files,
+      'annotation_search': scan.annotation_search,
       'problems': [p.to_dict() for p in problems],
   }
 
 
 def _log_summary(report: dict[str, Any], report_path: str) -> None:
   c = report['counts']
-  logging.info('Dataset %s (layout %s): %d images, %d with masks, %d with text, CoTs %d '
+  no_text = c['images'] - c['with_text']
+  text_gap = (f' ({no_text} without: missing_text in report.json; '
+              '--config.data.require_text=True makes that an error)' if no_text else '')
+  logging.info('Dataset %s (layout %s): %d images, %d with masks, %d with text%s, CoTs %d '
                'with mask / %d without.', report['dataset_root'], report['layout'],
-               c['images'], c['with_mask'], c['with_text'], c['with_cot_mask'],
+               c['images'], c['with_mask'], c['with_text'], text_gap, c['with_cot_mask'],
                c['with_cot_no_mask'])
+  for f in report['annotation_files']:
+    logging.info('%s file %s (found by %s): %d rows, %d matched an image, %d repeated an '
+                 'earlier id, %d named no image.', f['kind'], f['path'], f['found_by'],
+                 f['rows'], f['matched'], f['duplicates'], f['unknown'])
   if 'split' in c:
     logging.info('Split: %s (%s).', ', '.join(f'{k} {v}' for k, v in c['split'].items()),
                  'reused' if report['reused']['split'] else 'new')
@@ -221,8 +278,10 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
     PreparedData with the opened cache, the manifest, the report and each split's rows.
 
   Raises:
-    DataError: an unusable dataset (after writing report.json where possible), a stored
-      split that does not fit the config or the dataset, or a bad config value.
+    DataError: an unusable dataset (after writing report.json where possible), one
+      without report texts in its train split (any image without one when
+      data.require_text), a stored split
+      that does not fit the config or the dataset, or a bad config value.
   """
   data = config.data
   size = int(data.image_size)
@@ -238,11 +297,17 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   report_path = os.path.join(cache_dir, 'report.json')
   settings = splits.split_settings(data, config.seed)
   manifest, split_reused = _manifest(split_path, scan, settings, size)
-  if split_reused:
-    listed = {i for name in SPLIT_NAMES for i in manifest['ids'][name]}
-    problems.extend(Problem('not_in_split', s.image_path, 0, s.id,
-                            f'added after {split_path} was made; used by no split')
-                    for s in scan.samples if s.id not in listed)
+  train_ids = {i for name in ('train_labeled', 'train_unlabeled')
+               for i in manifest['ids'][name]}
+  text_gap = _text_gap(scan, bool(data.require_text), train_ids)
+  if text_gap:
+    report = _report(scan, problems, None, cache_dir, size, {'split': False, 'cache': False})
+    splits.write_json(report_path, {**report, 'error': text_gap})
+    raise DataError(f'{text_gap} Details in {report_path}.')
+  listed = {i for name in SPLIT_NAMES for i in manifest['ids'][name]}
+  problems.extend(Problem('not_in_split', s.image_path, 0, s.id,
+                          _unsplit_detail(s, manifest, split_path))
+                  for s in scan.samples if s.id not in listed)
 
   cache_reused = _cache_matches(cache_dir, scan.samples, size)
   if not cache_reused:

@@ -9,7 +9,8 @@ Protocols (registry `PROTOCOLS`):
 Then a labeled fraction of train keeps its masks. The labeled subset is a prefix of one
 seeded permutation of train, so the 25% subset lies inside the 50% subset for the same
 seed, and it uses its own random stream, so changing the fraction never moves images
-between train, val and test. Images without a mask can only be unlabeled training images.
+between train, val and test. Images without a mask can only be unlabeled training images;
+under 'official', those of the val/test folders are in no split (never trained on).
 Ids are sorted before shuffling, so the split depends on the seed and the ids only, never
 on the order a file system lists them.
 """
@@ -146,7 +147,10 @@ def make_split(samples: Sequence[Sample], *, protocol: str, seed: int,
     raise DataError(f'data.labeled_fraction={labeled_fraction} must be in [0, 1].')
   by_id = {s.id: s for s in samples}
   with_mask = sorted(i for i, s in by_id.items() if s.mask_path is not None)
-  without_mask = sorted(i for i, s in by_id.items() if s.mask_path is None)
+  # 'official': no image of the val/test folders may reach training, not even unlabeled.
+  held_out = ('val', 'test') if protocol == 'official' else ()
+  without_mask = sorted(i for i, s in by_id.items()
+                        if s.mask_path is None and s.official_split not in held_out)
   if not with_mask:
     raise DataError('No image has a mask, so there is nothing to validate or test on. '
                     'Check the masks folder of the dataset.')
