@@ -70,6 +70,8 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str):
         root, 'cot_output_mask.csv')
     config.data.cot_no_mask_csv = config.data.cot_no_mask_csv or os.path.join(
         root, 'cot_output_no_mask.csv')
+    # The generator's latent lesion kind: the retrieval report's group label.
+    config.eval.label_csv = config.eval.label_csv or os.path.join(root, 'attributes.csv')
   if not config.data.cache_dir:
     config.data.cache_dir = os.path.join(workdir, 'data')
   return config
@@ -157,9 +159,20 @@ def build_model(model_config, *, seed: int) -> cers_model.CERS:
     bert_convert.load_bert(model.text_encoder, model_config.text.weights)
   if model_config.cot.weights:
     bert_convert.load_bert(model.cot_encoder, model_config.cot.weights)
+  elif model_config.cot.pooling == 'cls':
+    logging.warning(
+        'The CoT BERT is initialised at random and read by its [CLS] token, which hardly '
+        'depends on the text: CoT retrieval will not rank (see the retrieval report). Give '
+        'pretrained weights (--config.model.cot.weights) or --config.model.cot.pooling=mean.')
   if model_config.checkpoint:
     cers_torch.load_authors_checkpoint(model, model_config.checkpoint)
   return model
+
+
+def retrieval_embed_dim(config) -> int:
+  """Width of the pool's CoT and text embeddings (config pool.cot_space)."""
+  return (config.model.cot.hidden_size if config.pool.cot_space == 'features'
+          else config.model.embed_dim)
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
@@ -236,9 +249,9 @@ def create(config, workdir: str) -> Experiment:
   tx = make_optimizer(config, total)
   model = build_model(config.model, seed=config.seed)
   f4_shape = model.f4_shape(config.data.image_size)
-  pool = empty_pool(len(data.rows['train_labeled']), f4_shape, config.model.embed_dim)
+  pool = empty_pool(len(data.rows['train_labeled']), f4_shape, retrieval_embed_dim(config))
   tables = empty_tables(data.num_samples, config.model.cot.hidden_size,
-                        config.model.embed_dim)
+                        retrieval_embed_dim(config))
   graphdef, state = create_train_state(
       model, tx, text_trainable=config.model.text.trainable, pool=pool, tables=tables,
       rng=jax.random.key(config.seed))

@@ -10,13 +10,9 @@ The pool is an immutable pytree of arrays with one row per *labeled* training im
                      padding row (added by `shard_pool`), which is never retrieved.
 
 Retrieval is a pure function of arrays, so it sits inside the jitted train step, vmaps and
-shards. Modes (the paper's Table 2 ablation):
-  'image'     top-k by cosine(query flattened f4, key).
-  'cot'       top-k by cosine(query CoT embedding, cot).
-  'text'      top-k by cosine(query report-text embedding, text).
-  'image+cot' coarse top-K by image, then the k of those K with the highest CoT cosine,
-              in rank order (the CERS retrieval, `hybrid_retrieval` fixture).
-  'none'      no retrieval: `needs_retrieval('none')` is False and `retrieve` raises.
+shards. `MODE_TABLE` describes every mode in one place (the paper's Table 2 ablation plus the
+retrieval report's reference rows): what its first stage compares, what re-ranks the K
+first-stage candidates, and what a returned score means.
 
 Defined edge cases (never silent garbage):
   * Queries need not be unit-norm; they are normalised with an eps guard. A zero-norm query
@@ -50,6 +46,7 @@ unit-norm row, so the raw map dominates and the "EMA" is nearly a replacement.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -61,7 +58,43 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-MODES = ('none', 'image', 'cot', 'text', 'image+cot')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """How one retrieval mode ranks the pool.
+
+  A signal is 'image' (query f4 vs `key`), 'cot' (query CoT embedding vs `cot`), 'text'
+  (query report-text embedding vs `text`), or one of the report-only signals 'random' and
+  'mask' (the query's own mask: an oracle), which `retrieve` does not compute.
+  """
+
+  first_stage: str | None  # Signal ranking the whole pool; None = no retrieval.
+  fine_stage: str | None  # Signal re-ranking the K first-stage candidates, or None.
+  score: str  # What a returned score means.
+  in_model: bool = True  # Usable as config pool.mode (False: retrieval report only).
+
+  @property
+  def signals(self) -> tuple[str, ...]:
+    return tuple(s for s in (self.first_stage, self.fine_stage) if s is not None)
+
+  def uses(self, signal: str) -> bool:
+    return signal in self.signals
+
+
+MODE_TABLE = {
+    'none': Mode(None, None, 'no retrieval'),
+    'image': Mode('image', None, 'cosine of the image features (flattened f4)'),
+    'cot': Mode('cot', None, 'cosine of the CoT embeddings'),
+    'text': Mode('text', None, 'cosine of the report-text embeddings'),
+    'image+cot': Mode('image', 'cot', 'CoT cosine among the top-K image matches'),
+    'random': Mode('random', None, 'a uniform random number', in_model=False),
+    'oracle': Mode('mask', None, "Dice of the reference's mask with the query's own mask",
+                   in_model=False),
+}
+MODES = tuple(name for name, mode in MODE_TABLE.items() if mode.in_model)
+# Pool field and `retrieve` argument of each signal `retrieve` computes.
+_POOL_FIELD = {'image': 'key', 'cot': 'cot', 'text': 'text'}
 NORM_EPS = 1e-8  # The authors' rownorm eps; also guards zero-norm queries.
 
 Array = jax.Array
@@ -220,12 +253,19 @@ def collect_pool(batches: Iterable[Mapping[str, Any]],
   return pool
 
 
+def mode_spec(mode: str, *, report: bool = False) -> Mode:
+  """The `Mode` of a name; `report=True` also accepts the report-only modes."""
+  spec = MODE_TABLE.get(mode)
+  if spec is None or not (spec.in_model or report):
+    names = tuple(MODE_TABLE) if report else MODES
+    raise ValueError(f'knowledge_pool: unknown retrieval mode {mode!r}; use one of {names} '
+                     '(config field pool.mode).')
+  return spec
+
+
 def needs_retrieval(mode: str) -> bool:
   """Whether `mode` retrieves anything (False for 'none'); validates the name."""
-  if mode not in MODES:
-    raise ValueError(f'knowledge_pool: unknown retrieval mode {mode!r}; use one of {MODES} '
-                     '(config field pool.mode).')
-  return mode != 'none'
+  return mode_spec(mode).first_stage is not None
 
 
 def _check_retrieve_args(pool: KnowledgePool, query_feat: Any, query_cot: Any,
@@ -235,6 +275,7 @@ def _check_retrieve_args(pool: KnowledgePool, query_feat: Any, query_cot: Any,
   if not needs_retrieval(mode):
     raise ValueError("knowledge_pool.retrieve: mode 'none' retrieves nothing; skip the call "
                      'when needs_retrieval(mode) is False.')
+  spec = mode_spec(mode)
   n = pool.size
   available = n - (exclude is not None)
   if k < 1 or k > available:
@@ -242,17 +283,16 @@ def _check_retrieve_args(pool: KnowledgePool, query_feat: Any, query_cot: Any,
     raise ValueError(f'knowledge_pool.retrieve: k={k} reference cases requested but the pool '
                      f'offers {available} (N={n}{excluded}); lower pool.k or label more '
                      'images.')
-  if mode == 'image+cot' and k_coarse < k:
+  if spec.fine_stage is not None and k_coarse < k:
     raise ValueError(f'knowledge_pool.retrieve: k_coarse={k_coarse} < k={k}; the fine stage '
                      'picks k of the K coarse candidates, so set pool.k_coarse >= pool.k.')
-  if mode in ('image', 'image+cot'):
+  if spec.uses('image'):
     if query_feat is None or query_feat.shape[1:] != pool.feat.shape[1:]:
       got = None if query_feat is None else query_feat.shape[1:]
       raise ValueError(f'knowledge_pool.retrieve: mode {mode!r} needs query_feat maps shaped '
                        f'like the pool maps {pool.feat.shape[1:]}, got {got}.')
-  uses = {'cot': ('cot', 'image+cot'), 'text': ('text',)}
   for name, query, table in (('cot', query_cot, pool.cot), ('text', query_text, pool.text)):
-    if mode not in uses[name]:
+    if not spec.uses(name):
       continue
     if table is None or query is None:
       raise ValueError(f'knowledge_pool.retrieve: mode {mode!r} needs pool.{name} and '
@@ -262,45 +302,73 @@ def _check_retrieve_args(pool: KnowledgePool, query_feat: Any, query_cot: Any,
                        f'pool.{name} width {table.shape[-1]}.')
 
 
-def _cosines(query: Array, table: Array) -> Array:
-  """(B, E) raw queries x (N, E) unit-norm rows -> (B, N) float32 cosines."""
+def _cosines(query: Array, table: Array, centre: Array | None = None) -> Array:
+  """(B, E) raw queries x (N, E) unit-norm rows -> (B, N) float32 cosines.
+
+  With `centre` (E,), both sides are taken relative to it (and the rows re-normalised).
+  """
+  if centre is not None:
+    query = query - centre
+    table = _l2_normalise(table - centre)
   q = _l2_normalise(query.reshape(query.shape[0], -1)).astype(table.dtype)
   scores = jnp.einsum('bd,nd->bn', q, table, preferred_element_type=jnp.float32)
   # top_k ranks 0.0 above -0.0; folding them keeps ties on the lowest row index.
   return jnp.where(scores == 0, 0.0, scores)
 
 
+def _signal(pool: KnowledgePool, signal: str, query_feat: Array | None,
+            query_cot: Array | None, query_text: Array | None) -> tuple[Array, Array]:
+  """(query, pool table) compared by a signal."""
+  query = {'image': query_feat, 'cot': query_cot, 'text': query_text}[signal]
+  return query, getattr(pool, _POOL_FIELD[signal])
+
+
+def _centres(pool: KnowledgePool, mode: str, centre: bool) -> dict[str, Array]:
+  """The mean of the real pool rows of each embedding signal `mode` compares ({} if off).
+
+  CoTs written from one template share most of their words, so their embeddings share one
+  dominant direction; cosines taken around the pool's mean compare what differs.
+  """
+  if not centre:
+    return {}
+  real = (pool.ids >= 0)[:, None]
+  count = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
+  return {signal: jnp.sum(jnp.where(real, getattr(pool, _POOL_FIELD[signal]), 0.0), axis=0,
+                          dtype=jnp.float32) / count
+          for signal in mode_spec(mode).signals if signal in ('cot', 'text')}
+
+
 def _first_stage_scores(pool: KnowledgePool, query_feat: Array, query_cot: Array | None,
-                        query_text: Array | None, mode: str,
-                        exclude: Array | None) -> Array:
+                        query_text: Array | None, mode: str, exclude: Array | None,
+                        centres: dict[str, Array]) -> Array:
   """(B, N) float32 scores of the first stage, -inf on excluded and padding rows."""
-  if mode in ('image', 'image+cot'):
-    scores = _cosines(query_feat, pool.key)
-  elif mode == 'cot':
-    scores = _cosines(query_cot, pool.cot)
-  else:
-    scores = _cosines(query_text, pool.text)
+  signal = mode_spec(mode).first_stage
+  scores = _cosines(*_signal(pool, signal, query_feat, query_cot, query_text),
+                    centres.get(signal))
   barred = (pool.ids < 0)[None, :]
   if exclude is not None:
     barred = barred | (pool.ids[None, :] == jnp.asarray(exclude, jnp.int32)[:, None])
   return jnp.where(barred, -jnp.inf, scores)
 
 
-def _fine_stage(cand_scores: Array, cand_cot: Array, query_cot: Array,
-                k: int) -> tuple[Array, Array]:
-  """Re-ranks K coarse candidates by CoT cosine; returns (scores, positions) (B, k)."""
-  q = _l2_normalise(query_cot)
-  fine = jnp.einsum('be,bke->bk', q, cand_cot.astype(jnp.float32),
-                    preferred_element_type=jnp.float32)
+def _fine_stage(cand_scores: Array, cand_table: Array, query: Array, k: int,
+                centre: Array | None = None) -> tuple[Array, Array]:
+  """Re-ranks K coarse candidates by cosine; returns (scores, positions) (B, k)."""
+  cand_table = cand_table.astype(jnp.float32)
+  if centre is not None:
+    query = query - centre
+    cand_table = _l2_normalise(cand_table - centre)
+  q = _l2_normalise(query)
+  fine = jnp.einsum('be,bke->bk', q, cand_table, preferred_element_type=jnp.float32)
   fine = jnp.where(fine == 0, 0.0, fine)
   fine = jnp.where(jnp.isneginf(cand_scores), -jnp.inf, fine)
   return jax.lax.top_k(fine, k)
 
 
-@functools.partial(jax.jit, static_argnames=('mode', 'k_coarse', 'k'))
+@functools.partial(jax.jit, static_argnames=('mode', 'k_coarse', 'k', 'centre'))
 def retrieve(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = None,
              query_text: Array | None = None, *, mode: str, k_coarse: int = 50, k: int = 5,
-             exclude: Array | None = None) -> Retrieved:
+             exclude: Array | None = None, centre: bool = False) -> Retrieved:
   """Retrieves k reference cases per query (DESIGN.md section 2).
 
   Args:
@@ -312,6 +380,8 @@ def retrieve(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = N
     k_coarse: K, coarse candidates of 'image+cot' (static); clipped to N.
     k: reference cases returned per query (static).
     exclude: (B,) global ids whose pool rows each query may not retrieve (its own), or None.
+    centre: compare CoT and text embeddings around the pool's mean row (static; config
+      pool.centre_cot); False is the authors' plain cosine.
 
   Returns:
     Retrieved with feat (B, k, h, w, C) best first, rows/ids (B, k) int32 and float32
@@ -325,11 +395,16 @@ def retrieve(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = N
   placed = _explicit_row_axis(pool.key)
   if placed is not None:
     return _retrieve_two_stage(pool, query_feat, query_cot, query_text, *placed, mode=mode,
-                               k_coarse=k_coarse, k=k, exclude=exclude)
-  scores = _first_stage_scores(pool, query_feat, query_cot, query_text, mode, exclude)
-  if mode == 'image+cot':
+                               k_coarse=k_coarse, k=k, exclude=exclude, centre=centre)
+  centres = _centres(pool, mode, centre)
+  scores = _first_stage_scores(pool, query_feat, query_cot, query_text, mode, exclude,
+                               centres)
+  fine_stage = mode_spec(mode).fine_stage
+  if fine_stage is not None:
     cand_scores, cand_rows = jax.lax.top_k(scores, min(k_coarse, pool.size))
-    scores, pos = _fine_stage(cand_scores, pool.cot[cand_rows], query_cot, k)
+    query, table = _signal(pool, fine_stage, query_feat, query_cot, query_text)
+    scores, pos = _fine_stage(cand_scores, table[cand_rows], query, k,
+                              centres.get(fine_stage))
     rows = jnp.take_along_axis(cand_rows, pos, axis=1)
   else:
     scores, rows = jax.lax.top_k(scores, k)
@@ -529,7 +604,8 @@ def _sharded_set(x: Array, target: Array, values: Array, mesh: Any, axis: Any) -
 
 def _retrieve_two_stage(pool: KnowledgePool, query_feat: Array, query_cot: Array | None,
                         query_text: Array | None, mesh: Any, axis: Any, *, mode: str,
-                        k_coarse: int, k: int, exclude: Array | None) -> Retrieved:
+                        k_coarse: int, k: int, exclude: Array | None,
+                        centre: bool = False) -> Retrieved:
   """Per-shard top_k under shard_map, gather candidates, exact global merge."""
   n = pool.size
   shards = _num_shards(mesh, axis)
@@ -537,47 +613,56 @@ def _retrieve_two_stage(pool: KnowledgePool, query_feat: Array, query_cot: Array
     raise ValueError(f'knowledge_pool.retrieve_sharded: N={n} rows do not split over '
                      f'{shards} shards; place the pool with shard_pool(pool, mesh).')
   local_n = n // shards
-  count = min(k_coarse, n) if mode == 'image+cot' else k
+  fine_stage = mode_spec(mode).fine_stage
+  count = min(k_coarse, n) if fine_stage is not None else k
   local_count = min(count, local_n)
   rows_spec = P(axis)
   pool_spec = KnowledgePool(feat=rows_spec, key=rows_spec,
                             cot=None if pool.cot is None else rows_spec,
                             text=None if pool.text is None else rows_spec, ids=rows_spec)
   queries = tuple(_replicated(x, mesh) for x in (query_feat, query_cot, query_text, exclude))
+  # Means over all rows, taken before the rows are split into shards.
+  centres = {name: _replicated(c, mesh) for name, c in _centres(pool, mode, centre).items()}
 
-  def local_candidates(shard, qf, qc, qt, excl):
-    scores = _first_stage_scores(shard, qf, qc, qt, mode, excl)
+  def local_candidates(shard, qf, qc, qt, excl, local_centres):
+    scores = _first_stage_scores(shard, qf, qc, qt, mode, excl, local_centres)
     top, local_rows = jax.lax.top_k(scores, local_count)
     rows = local_rows + jax.lax.axis_index(axis) * local_n
-    cand_cot = shard.cot[local_rows] if mode == 'image+cot' else jnp.zeros(top.shape + (0,))
+    if fine_stage is None:
+      cand_fine = jnp.zeros(top.shape + (0,))
+    else:
+      cand_fine = getattr(shard, _POOL_FIELD[fine_stage])[local_rows]
     gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
     return tuple(gather(x) for x in (top, rows.astype(jnp.int32), shard.ids[local_rows],
-                                     cand_cot))
+                                     cand_fine))
 
   # A tiled all_gather is replicated, which the varying-axes check cannot infer.
-  scores, rows, ids, cand_cot = jax.shard_map(
+  scores, rows, ids, cand_fine = jax.shard_map(
       local_candidates, mesh=mesh, check_vma=False,
-      in_specs=(pool_spec,) + tuple(None if x is None else P() for x in queries),
-      out_specs=(P(),) * 4)(pool, *queries)
+      in_specs=(pool_spec,) + tuple(None if x is None else P() for x in queries)
+      + ({name: P() for name in centres},),
+      out_specs=(P(),) * 4)(pool, *queries, centres)
   # Merge by (score desc, row asc): exactly the single-device top_k order, ties included.
   position = jnp.broadcast_to(jnp.arange(rows.shape[1]), rows.shape)
   neg, rows, position = jax.lax.sort((-scores, rows, position), dimension=1, num_keys=2)
   scores, rows, position = -neg[:, :count], rows[:, :count], position[:, :count]
   ids = jnp.take_along_axis(ids, position, axis=1)
-  if mode == 'image+cot':
-    cand_cot = jnp.take_along_axis(cand_cot, position[..., None], axis=1)
-    scores, pos = _fine_stage(scores, cand_cot, queries[1], k)
+  if fine_stage is not None:
+    cand_fine = jnp.take_along_axis(cand_fine, position[..., None], axis=1)
+    query = _signal(pool, fine_stage, *queries[:3])[0]
+    scores, pos = _fine_stage(scores, cand_fine, query, k, centres.get(fine_stage))
     rows = jnp.take_along_axis(rows, pos, axis=1)
     ids = jnp.take_along_axis(ids, pos, axis=1)
   return Retrieved(feat=_sharded_take(pool.feat, rows, mesh, axis), rows=rows, ids=ids,
                    scores=scores)
 
 
-@functools.partial(jax.jit, static_argnames=('mesh', 'axis_name', 'mode', 'k_coarse', 'k'))
+@functools.partial(jax.jit, static_argnames=('mesh', 'axis_name', 'mode', 'k_coarse', 'k',
+                                             'centre'))
 def retrieve_sharded(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = None,
                      query_text: Array | None = None, *, mesh: jax.sharding.Mesh,
                      axis_name: str = 'data', mode: str, k_coarse: int = 50, k: int = 5,
-                     exclude: Array | None = None) -> Retrieved:
+                     exclude: Array | None = None, centre: bool = False) -> Retrieved:
   """`retrieve` with the two-stage top-k forced, for pools on any mesh (see `shard_pool`).
 
   Every shard scores its own rows against the replicated queries and keeps its local top
@@ -595,4 +680,5 @@ def retrieve_sharded(pool: KnowledgePool, query_feat: Array, query_cot: Array | 
   """
   _check_retrieve_args(pool, query_feat, query_cot, query_text, mode, k_coarse, k, exclude)
   return _retrieve_two_stage(pool, query_feat, query_cot, query_text, mesh, axis_name,
-                             mode=mode, k_coarse=k_coarse, k=k, exclude=exclude)
+                             mode=mode, k_coarse=k_coarse, k=k, exclude=exclude,
+                             centre=centre)

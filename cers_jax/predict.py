@@ -43,6 +43,8 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
+from cers_jax import experiment
+from cers_jax import knowledge_pool as kp
 from cers_jax import sharding
 from cers_jax.data import annotations
 from cers_jax.data import augment
@@ -55,20 +57,12 @@ IMAGE_SUBFOLDERS = ('frames', 'images')  # Looked up in this order before the fo
 MASK_SUBFOLDER = 'masks'
 TEXT_CSV = 'text.csv'
 COT_CSVS = ('cot.csv', 'cot_output_no_mask.csv', 'cot_output_gpt5_no_mask.csv')
-COT_MODES = ('cot', 'image+cot')  # Retrieval modes whose ranking reads the query CoT.
 TEST_ROWS = 16  # Test-split rows predicted when no predict_dir is given.
 MAX_LISTED = 10  # Ids named in an error message.
 
 PRED_COLOUR = np.array((230, 40, 40), np.float32)  # Prediction: red tint and outline.
 TRUTH_COLOUR = np.array((40, 220, 60), np.float32)  # Ground truth: green outline.
 TINT_ALPHA = 0.35
-
-_SCORE_MEANING = {
-    'image': 'cosine of the image features',
-    'cot': 'cosine of the CoT embeddings',
-    'text': 'cosine of the report-text embeddings',
-    'image+cot': 'CoT cosine among the top-K image matches',
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +132,7 @@ def read_predict_folder(root: str, mode: str) -> list[PredictItem]:
 
   Args:
     root: the folder (`config.eval.predict_dir`).
-    mode: the retrieval mode (`config.pool.mode`); modes in COT_MODES require a CoT.
+    mode: the retrieval mode (`config.pool.mode`); modes that rank by the CoT require one.
 
   Returns:
     One PredictItem per image, sorted by id.
@@ -172,7 +166,7 @@ def read_predict_folder(root: str, mode: str) -> list[PredictItem]:
                    if os.path.isfile(os.path.join(root, n))), None)
   cots = _read_entries(cot_path, 'cot_no_mask') if cot_path else {}
   missing = [i for i in ids if i not in cots]
-  if missing and mode in COT_MODES:
+  if missing and kp.mode_spec(mode).uses('cot'):
     expected = cot_path or os.path.join(root, COT_CSVS[1])
     raise DataError(
         f'No CoT for {_listed(missing)} in {expected}'
@@ -260,10 +254,11 @@ def _pad(array: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def _embed(exp, texts: Sequence[str | None]) -> np.ndarray:
-  """Unit-norm alignment embeddings (n, E) of texts through the frozen CoT BERT; zero rows
-  where a text is None (that query is not used by the configured retrieval mode)."""
+  """Unit-norm retrieval embeddings (n, E) of texts through the frozen CoT BERT, as the
+  pool's (config pool.cot_space); zero rows where a text is None (that query is not used by
+  the configured retrieval mode)."""
   config = exp.config
-  out = np.zeros((len(texts), config.model.embed_dim), np.float32)
+  out = np.zeros((len(texts), experiment.retrieval_embed_dim(config)), np.float32)
   present = np.asarray([i for i, t in enumerate(texts) if t is not None], np.int64)
   if not len(present):
     return out
@@ -282,10 +277,10 @@ def _embed(exp, texts: Sequence[str | None]) -> np.ndarray:
 
 def _query_embeddings(exp, items: list[PredictItem]) -> tuple[np.ndarray, np.ndarray]:
   """(query_cot, query_text), each (n, E); only what the retrieval mode reads is computed."""
-  mode = exp.config.pool.mode
+  mode = kp.mode_spec(exp.config.pool.mode)
   none = [None] * len(items)
-  cots = [it.cot for it in items] if mode in COT_MODES else none
-  texts = [it.text for it in items] if mode == 'text' else none
+  cots = [it.cot for it in items] if mode.uses('cot') else none
+  texts = [it.text for it in items] if mode.uses('text') else none
   return _embed(exp, cots), _embed(exp, texts)
 
 
@@ -412,7 +407,7 @@ def _references_html(exp, refs: list[tuple[int, str, float]]) -> str:
         f'alt="{_esc(ref_id)}"></td><td>{_esc(ref_id)}<br><small>cache row {row}</small>'
         f'</td><td>{score:.4f}</td><td>{_text_block(cot)}</td></tr>')
   return (f'<p>Mode <code>{_esc(mode)}</code>: the {len(refs)} reference cases fused into '
-          f'the retrieval-aware decoder, best first; score = {_esc(_SCORE_MEANING[mode])}.'
+          f'the retrieval-aware decoder, best first; score = {_esc(kp.mode_spec(mode).score)}.'
           '</p><table><tr><th>rank</th><th>reference (mask in green)</th><th>id</th>'
           f'<th>score</th><th>CoT</th></tr>{"".join(rows)}</table>')
 

@@ -25,10 +25,11 @@ from cers_jax import experiment as experiment_lib
 from cers_jax import knowledge_pool as kp
 from cers_jax import losses
 from cers_jax import predict as predict_lib
+from cers_jax import retrieval_report
 from cers_jax import sharding
 from cers_jax.data import pipeline
 
-MODES = ('prepare', 'warmup', 'train', 'eval', 'predict', 'all')
+MODES = ('prepare', 'warmup', 'train', 'eval', 'retrieval', 'predict', 'all')
 
 INIT, WARMUP, SEMI, DONE = 'init', 'warmup', 'semi', 'done'
 
@@ -58,7 +59,7 @@ def _padded_row_batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.
 
 
 def compute_cls_tables(exp) -> None:
-  """[CLS] features of the frozen CoT BERT for every row, once per run.
+  """Pooled features of the frozen CoT BERT for every row, once per run.
 
   A labeled training image aligns with, and queries with, its mask-aware CoT; every other
   image queries with the CoT written without the mask (DESIGN.md section 1).
@@ -77,7 +78,7 @@ def compute_cls_tables(exp) -> None:
       out[rows[:real]] = exp.to_host(cls)[:real]
     return out
 
-  with tqdm(total=3, desc='CoT/text [CLS] features', leave=False) as bar:
+  with tqdm(total=3, desc='CoT/text features', leave=False) as bar:
     cot_mask = cls_of('cot_mask'); bar.update()
     cot_no_mask = cls_of('cot_no_mask'); bar.update()
     text = cls_of('report_cot'); bar.update()
@@ -98,7 +99,8 @@ def _project(exp, cls: jax.Array) -> jax.Array:
 
 
 def build_pool(exp) -> None:
-  """After warm-up: fixed CoT/text embeddings for every row, then the labeled pool."""
+  """After warm-up: fixed CoT/text embeddings for every row (config pool.cot_space), then
+  the labeled pool."""
   tables = exp.state.tables
   tables = tables.replace(query_cot=_project(exp, tables.query_cls),
                           query_text=_project(exp, tables.text_cls))
@@ -304,6 +306,8 @@ def run_training(exp, *, until: str = SEMI) -> dict:
     build_pool(exp)
     meta.update(stage=SEMI, epoch=0)
     _save(exp, meta, loaders)
+    if config.eval.retrieval_report:
+      report_retrieval(exp, meta, 'after_warmup')
   if until == WARMUP:
     return meta
 
@@ -353,6 +357,25 @@ def run_training(exp, *, until: str = SEMI) -> dict:
   return meta
 
 
+def report_retrieval(exp, meta: dict, name: str) -> dict:
+  """The retrieval report of the current state into <workdir>/retrieval[/name]."""
+  split = exp.config.eval.split or 'val'
+  out_dir = os.path.join(exp.workdir, 'retrieval', name)
+  return retrieval_report.write_report(
+      exp, split, os.path.normpath(out_dir), stage=meta['stage'], epoch=meta['epoch'],
+      step=int(jax.device_get(exp.state.step)))
+
+
+def retrieval_checkpoint(exp) -> dict:
+  """Restores the checkpoint to report on (eval.which); runs warm-up first if the pool is
+  not built yet. Returns its meta."""
+  meta = run_training(exp, until=WARMUP)
+  which = exp.config.eval.which
+  if which != 'latest' and exp.checkpoints.latest_step(which) is not None:
+    exp.state, meta = exp.checkpoints.restore(which, exp.state)
+  return meta
+
+
 def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   """The whole job behind run.py; returns a summary dict (also written to the workdir)."""
   if mode not in MODES:
@@ -370,8 +393,13 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
     meta = run_training(exp, until=WARMUP if mode == 'warmup' else SEMI)
     summary.update(stage=meta['stage'], best_val_dice_r=meta['best_dice'],
                    best_epoch=meta['best_epoch'])
+  if mode == 'retrieval':
+    report = report_retrieval(exp, retrieval_checkpoint(exp), '')
+    summary['retrieval'] = {m: {k: v for k, v in r.items() if not isinstance(v, dict)}
+                            for m, r in report['modes'].items()}
   if mode in ('eval', 'all'):
-    summary['test'] = evaluate_lib.evaluate_checkpoint(exp, split='test')
+    split = config.eval.split or 'test'
+    summary[split] = evaluate_lib.evaluate_checkpoint(exp, split=split)
   if mode in ('predict', 'all'):
     summary['predict_dir'] = predict_lib.predict(exp)
   summary['seconds'] = time.perf_counter() - start

@@ -23,16 +23,17 @@ from cers_jax.knowledge_pool import KnowledgePool
 class EmbeddingTables:
   """Per-sample text features, one row per cache row (the batch's `index`).
 
-  The CoT BERT is frozen, so its [CLS] features are computed once before warm-up; the
-  projected unit-norm embeddings are computed once after warm-up (DESIGN.md section 6:
-  never per step).
+  The CoT BERT is frozen, so its pooled features (config model.cot.pooling: [CLS] or token
+  mean; the `*_cls` names predate the choice) are computed once before warm-up; the unit-norm
+  retrieval embeddings once after warm-up (DESIGN.md section 6: never per step).
   """
 
-  cot_cls: jax.Array  # (N, H_cot) [CLS] of the CoT a row is aligned with in warm-up.
-  query_cls: jax.Array  # (N, H_cot) [CLS] of the CoT a row queries the pool with.
-  text_cls: jax.Array  # (N, H_cot) [CLS] of the report text (retrieval mode 'text').
+  cot_cls: jax.Array  # (N, H_cot) feature of the CoT a row is aligned with in warm-up.
+  query_cls: jax.Array  # (N, H_cot) feature of the CoT a row queries the pool with.
+  text_cls: jax.Array  # (N, H_cot) feature of the report text (retrieval mode 'text').
   query_cot: jax.Array  # (N, E) unit-norm CoT embedding used as retrieval query.
   query_text: jax.Array  # (N, E) unit-norm report-text embedding (mode 'text').
+  # E: embed_dim, or H_cot when config pool.cot_space='features'.
 
 
 @flax.struct.dataclass
@@ -51,7 +52,7 @@ class TrainState:
 def trainable_filter(text_trainable: bool) -> nnx.filterlib.Filter:
   """Which nnx.Param leaves the optimizer updates.
 
-  The CoT BERT is always frozen (its [CLS] features are precomputed); the report-text BERT
+  The CoT BERT is always frozen (its pooled features are precomputed); the report-text BERT
   is trainable by default, as in the authors' code.
   """
   frozen_paths = [nnx.PathContains('cot_encoder')]

@@ -18,10 +18,12 @@ from flax import nnx
 from cers_jax import knowledge_pool as kp
 from cers_jax import losses
 from cers_jax import metrics as metrics_lib
+from cers_jax.models import cers as cers_model
 from cers_jax.train_state import EmbeddingTables, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
 UPDATE_RULES = ('ema', 'epoch_refresh')
+COT_SPACES = ('projection', 'features')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,8 @@ class StepConfig:
   pool_momentum: float = 0.99
   clip_weight: float = 0.5
   sharpen_temperature: float = 0.1
+  cot_space: str = 'projection'  # What CoT/text retrieval compares (COT_SPACES).
+  centre_cot: bool = False  # CoT/text cosines around the pool's mean row.
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
@@ -44,10 +48,14 @@ class StepConfig:
     if config.pool.update_rule not in UPDATE_RULES:
       raise ValueError(f'--config.pool.update_rule={config.pool.update_rule!r}: choose one '
                        f'of {UPDATE_RULES}.')
+    if config.pool.cot_space not in COT_SPACES:
+      raise ValueError(f'--config.pool.cot_space={config.pool.cot_space!r}: choose one of '
+                       f'{COT_SPACES}.')
     return cls(mode=config.pool.mode, k_coarse=config.pool.k_coarse, k=config.pool.k,
                exclude_self=config.pool.exclude_self, pool_update=config.pool.update_rule,
                pool_momentum=config.pool.momentum, clip_weight=config.train.clip_weight,
-               sharpen_temperature=config.train.sharpen_temperature)
+               sharpen_temperature=config.train.sharpen_temperature,
+               cot_space=config.pool.cot_space, centre_cot=config.pool.centre_cot)
 
 
 def _step_rng(state: TrainState) -> jax.Array:
@@ -83,7 +91,8 @@ def _retrieve(model_f4: jax.Array, batch: Batch, pool: kp.KnowledgePool,
   query_text = batch['query_text'] if 'query_text' in batch else tables.query_text[index]
   return kp.retrieve(
       pool, jax.lax.stop_gradient(model_f4), query_cot, query_text, mode=cfg.mode,
-      k_coarse=cfg.k_coarse, k=cfg.k, exclude=index if cfg.exclude_self else None)
+      k_coarse=cfg.k_coarse, k=cfg.k, exclude=index if cfg.exclude_self else None,
+      centre=cfg.centre_cot)
 
 
 def _apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads,
@@ -200,13 +209,20 @@ def features_step(state: TrainState, batch: Batch, *, graphdef) -> jax.Array:
 
 
 def cot_cls_step(state: TrainState, ids: jax.Array, mask: jax.Array, *, graphdef):
-  """[CLS] features of the frozen CoT BERT for a batch of token ids."""
+  """Pooled features of the frozen CoT BERT (config model.cot.pooling) for token ids."""
   return _eval_model(graphdef, state).cot_features(ids, mask)
 
 
-def project_step(state: TrainState, cls: jax.Array, *, graphdef) -> jax.Array:
-  """Unit-norm alignment embeddings of [CLS] features (after warm-up)."""
-  return _eval_model(graphdef, state).cot_embedding(cls)
+def project_step(state: TrainState, features: jax.Array, *, graphdef,
+                 cot_space: str = 'projection') -> jax.Array:
+  """Unit-norm retrieval embeddings of pooled CoT BERT features (after warm-up).
+
+  'projection': the CLIP-trained alignment projection (the authors'); 'features': the
+  features themselves, which keeps what the CoT says even where the image cannot show it.
+  """
+  if cot_space == 'features':
+    return cers_model.unit_rows(features)
+  return _eval_model(graphdef, state).cot_embedding(features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,5 +250,6 @@ def make_steps(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
           threshold=threshold), static_argnums=2),
       features=jax.jit(lambda s, b: features_step(s, b, graphdef=graphdef)),
       cot_cls=jax.jit(lambda s, i, m: cot_cls_step(s, i, m, graphdef=graphdef)),
-      project=jax.jit(lambda s, c: project_step(s, c, graphdef=graphdef)),
+      project=jax.jit(lambda s, c: project_step(s, c, graphdef=graphdef,
+                                                cot_space=cfg.cot_space)),
   )

@@ -78,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.cot.type_vocab_size = 2  # Token-type embeddings.
   model.cot.dropout = 0.1  # Dropout (unused while frozen).
   model.cot.weights = ''  # Pretrained BERT for CoTs.
-  model.cot.trainable = False  # Frozen: CoT [CLS] features are computed once.
+  model.cot.trainable = False  # Frozen: CoT features are computed once.
+  model.cot.pooling = 'cls'  # CoT feature: 'cls' token (authors) | 'mean' of real tokens.
 
   model.attn_dim = 256  # Text cross-attention width.
   model.attn_heads = 8  # Heads in text and retrieval cross-attention.
@@ -99,6 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   pool.momentum = 0.99  # Eq. 5 EMA momentum m.
   pool.update_rule = 'ema'  # 'ema' (in-step, Eq. 5) | 'epoch_refresh' (authors' code).
   pool.shard_rows = False  # Shard pool rows over the data mesh axis (multi-device).
+  pool.cot_space = 'projection'  # CoT/text compared as: 'projection' (CLIP, authors) | 'features'.
+  pool.centre_cot = False  # CoT/text cosines around the pool's mean row (False: authors').
 
   # --- training ---------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()
@@ -127,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
   ev.which = 'best'  # Checkpoint to evaluate: 'best' | 'latest'.
   ev.threshold = 0.5  # Probability threshold for masks.
   ev.predict_dir = ''  # Folder of images (+ text/CoT CSVs) for --mode=predict.
+  ev.split = ''  # Split scored by --mode eval ('' = test) and --mode retrieval ('' = val).
+  ev.retrieval_report = True  # Write the retrieval report right after the pool is built.
+  ev.report_mask_size = 64  # Masks are compared at this side in the retrieval report.
+  ev.label_regex = ''  # Group label of an image: this regex's groups on its id (report).
+  ev.label_csv = ''  # ... or a CSV with columns image,<label_column> (report).
+  ev.label_column = 'label'  # Label column of eval.label_csv.
 
   # --- devices ----------------------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()

@@ -26,4 +26,6 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.data.layout = 'brisc'
+  # Retrieval report: tumour type and imaging plane, named in every BRISC file name.
+  config.eval.label_regex = r'_(?P<tumour>gl|me|pi)_(?P<plane>ax|co|sa)_'
   return config

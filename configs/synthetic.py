@@ -13,19 +13,8 @@ and the test Dice measured on a 2-core CPU.
 from configs import base
 
 
-def get_config():
-  config = base.get_config()
-  config.synthetic.num_images = 240
-  config.synthetic.image_size = 64
-
-  config.data.layout = 'cers'
-  config.data.image_size = 64
-  config.data.labeled_fraction = 0.25
-  config.data.max_text_len = 32
-  config.data.max_cot_len = 96
-
-  config.tokenizer.vocab_size = 600
-
+def small_cers(config) -> None:
+  """A small CERS (CPU-sized) with a CoT space that ranks without pretrained weights."""
   model = config.model
   model.encoder_depths = (1, 1, 2, 1)
   model.encoder_dims = (16, 32, 64, 128)
@@ -40,9 +29,31 @@ def get_config():
   model.attn_heads = 4
   model.decoder_dims = (64, 32, 16, 8)
   model.embed_dim = 32
+  # No pretrained CoT encoder: a random BERT's [CLS] hardly depends on the text, so CoTs are
+  # read by the mean of their tokens, compared as they are (not through the CLIP
+  # projection) and around the pool's mean CoT. README "Retrieval" has the measurements.
+  model.cot.pooling = 'mean'
+  config.pool.cot_space = 'features'
+  config.pool.centre_cot = True
 
+
+def get_config():
+  config = base.get_config()
+  config.synthetic.num_images = 240
+  config.synthetic.image_size = 64
+
+  config.data.layout = 'cers'
+  config.data.image_size = 64
+  config.data.labeled_fraction = 0.25
+  config.data.max_text_len = 32
+  config.data.max_cot_len = 96
+
+  config.tokenizer.vocab_size = 600
+
+  small_cers(config)
   config.pool.k_coarse = 10
   config.pool.k = 3
+  config.eval.label_column = 'lesion_class'  # attributes.csv: contained|infiltrative|none.
 
   config.train.batch_size = 8
   config.train.eval_batch_size = 8

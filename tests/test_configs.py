@@ -65,3 +65,7 @@ def test_unknown_step_settings_fail():
   config.pool.update_rule = 'sometimes'
   with pytest.raises(ValueError, match='update_rule'):
     ts.StepConfig.from_config(config)
+  config.pool.update_rule = 'ema'
+  config.pool.cot_space = 'raw'
+  with pytest.raises(ValueError, match='cot_space'):
+    ts.StepConfig.from_config(config)

@@ -143,6 +143,48 @@ def test_prepare_mode_and_locked_config(cli, tmp_path):
   result = cli(workdir, '--mode=prepare', '--config.train.batchsize=3', expect_ok=False)
   assert result.returncode != 0 and 'batchsize' in result.stderr
 
+  # The retrieval report of a workdir without a pool runs warm-up first.
+  cli(workdir, '--mode=retrieval', '--config.train.warmup_epochs=1')
+  report = _report(os.path.join(workdir, 'retrieval'))
+  assert (report['stage'], report['epoch']) == ('semi', 0)
+  assert [(r['stage'], r['epoch']) for r in _metrics(workdir)] == [('warmup', 0)]
+
+
+def _report(folder):
+  with open(os.path.join(folder, 'report.json')) as f:
+    return json.load(f)
+
+
+def test_retrieval_report_after_warmup_and_from_the_best_checkpoint(cli, uninterrupted):
+  with open(os.path.join(uninterrupted, 'data', 'split.json')) as f:
+    split = json.load(f)['ids']
+  after_warmup = _report(os.path.join(uninterrupted, 'retrieval', 'after_warmup'))
+  assert after_warmup['split'] == 'val' and after_warmup['stage'] == 'semi'
+  assert after_warmup['num_queries'] == len(split['val'])
+  assert after_warmup['pool_size'] == len(split['train_labeled'])
+
+  cli(uninterrupted, '--mode=retrieval', '--config.eval.split=test')
+  folder = os.path.join(uninterrupted, 'retrieval')
+  report = _report(folder)
+  assert report['split'] == 'test' and report['num_queries'] == len(split['test'])
+  assert list(report['modes']) == ['random', 'image', 'cot', 'text', 'image+cot', 'oracle']
+  assert 'lesion_class' in report['labels']  # The synthetic generator's lesion kind.
+  # Mean-pooled CoT features rank: no exact ties, scores spread out.
+  assert report['problems'] == [], report['problems']
+  for mode, m in report['modes'].items():
+    assert 0.0 <= m['ref_mask_dice'] <= 1.0 and 0.0 <= m['label_match'] <= 1.0, mode
+  oracle = report['modes']['oracle']['ref_mask_dice']
+  assert all(m['ref_mask_dice'] <= oracle + 1e-9 for m in report['modes'].values())
+  with open(os.path.join(folder, 'references.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(split['test']) * len(report['modes']) * report['k']
+  assert {r['query'] for r in rows} == set(split['test'])
+  assert not {r['reference'] for r in rows} - set(split['train_labeled'])
+  with open(os.path.join(folder, 'report.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(uninterrupted, 'summary.json')) as f:
+    assert f.read().count('ref_mask_dice') == len(report['modes'])
+
 
 def _free_port() -> int:
   with socket.socket() as s:

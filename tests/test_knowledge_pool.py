@@ -24,14 +24,24 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
 
 
+def _around_mean(table, query, centre):
+  """Unit rows and queries, taken around the mean unit row when `centre`."""
+  table, query = _unit(table), np.asarray(query, np.float64)
+  if not centre:
+    return table, _unit(query)
+  mean = table.mean(axis=0)
+  return _unit(table - mean), _unit(query - mean)
+
+
 def reference_retrieve(feat, cot, text, ids, qf, qc, qt, *, mode, k_coarse, k, exclude=None,
-                       key_dtype=np.float32):
+                       key_dtype=np.float32, centre=False):
   """Brute force: stable argsort, lowest row first on ties (float64 cosines)."""
   n = feat.shape[0]
   key = _unit(feat.reshape(n, -1)).astype(key_dtype).astype(np.float64)
   q = _unit(qf.reshape(qf.shape[0], -1)).astype(key_dtype).astype(np.float64)
-  table, query = {'image': (key, q), 'image+cot': (key, q), 'cot': (_unit(cot), _unit(qc)),
-                  'text': (_unit(text), _unit(qt))}[mode]
+  cot_table, cot_query = _around_mean(cot, qc, centre)
+  table, query = {'image': (key, q), 'image+cot': (key, q), 'cot': (cot_table, cot_query),
+                  'text': _around_mean(text, qt, centre)}[mode]
   scores = query @ table.T
   if exclude is not None:
     scores[ids[None, :] == np.asarray(exclude)[:, None]] = -np.inf
@@ -40,7 +50,7 @@ def reference_retrieve(feat, cot, text, ids, qf, qc, qt, *, mode, k_coarse, k, e
     rows = order[:, :k]
     return rows, np.take_along_axis(scores, rows, 1)
   cand = order[:, :min(k_coarse, n)]
-  fine = np.einsum('bke,be->bk', _unit(cot)[cand], _unit(qc))
+  fine = np.einsum('bke,be->bk', cot_table[cand], cot_query)
   fine[np.isneginf(np.take_along_axis(scores, cand, 1))] = -np.inf
   pos = np.argsort(-fine, axis=1, kind='stable')[:, :k]
   return np.take_along_axis(cand, pos, 1), np.take_along_axis(fine, pos, 1)
@@ -62,14 +72,14 @@ def random_case(seed, n=37, b=6, e=8, e_text=5):
 
 
 def assert_matches_reference(out, case, *, mode, k_coarse, k, exclude, key_dtype=np.float32,
-                             pool_feat=None):
+                             pool_feat=None, centre=False, score_atol=1e-6):
   feat, cot, text, ids, qf, qc, qt, _ = case
   rows, scores = reference_retrieve(feat, cot, text, ids, qf, qc, qt, mode=mode,
                                     k_coarse=k_coarse, k=k, exclude=exclude,
-                                    key_dtype=key_dtype)
+                                    key_dtype=key_dtype, centre=centre)
   np.testing.assert_array_equal(np.asarray(out.rows), rows)
   np.testing.assert_array_equal(np.asarray(out.ids), ids[rows])
-  np.testing.assert_allclose(np.asarray(out.scores), scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.scores), scores, rtol=1e-5, atol=score_atol)
   expected_feat = feat if pool_feat is None else pool_feat
   np.testing.assert_array_equal(np.asarray(out.feat), expected_feat[rows])
 
@@ -131,6 +141,44 @@ def test_matches_numpy_reference(mode, self_exclusion):
   elif mode == 'image':
     # Labeled queries (near copies of rows 0..2) find themselves without exclusion.
     assert (np.asarray(out.rows)[:3, 0] == np.arange(3)).all()
+
+
+@pytest.mark.parametrize('mode', RETRIEVING_MODES)
+def test_centred_cosines_match_numpy_reference(mode):
+  case = random_case(seed=11)
+  feat, cot, text, ids, qf, qc, qt, exclude = case
+  # A shared direction dominates every embedding, as in CoTs written from one template.
+  cot, qc = cot + 6.0, qc + 6.0
+  text, qt = text + 6.0, qt + 6.0
+  case = (feat, cot, text, ids, qf, qc, qt, exclude)
+  pool = kp.build_pool(feat, cot, text, ids)
+  out = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude, centre=True)
+  # Subtracting the shared direction cancels most of each float32 row: 1e-5 absolute.
+  assert_matches_reference(out, case, mode=mode, k_coarse=9, k=4, exclude=exclude, centre=True,
+                           score_atol=1e-5)
+  plain = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude)
+  if mode != 'image':
+    # Around the mean the scores spread out and the ranking changes.
+    assert np.ptp(np.asarray(out.scores)) > 5 * np.ptp(np.asarray(plain.scores))
+    assert not np.array_equal(np.asarray(out.rows), np.asarray(plain.rows))
+  else:
+    np.testing.assert_array_equal(np.asarray(out.rows), np.asarray(plain.rows))
+
+
+def test_centring_ignores_padding_rows():
+  case = random_case(seed=12, n=10)
+  feat, cot, text, ids, qf, qc, qt, exclude = case
+  pool = kp.build_pool(feat, cot, text, ids)
+  padded = pool.replace(**{name: np.concatenate([np.asarray(getattr(pool, name)),
+                                                 np.zeros((3,) + getattr(pool, name).shape[1:],
+                                                          getattr(pool, name).dtype)])
+                           for name in ('feat', 'key', 'cot', 'text')},
+                        ids=np.concatenate([np.asarray(pool.ids), -np.ones(3, np.int32)]))
+  for mode in ('cot', 'image+cot'):
+    want = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, centre=True)
+    got = kp.retrieve(padded, qf, qc, qt, mode=mode, k_coarse=9, k=4, centre=True)
+    np.testing.assert_array_equal(np.asarray(got.rows), np.asarray(want.rows))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-6)
 
 
 @pytest.mark.parametrize('mode', ['image', 'image+cot'])

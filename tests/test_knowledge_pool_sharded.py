@@ -78,6 +78,17 @@ def _worker() -> None:
         for out in (forced, automatic):
           same_retrieved(out, want)
           checks += 1
+      # CoT/text cosines around the pool's mean: the mean of all real rows, padding aside.
+      want = kp.retrieve(base, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude,
+                         centre=True)
+      single.assert_matches_reference(want, case, mode=mode, k_coarse=9, k=4,
+                                      exclude=exclude, centre=True, score_atol=1e-5)
+      for out in (kp.retrieve_sharded(pool, qf, qc, qt, mesh=mesh, mode=mode, k_coarse=9,
+                                      k=4, exclude=exclude, centre=True),
+                  kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude,
+                              centre=True)):
+        same_retrieved(out, want)
+        checks += 1
       if mode != 'image+cot':
         continue
       # Queries arriving batch-sharded, as in a data-parallel step.

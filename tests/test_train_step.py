@@ -133,7 +133,7 @@ def test_eval_step_is_deterministic_and_retrieves_k_rows(setup):
   direct = kp.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
                        state.tables.query_text[batch['index']], mode=config.pool.mode,
                        k_coarse=config.pool.k_coarse, k=config.pool.k,
-                       exclude=batch['index'])
+                       exclude=batch['index'], centre=config.pool.centre_cot)
   np.testing.assert_array_equal(ids, np.asarray(direct.ids))
 
 

@@ -35,6 +35,7 @@ from cers_jax.models.layers import xavier_uniform
 Array = jax.Array
 
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+POOLINGS = ('cls', 'mean')
 # Sub-modules whose parameters are not in the authors' 48,728,354 count.
 AUTHORS_EXCLUDED = ('text_encoder', 'cot_encoder', 'alignment')
 
@@ -74,7 +75,23 @@ def _bert(cfg: ml_collections.ConfigDict, *, dtype: Any, rngs: nnx.Rngs) -> Bert
   return BertEncoder.from_config(cfg, dtype=dtype, rngs=rngs)
 
 
-def _unit(x: Array) -> Array:
+def pool_tokens(hidden: Array, mask: Array, pooling: str) -> Array:
+  """(B, L, H) token features -> (B, H) float32: the [CLS] token, or the mean of real tokens.
+
+  A randomly initialised BERT's [CLS] output hardly depends on the text (the same token at
+  the same position, little attention mass from the rest), so CoTs are told apart by the
+  mean; sentence encoders such as all-MiniLM-L6-v2 were trained for the mean too.
+  """
+  if pooling == 'cls':
+    return hidden[:, 0].astype(jnp.float32)
+  if pooling != 'mean':
+    raise ValueError(f'config.model.cot.pooling={pooling!r} is not one of {POOLINGS}.')
+  weight = (mask != 0).astype(jnp.float32)[..., None]
+  total = jnp.sum(hidden.astype(jnp.float32) * weight, axis=1)
+  return total / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
+
+
+def unit_rows(x: Array) -> Array:
   """Row-wise L2 normalisation in float32 (torch F.normalize, eps 1e-12)."""
   x = x.astype(jnp.float32)
   norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
@@ -128,6 +145,10 @@ class CERS(nnx.Module):
     dims = tuple(cfg.encoder_dims)
     self.text_trainable = bool(cfg.text.trainable)
     self.cot_trainable = bool(cfg.cot.trainable)
+    self.cot_pooling = str(cfg.cot.pooling)
+    if self.cot_pooling not in POOLINGS:
+      raise ValueError(f'config.model.cot.pooling={self.cot_pooling!r} is not one of '
+                       f'{POOLINGS}.')
     self.encoder = ConvNeXt(depths=tuple(cfg.encoder_depths), dims=dims,
                             drop_path_rate=cfg.drop_path_rate,
                             layer_scale_init=cfg.layer_scale_init, dtype=dtype, rngs=rngs)
@@ -209,19 +230,20 @@ class CERS(nnx.Module):
 
   def image_embedding(self, f4: Array) -> Array:
     """(B, h, w, C4) f4 -> (B, embed_dim) unit-norm float32 (spatial mean, then projection)."""
-    return _unit(self.alignment.image_proj(jnp.mean(f4, axis=(1, 2))))
+    return unit_rows(self.alignment.image_proj(jnp.mean(f4, axis=(1, 2))))
 
   def cot_features(self, ids: Array, mask: Array) -> Array:
-    """CoT token ids (B, L) and mask (B, L) -> (B, H_cot) [CLS] features of the CoT BERT.
+    """CoT token ids (B, L) and mask (B, L) -> (B, H_cot) pooled CoT BERT features.
 
-    Gradients stop here while the CoT BERT is frozen (config.model.cot.trainable=False).
+    Pooling is config.model.cot.pooling ([CLS] or mean). Gradients stop here while the
+    CoT BERT is frozen (config.model.cot.trainable=False).
     """
-    cls = self.cot_encoder(ids, mask)[:, 0]
-    return cls if self.cot_trainable else jax.lax.stop_gradient(cls)
+    pooled = pool_tokens(self.cot_encoder(ids, mask), mask, self.cot_pooling)
+    return pooled if self.cot_trainable else jax.lax.stop_gradient(pooled)
 
   def cot_embedding(self, cls_features: Array) -> Array:
     """(B, H_cot) [CLS] features -> (B, embed_dim) unit-norm float32 CoT embeddings."""
-    return _unit(self.alignment.cot_proj(cls_features))
+    return unit_rows(self.alignment.cot_proj(cls_features))
 
 
 def count_params(model: nnx.Module, *, exclude: tuple[str, ...] = AUTHORS_EXCLUDED) -> int:

@@ -1,0 +1,45 @@
+"""BRISC 2025 at a scale a 2-core CPU trains in about 20 minutes: the retrieval study.
+
+A small CERS at 96x96 on BRISC's official train split (3,933 images, e.g.
+../shared/data/brisc2025_train256 resized to 256 px), protocol `paper` (8:1:1, 25% of train
+labeled), with the authors' text and CoT CSVs:
+
+  python run.py --config configs/brisc_small.py --workdir runs/brisc_small \
+    --config.data.root=../shared/data/brisc2025_train256 \
+    --config.data.text_csv=../shared/data/cers_cot/brisc2025/text.csv \
+    --config.data.cot_mask_csv=../shared/data/cers_cot/brisc2025/cot_output_gpt5_mask.csv \
+    --config.data.cot_no_mask_csv=../shared/data/cers_cot/brisc2025/cot_output_gpt5_no_mask.csv
+
+Writes the retrieval report after warm-up (`retrieval/after_warmup/`), then 2 semi-supervised
+epochs, test evaluation and predictions: about 20 minutes on a 2-core CPU (8 warm-up epochs
+of ~50 s, semi-supervised epochs of ~5 min). The network and CoT reading are the synthetic
+default's (`synthetic.small_cers`: a small BERT initialised at random, read by the mean of
+its tokens, its features compared around the pool's mean). README "Retrieval" gives the
+measurements behind this choice and the results of `scripts/brisc_study.sh`, which runs the
+retrieval modes with two seeds. Not the paper's numbers: those need the full model and 200
+epochs (configs/brisc.py).
+"""
+
+from configs import brisc
+from configs import synthetic
+
+
+def get_config():
+  config = brisc.get_config()
+  config.data.image_size = 96
+  config.data.max_text_len = 32
+  config.data.max_cot_len = 128
+  config.tokenizer.vocab_size = 2000
+
+  synthetic.small_cers(config)
+  config.pool.k_coarse = 50
+  config.pool.k = 5
+
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 32
+  config.train.warmup_epochs = 8
+  config.train.epochs = 2
+  config.train.consistency_rampup = 2
+  config.train.learning_rate = 0.01
+  config.train.log_every = 20
+  return config
