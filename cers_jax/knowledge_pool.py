@@ -59,7 +59,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Mode:
   """How one retrieval mode ranks the pool.

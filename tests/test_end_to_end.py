@@ -183,7 +183,9 @@ def test_retrieval_report_after_warmup_and_from_the_best_checkpoint(cli, uninter
   with open(os.path.join(folder, 'report.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   with open(os.path.join(uninterrupted, 'summary.json')) as f:
-    assert f.read().count('ref_mask_dice') == len(report['modes'])
+    summary = json.load(f)['retrieval']
+  assert summary['image+cot']['ref_mask_dice'] == report['modes']['image+cot']['ref_mask_dice']
+  assert list(summary) == list(report['modes'])
 
 
 def _free_port() -> int:
