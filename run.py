@@ -11,6 +11,11 @@ warm-up first when it has not finished; `retrieval` reports what retrieval finds
 warm-up at the latest); every mode resumes from what `--workdir` already holds.
 Any config field can be overridden with `--config.section.field=value`; the config is
 locked, so a misspelt field is an error.
+
+A mistake in the flags, the config, the workdir or the dataset ends with one line,
+`error: <what is wrong and what to do>`, and a non-zero exit status (README "Failure
+modes"). SIGTERM during training saves a checkpoint at the next step and exits with
+status 143; the same command resumes.
 """
 
 import sys
@@ -19,14 +24,15 @@ import jax
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from cers_jax import cli
 from cers_jax import train
 from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data.records import DataError
+from cers_jax.errors import ConfigError, WorkdirError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/synthetic.py', 'Config file (configs/*.py).', lock_config=True)
+_CONFIG = cli.define_config_file('config', 'configs/synthetic.py',
+                                 'Config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run directory: checkpoints, metrics, reports. Defaults to '
     'runs/<config file name>.')
@@ -62,15 +68,19 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
     logging.info('Process %d of %d; %d of %d devices are local.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+  config = cli.config_value(_CONFIG)
   workdir = train.default_workdir(_WORKDIR.value, flags.FLAGS['config'].config_filename)
   try:
-    train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)
-  except (DataError, WeightLoadError, train.NonFiniteLossError, FileNotFoundError) as error:
+    train.train_and_evaluate(config, workdir, mode=_MODE.value)
+  except train.Preempted as stopped:
+    print(f'preempted: {stopped}', file=sys.stderr)
+    sys.exit(train.Preempted.EXIT_STATUS)
+  except (DataError, ConfigError, WorkdirError, WeightLoadError, train.NonFiniteLossError,
+          FileNotFoundError) as error:
     # Problems with the user's inputs or the run: the message says what to do; a
     # traceback into our code would only hide it.
-    logging.error('%s', error)
     sys.exit(f'error: {error}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

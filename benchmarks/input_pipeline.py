@@ -23,6 +23,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from cers_jax import cli
 from cers_jax.data import pipeline
 
 _CACHE_DIR = flags.DEFINE_string(
@@ -100,4 +101,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -31,6 +31,7 @@ sys.path.insert(0, '.')  # configs/ lives at the repository root.
 
 from configs import base as base_config  # noqa: E402
 from configs import synthetic as synthetic_config  # noqa: E402
+from cers_jax import cli  # noqa: E402
 from cers_jax import knowledge_pool as kp  # noqa: E402
 from cers_jax import train_step as ts  # noqa: E402
 from cers_jax.experiment import make_optimizer  # noqa: E402
@@ -184,4 +185,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

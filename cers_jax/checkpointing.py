@@ -4,7 +4,8 @@ Two managers under `<workdir>/checkpoints/`: `latest/` keeps the last `keep` epo
 resumption, `best/` keeps the single checkpoint with the highest validation Dice (STYLE
 habit 6). Each checkpoint holds three items: `state` (the TrainState pytree, knowledge
 pool included), `meta` (JSON: stage, epoch, best Dice, early-stopping counter, iterator
-states) and `config` (JSON, for humans and for `restore_for_eval`).
+states) and `config` (JSON: the config the run trained with, which a resumed run is
+checked against; `read_saved` reads both JSON items without touching the workdir).
 """
 
 from __future__ import annotations
@@ -23,17 +24,45 @@ LATEST = 'latest'
 BEST = 'best'
 
 
+def _directory(workdir: str, which: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints', which)
+
+
+def _read_only(workdir: str, which: str) -> ocp.CheckpointManager | None:
+  directory = _directory(workdir, which)
+  if not os.path.isdir(directory):
+    return None
+  return ocp.CheckpointManager(directory,
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def has_checkpoint(workdir: str, which: str = LATEST) -> bool:
+  """Whether `<workdir>/checkpoints/<which>` holds a finished checkpoint (creates nothing)."""
+  manager = _read_only(workdir, which)
+  return manager is not None and manager.latest_step() is not None
+
+
+def read_saved(workdir: str, which: str = LATEST) -> tuple[dict, dict] | None:
+  """(config, meta) JSON of the newest `which` checkpoint, or None; creates nothing."""
+  manager = _read_only(workdir, which)
+  step = None if manager is None else manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  return restored.config, restored.meta
+
+
 class Checkpoints:
   """The latest/best checkpoint pair of one workdir."""
 
   def __init__(self, workdir: str, *, keep: int = 2):
-    root = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self._managers = {
         LATEST: ocp.CheckpointManager(
-            os.path.join(root, LATEST), options=ocp.CheckpointManagerOptions(
+            _directory(workdir, LATEST), options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True)),
         BEST: ocp.CheckpointManager(
-            os.path.join(root, BEST), options=ocp.CheckpointManagerOptions(
+            _directory(workdir, BEST), options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, create=True)),
     }
 

@@ -74,16 +74,23 @@ def _write(out_dir: str, split: str, records: list[dict], summary: dict) -> None
     json.dump(summary, f, indent=2)
 
 
-def evaluate_checkpoint(exp, *, split: str = 'test', which: str | None = None) -> dict:
-  """Restores the best (or latest) checkpoint, scores `split`, writes CSV + JSON."""
+def evaluate_checkpoint(exp, *, split: str = 'test', which: str | None = None,
+                        meta: dict | None = None) -> dict:
+  """Scores `split` with the best (or latest) checkpoint, writes CSV + JSON.
+
+  `meta` given: exp.state already holds the weights to score (`train.restore_for_eval`:
+  a checkpoint, or the authors' imported weights) and `meta` describes them.
+  """
   which = which or exp.config.eval.which
-  exp.state, meta = exp.checkpoints.restore(which, exp.state)
+  if meta is None:
+    exp.state, meta = exp.checkpoints.restore(which, exp.state)
   rows = exp.data.rows[split]
   if len(rows) == 0:
     raise ValueError(f'The {split!r} split of the manifest is empty: nothing to evaluate.')
   records = _per_image(exp, rows)
   summary = summarize(records)
-  summary.update(split=split, checkpoint=which, step=int(exp.state.step),
+  summary.update(split=split, checkpoint=meta.get('checkpoint', which),
+                 step=int(exp.state.step),
                  epoch=meta.get('epoch'), stage=meta.get('stage'),
                  retrieval_mode=exp.config.pool.mode, threshold=exp.config.eval.threshold)
   if sharding.is_main_process():

@@ -28,10 +28,12 @@ from flax import nnx
 from cers_jax import checkpointing
 from cers_jax import sharding
 from cers_jax import train_step as ts
+from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data import cache as cache_lib
 from cers_jax.data import pipeline
 from cers_jax.data import prepare as prepare_lib
 from cers_jax.data import tokenize
+from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
 from cers_jax.train_state import TrainState, create_train_state, empty_pool, empty_tables
 
@@ -107,7 +109,7 @@ def prepare_data(config, workdir: str) -> Data:
   cache = prepared.cache
   rows = {name: np.asarray(prepared.rows[name], np.int32) for name in SPLITS}
   if len(rows['train_labeled']) == 0:
-    raise ValueError(
+    raise ConfigError(
         f'The split manifest {os.path.join(config.data.cache_dir, "split.json")} has no '
         'labeled training images: raise --config.data.labeled_fraction.')
   train_rows = np.concatenate([rows['train_labeled'], rows['train_unlabeled']])
@@ -187,7 +189,7 @@ def steps_per_epoch(config, data: Data) -> tuple[int, int]:
   batch = config.train.batch_size
   labeled = len(data.rows['train_labeled'])
   if labeled < batch:
-    raise ValueError(
+    raise ConfigError(
         f'Only {labeled} labeled training images for a batch of {batch}: lower '
         '--config.train.batch_size or raise --config.data.labeled_fraction.')
   unlabeled = len(data.rows['train_unlabeled'])
@@ -237,9 +239,6 @@ def create(config, workdir: str) -> Experiment:
   with config.unlocked():
     config.model.text.vocab_size = len(data.text_tokenizer)
     config.model.cot.vocab_size = len(data.cot_tokenizer)
-  if sharding.is_main_process():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   mesh = sharding.make_mesh(config.mesh.data_parallel)
   sharding.check_batch_size(config.train.batch_size, mesh)
@@ -247,7 +246,15 @@ def create(config, workdir: str) -> Experiment:
   warmup_spe, semi_spe = steps_per_epoch(config, data)
   total = (config.train.warmup_epochs * warmup_spe + config.train.epochs * semi_spe)
   tx = make_optimizer(config, total)
-  model = build_model(config.model, seed=config.seed)
+  try:
+    model = build_model(config.model, seed=config.seed)
+  except WeightLoadError as error:
+    if config.model.checkpoint and not config.tokenizer.text_dir and 'word_embeddings' in str(
+        error):
+      raise WeightLoadError(
+          f'{error} The report-text BERT of the checkpoint reads the token ids of its own '
+          'tokenizer: give its folder with --config.tokenizer.text_dir.') from error
+    raise
   f4_shape = model.f4_shape(config.data.image_size)
   pool = empty_pool(len(data.rows['train_labeled']), f4_shape, retrieval_embed_dim(config))
   tables = empty_tables(data.num_samples, config.model.cot.hidden_size,

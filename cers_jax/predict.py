@@ -496,12 +496,14 @@ def _items_and_output(exp) -> tuple[list[PredictItem], str, bool]:
   return _cache_items(exp, rows), predictions, False
 
 
-def predict(exp) -> str:
+def predict(exp, *, restore: bool = True) -> str:
   """Predicts masks with the best (or latest) checkpoint and writes the evidence pages.
 
   Args:
     exp: an `experiment.Experiment` (config, workdir, data, state, steps, checkpoints,
       global_batch, replicated, to_host).
+    restore: restore config eval.which first; False: exp.state already holds the weights
+      (`train.restore_for_eval`: a checkpoint, or the authors' imported weights).
 
   Returns:
     The output directory.
@@ -512,7 +514,8 @@ def predict(exp) -> str:
   """
   config = exp.config
   items, out_dir, from_folder = _items_and_output(exp)
-  exp.state, _ = exp.checkpoints.restore(config.eval.which, exp.state)
+  if restore:
+    exp.state, _ = exp.checkpoints.restore(config.eval.which, exp.state)
   writes = sharding.is_main_process()  # Every process computes; the main one writes.
   if writes:
     for sub in ('images', 'masks', 'overlays', 'refs', 'pages'):

@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cers_jax.errors import ConfigError
+
 DATA = 'data'
 
 
@@ -44,7 +46,7 @@ def make_mesh(num_devices: int = -1) -> Mesh:
 def check_batch_size(batch_size: int, mesh: Mesh, name: str = 'train.batch_size') -> None:
   n = mesh.shape[DATA]
   if batch_size % n:
-    raise ValueError(f'--config.{name}={batch_size} is not divisible by the {n} devices of '
+    raise ConfigError(f'--config.{name}={batch_size} is not divisible by the {n} devices of '
                      'the data mesh: choose a multiple, or set --config.mesh.data_parallel.')
 
 

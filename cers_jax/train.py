@@ -4,6 +4,13 @@
 from `<workdir>/checkpoints/latest`; a checkpoint is written at the end of every epoch with
 the data iterators' state, so a resumed run repeats exactly the batches and random keys an
 uninterrupted one would have used.
+
+Preemption: while training runs, SIGTERM (what SLURM and cloud schedulers send before they
+kill a job) is turned into a flag read after every step. The loop then saves a checkpoint
+at that step boundary, mid-epoch, with the epoch's progress (steps done and its metric
+sums, `meta['partial']`) and the iterators' positions, and raises `Preempted`. Rerunning
+the same command resumes from that step: the rest of the epoch sees the same batches and
+keys, and its metrics.jsonl record the same means, as without the interruption.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from typing import Iterator
 
@@ -18,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from cers_jax import checkpointing
 from cers_jax import evaluate as evaluate_lib
 from cers_jax import experiment as experiment_lib
 from cers_jax import knowledge_pool as kp
@@ -27,7 +37,9 @@ from cers_jax import losses
 from cers_jax import predict as predict_lib
 from cers_jax import retrieval_report
 from cers_jax import sharding
+from cers_jax import workdir as workdir_lib
 from cers_jax.data import pipeline
+from cers_jax.errors import ConfigError, WorkdirError
 
 MODES = ('prepare', 'warmup', 'train', 'eval', 'retrieval', 'predict', 'all')
 
@@ -36,6 +48,53 @@ INIT, WARMUP, SEMI, DONE = 'init', 'warmup', 'semi', 'done'
 
 class NonFiniteLossError(RuntimeError):
   """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+  """SIGTERM stopped training; a checkpoint of the step it stopped at was saved."""
+
+  EXIT_STATUS = 143  # What a shell reports for a process killed by SIGTERM (128 + 15).
+
+
+class StopOnSigterm:
+  """SIGTERM as a flag that training reads at step boundaries (a context manager).
+
+  One process: a Python handler sets the flag. Several processes: JAX's distributed
+  runtime already listens for SIGTERM, and `reached_preemption_sync_point` makes every
+  process stop at the same step (not tested on real hosts yet).
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.received = True
+    logging.warning('SIGTERM received: saving a checkpoint after the current step.')
+
+  def __enter__(self) -> 'StopOnSigterm':
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # Not the main thread: signals cannot be caught here.
+        self._previous = None
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def __call__(self, step: int) -> bool:
+    """Whether to stop after global step `step` (called once per step, every process)."""
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+      self.received = True  # Every process reaches the sync point at the same step.
+    return self.received
+
+  def at_boundary(self) -> bool:
+    """Whether to stop now, between epochs or after training."""
+    return self.received
 
 
 def default_workdir(workdir: str | None, config_file: str) -> str:
@@ -201,15 +260,34 @@ def _check_finite(history: list[tuple[int, dict]], stage: str) -> None:
           'kept in checkpoints/latest: lower --config.train.learning_rate and resume.')
 
 
-def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) -> dict:
-  """Runs `num_steps` steps without waiting on the device between them.
+def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str, *,
+               stop=None, done: dict | None = None) -> dict:
+  """Runs the epoch's `num_steps` steps without waiting on the device between them.
 
   Step metrics stay on the device; every `log_every` steps the host reads the *previous*
   chunk's values (long finished, so the read does not stall the queue of dispatched steps)
   to check for NaN/inf, accumulate means and refresh the progress bar. The epoch's end
   reads the rest.
+
+  Args:
+    exp: the experiment.
+    stage: WARMUP or SEMI.
+    epoch: the epoch (0-based).
+    num_steps: steps in a whole epoch.
+    step_fn: runs one step, returns its metrics (on the device).
+    desc: progress-bar label.
+    stop: called with the global step after every step; True ends the epoch there.
+    done: what a preempted invocation ran of this epoch (meta['partial']: 'steps',
+      'sums', 'seconds'); the epoch continues after it and its means cover every step.
+
+  Returns:
+    The epoch's metrics record, plus 'steps_done' (num_steps unless `stop` ended it
+    early) and 'sums' (the metric sums so far).
   """
-  sums: dict[str, float] = {}
+  done = done or {}
+  first = min(int(done.get('steps', 0)), num_steps)
+  sums: dict[str, float] = dict(done.get('sums', {}))
+  steps_done = first
   last_loss = float('nan')
   chunk: list[tuple[int, dict]] = []
   previous: list[tuple[int, dict]] = []
@@ -228,22 +306,27 @@ def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str) 
     if entries:
       last_loss = float(entries[-1][1]['loss'])
 
-  with tqdm(total=num_steps, desc=desc, leave=False, dynamic_ncols=True) as bar:
+  with tqdm(total=num_steps, initial=first, desc=desc, leave=False,
+            dynamic_ncols=True) as bar:
     first_step = int(jax.device_get(exp.state.step))
-    for i in range(num_steps):
+    for i in range(num_steps - first):
       chunk.append((first_step + i, step_fn()))
+      steps_done = first + i + 1
       if len(chunk) >= exp.config.train.log_every:
         read(previous)
         bar.update(len(previous))
         rate = (i + 1 - len(chunk)) * batch_images / (time.perf_counter() - start)
         bar.set_postfix(loss=f'{last_loss:.4f}', img_s=f'{rate:.1f}')
         previous, chunk = chunk, []
+      if stop is not None and stop(first_step + i + 1) and steps_done < num_steps:
+        break
     read(previous + chunk)
     bar.update(len(previous) + len(chunk))
-  elapsed = time.perf_counter() - start
-  means = {k: v / num_steps for k, v in sums.items()}
+  seconds = time.perf_counter() - start + float(done.get('seconds', 0.0))
+  means = {k: v / max(steps_done, 1) for k, v in sums.items()}
   means.update(stage=stage, epoch=epoch, step=int(jax.device_get(exp.state.step)),
-               seconds=elapsed, images_per_s=num_steps * batch_images / elapsed)
+               seconds=seconds, images_per_s=steps_done * batch_images / seconds,
+               steps_done=steps_done, sums=sums)
   return means
 
 
@@ -254,23 +337,68 @@ def validate(exp) -> dict:
 
 
 def _save(exp, meta: dict, loaders: dict | None, which: str = 'latest') -> None:
+  """Saves a checkpoint; `config.json` is the config the latest one was trained with."""
   if loaders is not None:
     # Each process reads its own rows: the checkpoint keeps every process's position.
     meta['iterators'] = {name: sharding.gather_json(loader.get_state())
                          for name, loader in loaders.items()}
-  exp.checkpoints.save(which, int(exp.state.step), exp.state, meta,
-                       experiment_lib.config_json(exp.config))
+  meta['workdir'] = exp.workdir  # Lets a copied workdir's paths be compared (workdir.py).
+  config_json = experiment_lib.config_json(exp.config)
+  exp.checkpoints.save(which, int(exp.state.step), exp.state, meta, config_json)
+  if which == 'latest' and sharding.is_main_process():
+    path = os.path.join(exp.workdir, 'config.json')
+    with open(f'{path}.tmp', 'w') as f:
+      f.write(config_json)
+    os.replace(f'{path}.tmp', path)
 
 
-def run_training(exp, *, until: str = SEMI) -> dict:
-  """Runs (or resumes) warm-up and, unless until == 'warmup', the semi-supervised stage."""
+def _partial(meta: dict, stage: str) -> dict | None:
+  """The part of the current epoch a preempted invocation ran, if any."""
+  partial = meta.get('partial')
+  if partial and partial['stage'] == stage and partial['epoch'] == meta['epoch']:
+    return partial
+  return None
+
+
+def _finish_epoch(exp, meta: dict, loaders: dict, record: dict, num_steps: int) -> dict:
+  """The epoch's record, or, when it was stopped early, a saved checkpoint and Preempted."""
+  steps_done, sums = record.pop('steps_done'), record.pop('sums')
+  if steps_done >= num_steps:
+    meta.pop('partial', None)
+    return record
+  meta['partial'] = dict(stage=meta['stage'], epoch=meta['epoch'], steps=steps_done,
+                         sums=sums, seconds=record['seconds'])
+  _save(exp, meta, loaders)
+  raise Preempted(
+      f'Stopped by SIGTERM after step {int(exp.state.step)} ({meta["stage"]} epoch '
+      f'{meta["epoch"] + 1}, {steps_done} of {num_steps} steps), saved in '
+      f'{os.path.join(exp.workdir, "checkpoints", "latest")}. Run the same command again '
+      'to resume from that step.')
+
+
+def _stop_between_epochs(exp, meta: dict, stop) -> None:
+  if stop is not None and stop.at_boundary():
+    raise Preempted(
+        f'Stopped by SIGTERM after {meta["stage"]} epoch {meta["epoch"]} (step '
+        f'{int(exp.state.step)}), saved in {os.path.join(exp.workdir, "checkpoints")}. Run '
+        'the same command again to resume.')
+
+
+def run_training(exp, *, until: str = SEMI, stop=None) -> dict:
+  """Runs (or resumes) warm-up and, unless until == 'warmup', the semi-supervised stage.
+
+  `stop` (a `StopOnSigterm`) is asked after every step; when it says so, the loop saves a
+  checkpoint of that step and raises `Preempted`.
+  """
   config = exp.config
   log = _MetricLog(exp.workdir)
   meta = _fresh_meta()
   if exp.checkpoints.latest_step() is not None:
     exp.state, meta = exp.checkpoints.restore('latest', exp.state)
-    logging.info('Resuming: stage %s, epoch %d, step %d', meta['stage'], meta['epoch'],
-                 int(exp.state.step))
+    partial = meta.get('partial')
+    logging.info('Resuming: stage %s, epoch %d, step %d%s', meta['stage'], meta['epoch'],
+                 int(exp.state.step),
+                 f' ({partial["steps"]} steps into the epoch)' if partial else '')
   budget = config.train.stop_after_epochs or None
 
   if meta['stage'] == INIT:
@@ -294,7 +422,9 @@ def run_training(exp, *, until: str = SEMI) -> dict:
       return aux
 
     record = _run_epoch(exp, WARMUP, epoch, exp.warmup_steps_per_epoch, warmup_fn,
-                        f'warm-up {epoch + 1}/{config.train.warmup_epochs}')
+                        f'warm-up {epoch + 1}/{config.train.warmup_epochs}', stop=stop,
+                        done=_partial(meta, WARMUP))
+    record = _finish_epoch(exp, meta, loaders, record, exp.warmup_steps_per_epoch)
     log.write(record)
     logging.info('warm-up epoch %d: loss %.4f (%.1f img/s)', epoch + 1, record['loss'],
                  record['images_per_s'])
@@ -302,6 +432,7 @@ def run_training(exp, *, until: str = SEMI) -> dict:
     _save(exp, meta, loaders)
     if spend_budget():
       return meta
+    _stop_between_epochs(exp, meta, stop)
   if meta['stage'] == WARMUP:
     build_pool(exp)
     meta.update(stage=SEMI, epoch=0)
@@ -323,7 +454,9 @@ def run_training(exp, *, until: str = SEMI) -> dict:
       return aux
 
     record = _run_epoch(exp, SEMI, epoch, exp.semi_steps_per_epoch, semi_fn,
-                        f'semi {epoch + 1}/{config.train.epochs}')
+                        f'semi {epoch + 1}/{config.train.epochs}', stop=stop,
+                        done=_partial(meta, SEMI))
+    record = _finish_epoch(exp, meta, loaders, record, exp.semi_steps_per_epoch)
     if config.pool.update_rule == 'epoch_refresh':
       refresh_pool(exp)
     record.update(validate(exp))
@@ -333,8 +466,8 @@ def run_training(exp, *, until: str = SEMI) -> dict:
       meta.update(best_dice=record['val_dice_r_mean'], best_epoch=epoch + 1, bad_epochs=0)
     else:
       meta['bad_epochs'] += 1
-    stop = meta['bad_epochs'] >= config.train.patience
-    if stop or meta['epoch'] >= config.train.epochs:
+    stopping = meta['bad_epochs'] >= config.train.patience
+    if stopping or meta['epoch'] >= config.train.epochs:
       meta['stage'] = DONE
     record['best_val_dice_r'] = meta['best_dice']
     log.write(record)
@@ -345,11 +478,13 @@ def run_training(exp, *, until: str = SEMI) -> dict:
     if improved:
       _save(exp, meta, None, which='best')
     _save(exp, meta, loaders)
-    if stop:
+    if stopping:
       logging.info('Early stopping: no better val Dice for %d epochs.',
                    config.train.patience)
     if spend_budget():
       return meta
+    if meta['stage'] != DONE:
+      _stop_between_epochs(exp, meta, stop)
   if meta['stage'] == SEMI:  # epochs == 0: warm-up only; keep its model as the best.
     meta['stage'] = DONE
     _save(exp, meta, None, which='best')
@@ -366,46 +501,136 @@ def report_retrieval(exp, meta: dict, name: str) -> dict:
       step=int(jax.device_get(exp.state.step)))
 
 
-def retrieval_checkpoint(exp) -> dict:
+def retrieval_checkpoint(exp, stop=None) -> dict:
   """Restores the checkpoint to report on (eval.which); runs warm-up first if the pool is
   not built yet. Returns its meta."""
-  meta = run_training(exp, until=WARMUP)
+  meta = run_training(exp, until=WARMUP, stop=stop)
   which = exp.config.eval.which
   if which != 'latest' and exp.checkpoints.latest_step(which) is not None:
     exp.state, meta = exp.checkpoints.restore(which, exp.state)
   return meta
 
 
-def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
-  """The whole job behind run.py; returns a summary dict (also written to the workdir)."""
+def _no_weights_message(workdir: str, which: str) -> str:
+  return (f'No {which!r} checkpoint in {os.path.join(workdir, "checkpoints", which)}: train '
+          'first (--mode=train), point --workdir at a finished run, or evaluate the '
+          "authors' weights with --config.model.checkpoint=FILE.")
+
+
+def import_authors_state(exp) -> dict:
+  """Readies the authors' imported weights (config model.checkpoint) for evaluation.
+
+  Their state dict holds the network only: no knowledge pool, no CoT BERT and no alignment
+  projections. The CoT features are computed with our CoT BERT (model.cot.weights) and the
+  pool is built from the labeled training images with the imported encoder, exactly as
+  at the end of our warm-up (`build_pool`). Returns a meta for the eval summary.
+  """
+  config = exp.config
+  mode = kp.mode_spec(config.pool.mode)
+  if config.pool.cot_space == 'projection' and (mode.uses('cot') or mode.uses('text')):
+    logging.warning(
+        "The authors' state dict has no alignment projections, so they are random here and "
+        "retrieval mode %r ranks by randomly projected CoTs. Use --config.pool.cot_space="
+        'features (with --config.model.cot.weights) or --config.pool.mode=image.',
+        config.pool.mode)
+  logging.info("Evaluating the authors' weights from %s (no orbax checkpoint in %s); the "
+               'pool is built from the %d labeled training images.', config.model.checkpoint,
+               exp.workdir, len(exp.data.rows['train_labeled']))
+  compute_cls_tables(exp)
+  build_pool(exp)
+  return dict(stage='imported', epoch=None,
+              checkpoint=os.path.abspath(config.model.checkpoint))
+
+
+def restore_for_eval(exp, which: str) -> dict:
+  """The `which` checkpoint into exp.state; without one, the authors' imported weights.
+
+  Returns:
+    The checkpoint's meta (stage 'imported' for the authors' weights).
+
+  Raises:
+    WorkdirError: neither a checkpoint nor config model.checkpoint.
+  """
+  if exp.checkpoints.latest_step(which) is not None:
+    if exp.config.model.checkpoint:
+      logging.info('Evaluating the %s checkpoint of %s; model.checkpoint only initialised '
+                   'its training.', which, exp.workdir)
+    exp.state, meta = exp.checkpoints.restore(which, exp.state)
+    return meta
+  if not exp.config.model.checkpoint:
+    raise WorkdirError(_no_weights_message(exp.workdir, which))
+  return import_authors_state(exp)
+
+
+def _check_before_work(config, workdir: str, mode: str) -> None:
+  """What can be refused before any data is prepared or any file written."""
   if mode not in MODES:
-    raise ValueError(f'Unknown mode {mode!r}; choose one of {MODES}.')
+    raise ConfigError(f'Unknown mode {mode!r}; choose one of {MODES}.')
+  weights = config.model.checkpoint
+  if weights and not os.path.exists(weights):
+    raise ConfigError(f'--config.model.checkpoint={weights}: no such file.')
+  which = config.eval.which
+  if (mode in ('eval', 'predict') and not weights
+      and not checkpointing.has_checkpoint(workdir, which)):
+    raise WorkdirError(_no_weights_message(workdir, which))
+
+
+def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
+  """The whole job behind run.py; returns a summary dict (also written to the workdir).
+
+  Raises:
+    ConfigError, WorkdirError, DataError: user errors, before any work where possible.
+    Preempted: SIGTERM during training (a checkpoint of that step was saved).
+  """
   start = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  _check_before_work(config, workdir, mode)
+  workdir_lib.ensure_writable(workdir, '--workdir')
+  config = experiment_lib.resolve_config(config, workdir)
+  changes = workdir_lib.check_resume(workdir, config, mode)
+  if sharding.is_main_process():
+    workdir_lib.log_invocation(workdir, mode, config, changes)
   if mode == 'prepare':
-    workdir = os.path.abspath(workdir)
-    resolved = experiment_lib.resolve_config(config, workdir)
-    data = experiment_lib.prepare_data_once(resolved, workdir)
-    return dict(workdir=workdir, mode=mode, cache_dir=resolved.data.cache_dir,
+    data = experiment_lib.prepare_data_once(config, workdir)
+    return dict(workdir=workdir, mode=mode, cache_dir=config.data.cache_dir,
                 splits={name: len(rows) for name, rows in data.rows.items()})
   exp = experiment_lib.create(config, workdir)
-  summary: dict = dict(workdir=exp.workdir, mode=mode)
-  if mode in ('warmup', 'train', 'all'):
-    meta = run_training(exp, until=WARMUP if mode == 'warmup' else SEMI)
-    summary.update(stage=meta['stage'], best_val_dice_r=meta['best_dice'],
-                   best_epoch=meta['best_epoch'])
-  if mode == 'retrieval':
-    report = report_retrieval(exp, retrieval_checkpoint(exp), '')
-    summary['retrieval'] = {m: {k: v for k, v in r.items() if not isinstance(v, dict)}
-                            for m, r in report['modes'].items()}
-  if mode in ('eval', 'all'):
-    split = config.eval.split or 'test'
-    summary[split] = evaluate_lib.evaluate_checkpoint(exp, split=split)
-  if mode in ('predict', 'all'):
-    summary['predict_dir'] = predict_lib.predict(exp)
+  try:
+    summary = _run_mode(exp, mode)
+  finally:
+    exp.checkpoints.close()
   summary['seconds'] = time.perf_counter() - start
   if sharding.is_main_process():
     with open(os.path.join(exp.workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   logging.info('Summary: %s', json.dumps(summary, indent=2))
-  exp.checkpoints.close()
+  return summary
+
+
+def _run_mode(exp, mode: str) -> dict:
+  summary: dict = dict(workdir=exp.workdir, mode=mode)
+  with StopOnSigterm() as stop:
+    if mode in ('warmup', 'train', 'all'):
+      meta = run_training(exp, until=WARMUP if mode == 'warmup' else SEMI, stop=stop)
+      summary.update(stage=meta['stage'], best_val_dice_r=meta['best_dice'],
+                     best_epoch=meta['best_epoch'])
+    if mode == 'retrieval':
+      meta = retrieval_checkpoint(exp, stop=stop)
+    if stop.at_boundary():
+      raise Preempted(f'Stopped by SIGTERM after training; the checkpoints in '
+                      f'{os.path.join(exp.workdir, "checkpoints")} are complete. Run the '
+                      'same command again for what this one had left to do.')
+  if mode == 'retrieval':
+    report = report_retrieval(exp, meta, '')
+    summary['retrieval'] = {m: {k: v for k, v in r.items() if not isinstance(v, dict)}
+                            for m, r in report['modes'].items()}
+  if mode in ('eval', 'predict', 'all'):
+    which = exp.config.eval.which
+    meta = restore_for_eval(exp, which)
+    if mode in ('eval', 'all'):
+      split = exp.config.eval.split or 'test'
+      summary[split] = evaluate_lib.evaluate_checkpoint(exp, split=split, which=which,
+                                                        meta=meta)
+    if mode in ('predict', 'all'):
+      summary['predict_dir'] = predict_lib.predict(exp, restore=False)
   return summary

@@ -18,6 +18,7 @@ from flax import nnx
 from cers_jax import knowledge_pool as kp
 from cers_jax import losses
 from cers_jax import metrics as metrics_lib
+from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
 from cers_jax.train_state import EmbeddingTables, TrainState, merge_model
 
@@ -44,13 +45,13 @@ class StepConfig:
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
     if config.pool.mode not in kp.MODES:
-      raise ValueError(f'--config.pool.mode={config.pool.mode!r}: choose one of {kp.MODES}.')
+      raise ConfigError(f'--config.pool.mode={config.pool.mode!r}: choose one of {kp.MODES}.')
     if config.pool.update_rule not in UPDATE_RULES:
-      raise ValueError(f'--config.pool.update_rule={config.pool.update_rule!r}: choose one '
-                       f'of {UPDATE_RULES}.')
+      raise ConfigError(f'--config.pool.update_rule={config.pool.update_rule!r}: choose one '
+                        f'of {UPDATE_RULES}.')
     if config.pool.cot_space not in COT_SPACES:
-      raise ValueError(f'--config.pool.cot_space={config.pool.cot_space!r}: choose one of '
-                       f'{COT_SPACES}.')
+      raise ConfigError(f'--config.pool.cot_space={config.pool.cot_space!r}: choose one of '
+                        f'{COT_SPACES}.')
     return cls(mode=config.pool.mode, k_coarse=config.pool.k_coarse, k=config.pool.k,
                exclude_self=config.pool.exclude_self, pool_update=config.pool.update_rule,
                pool_momentum=config.pool.momentum, clip_weight=config.train.clip_weight,

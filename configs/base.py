@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.root = ''  # Dataset folder; required for real data.
   data.text_csv = ''  # Report-text CSV/xlsx: comma-separated paths or globs; '' = layout default.
   data.require_text = False  # True: any image without report text is an error (all: always).
+  data.require_cot = False  # True: an image without the CoT its split queries with is an error.
   data.cot_mask_csv = ''  # CoTs written with the mask shown (labeled images): image,cot.
   data.cot_no_mask_csv = ''  # CoTs written without the mask (all other images): image,cot.
   data.cache_dir = ''  # Decoded uint8 cache and split manifest; '' = <workdir>/data.

@@ -18,6 +18,13 @@ projections and no CoT BERT: `load_authors_checkpoint` fills exactly the sub-mod
 authors' model has, so a strict load of their checkpoint succeeds and those two keep their
 own initialisation (or whatever was loaded into them separately).
 
+Their state dict holds no knowledge pool either (the manifest lists none). To evaluate or
+predict with their weights, `run.py --mode eval|predict --config.model.checkpoint=FILE`
+builds the pool from the labeled training images with the imported encoder, as our warm-up
+ends (`train.import_authors_state`). Their pool code keeps each row as an f4 map flattened
+from NCHW, i.e. in (C, h, w) order, where ours keeps (h, w, C) maps: `authors_pool_feat`
+converts rows of theirs into our `KnowledgePool.feat` layout.
+
 The per-module converters (`text_cross_attention_weights`, ...) take a state dict with the
 module's own torch names, as the golden fixtures store them. Every converter passes names
 it does not know through unchanged, so `load_into` reports them as unexpected rather than
@@ -315,6 +322,28 @@ def cers_weights(sd: StateDict, *, attn_heads: int = 8,
       else:
         out[prefix + name] = value
   return out
+
+
+def authors_pool_feat(rows: np.ndarray, feature_shape: tuple[int, int, int]) -> np.ndarray:
+  """The authors' pool rows (N, C*h*w), flattened from NCHW f4 maps, as our (N, h, w, C).
+
+  Cosine similarities between rows do not depend on the order of the flattening, but the
+  maps the fusion module attends to do: rows of theirs must be converted before they can
+  be our `KnowledgePool.feat` (whose `key` flattens the (h, w, C) maps).
+
+  Args:
+    rows: (N, C*h*w) as their pool stores them.
+    feature_shape: our (h, w, C) f4 shape (`CERS.f4_shape(image_size)`).
+
+  Raises:
+    ValueError: rows of another width than h*w*C.
+  """
+  h, w, c = feature_shape
+  rows = np.asarray(rows)
+  if rows.ndim != 2 or rows.shape[1] != h * w * c:
+    raise ValueError(f'Pool rows of shape {rows.shape} are not (N, C*h*w) = (N, {c * h * w}) '
+                     f'for f4 maps of (h, w, C) = {feature_shape}.')
+  return np.ascontiguousarray(rows.reshape(-1, c, h, w).transpose(0, 2, 3, 1))
 
 
 class CERSAuthorsView(nnx.Module):

@@ -4,7 +4,9 @@ Images are decoded and resized once by `cers_jax.data.prepare.prepare` into uint
 everything downstream (input pipeline, pool, embedding tables) indexes them by cache row.
 Layout of <cache_dir> (see /work/briefs/data_contract.md):
   images.npy (N, S, S, 3) uint8, masks.npy (N, S, S) uint8 {0, 1}, has_mask.npy (N,) bool,
-  samples.json (Sample fields + "row", in row order), split.json, report.json.
+  samples.json (Sample fields + "row", in row order), split.json, report.json,
+  sources.json (per row, the image and mask files decoded: path, size, mtime_ns, sha1;
+  `prepare` decodes a row again when its files changed).
 """
 
 from __future__ import annotations

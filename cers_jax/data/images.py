@@ -5,6 +5,13 @@ replicate gray to three channels; masks are binarised (BRISC 2025's PNG masks ho
 values such as 0-7 and 249-255, so the threshold is >= 128). Any Pillow mode is accepted:
 16-bit and float images are min-max scaled to uint8, which loses nothing the model sees
 because every image is z-scored per channel later.
+
+Colour masks (RGB, RGBA, palettes with colours) are read by their brightest channel, not by
+luminance: a lesion drawn in pure red (255, 0, 0) has luminance 76, under the threshold, and
+would become an empty label. A pixel is lesion when any of its channels is >= 128. A mask
+whose brightest pixels are clearly above the noise but all under 128 (a lesion drawn in a
+dark shade, or labels stored as 0/100) is refused, naming the file, rather than read as
+empty.
 """
 
 from __future__ import annotations
@@ -100,6 +107,11 @@ def binarize_mask(values: np.ndarray, path: str = '<array>') -> np.ndarray:
   levels = np.unique(values)
   if levels.size and levels.max() <= 1:
     return values.astype(np.uint8)
+  if levels.size and LOW_BAND <= levels.max() < MASK_THRESHOLD:
+    raise DataError(
+        f'Mask {path} has pixels of value {int(levels.max())} but none reaching '
+        f'{MASK_THRESHOLD}, so it would read as an empty mask (no lesion). Is the lesion '
+        'drawn in a dark shade? Rewrite the mask as 0/255 (or 0/1), or remove the file.')
   mid = (values >= LOW_BAND) & (values <= HIGH_BAND)
   mid_levels = np.unique(values[mid]).size
   mid_fraction = float(mid.mean()) if values.size else 0.0
@@ -113,9 +125,10 @@ def binarize_mask(values: np.ndarray, path: str = '<array>') -> np.ndarray:
 
 
 def read_mask_values(path: str) -> np.ndarray:
-  """Decodes a mask file to its raw uint8 (H, W) gray values (not yet binarised).
+  """Decodes a mask file to its raw uint8 (H, W) values (not yet binarised).
 
-  Palette masks give their indices when those are {0, 1}; colour masks become gray.
+  Palette masks give their indices when those are {0, 1}; colour masks give their
+  brightest channel per pixel (a lesion drawn in any pure colour stays bright).
 
   Raises:
     DataError: unreadable or corrupt.
@@ -127,7 +140,7 @@ def read_mask_values(path: str) -> np.ndarray:
         return indices.astype(np.uint8)
     gray = _to_l_or_rgb(im)
   if gray.ndim == 3:
-    gray = np.asarray(Image.fromarray(gray).convert('L'))
+    gray = gray.max(axis=-1)
   return gray
 
 

@@ -5,12 +5,20 @@ image and mask once (checking each file), and writes into the cache directory:
 report.json (counts and every problem found), split.json (the split every later run
 reuses) and the decoded, resized arrays (see `cers_jax.data.cache`). A second call with the
 same config reuses split.json (after checking that it was made with the same protocol,
-seed and fractions) and the arrays (when image size and files are unchanged).
+seed and fractions) and the arrays.
+The arrays are reused row by row: sources.json records each row's image and mask files
+(path, size, mtime and SHA-1). A file whose size or mtime changed is hashed again, and the
+rows whose content changed (an edited mask, a replaced image; same paths) are decoded again
+and named in the log and report.json; a file only touched or copied keeps its row. A cache
+without that record, of another size or other images, is built anew. Changed pixels never
+change split.json.
 Files that make the dataset unusable (unreadable images, mask/image size mismatches, masks
 that are not binary-like) are all listed in report.json, then a `DataError` names them. So
 is a dataset without report texts (every CERS model reads one per image), or whose training
 images have none, before any image is decoded; with data.require_text, a single image
-without one is an error too.
+without one is an error too, and with data.require_cot, one without the CoT its split role
+queries with. A split without labeled training images is refused before split.json is
+written.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import collections
 from concurrent import futures
 import dataclasses
 import datetime
+import hashlib
+import json
 import multiprocessing
 import os
 from typing import Any, Iterator
@@ -34,6 +44,8 @@ from cers_jax.data.cache import Cache, load_cache, read_samples
 from cers_jax.data.records import SPLIT_NAMES, DataError, Problem, Sample, sample_to_dict
 
 _ARRAYS = ('images', 'masks', 'has_mask')
+_SOURCES = 'sources.json'  # Per row: the image and mask files the arrays were decoded from.
+_LISTED = 5  # File names or ids quoted in a log line or error.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,49 +93,120 @@ def _tmp(cache_dir: str, name: str) -> str:
   return os.path.join(cache_dir, f'{name}.tmp.npy')
 
 
-def _build_arrays(cache_dir: str, samples: list[Sample], size: int,
-                  processes: int) -> list[Problem]:
-  """Decodes every sample into temporary .npy files; returns the fatal problems found."""
-  n = len(samples)
-  out = {
-      'images': np.lib.format.open_memmap(_tmp(cache_dir, 'images'), 'w+', np.uint8,
-                                          (n, size, size, 3)),
-      'masks': np.lib.format.open_memmap(_tmp(cache_dir, 'masks'), 'w+', np.uint8,
-                                         (n, size, size)),
-      'has_mask': np.lib.format.open_memmap(_tmp(cache_dir, 'has_mask'), 'w+', np.bool_,
-                                            (n,)),
-  }
+def _open_tmp_arrays(cache_dir: str, n: int, size: int) -> dict[str, np.ndarray]:
+  shapes = {'images': ((n, size, size, 3), np.uint8), 'masks': ((n, size, size), np.uint8),
+            'has_mask': ((n,), np.bool_)}
+  return {name: np.lib.format.open_memmap(_tmp(cache_dir, name), 'w+', dtype, shape)
+          for name, (shape, dtype) in shapes.items()}
+
+
+def _decode_rows(out: dict[str, np.ndarray], samples: list[Sample], rows: list[int],
+                 size: int, processes: int) -> list[Problem]:
+  """Decodes the samples at `rows` into the arrays `out`; returns the fatal problems."""
   problems = []
-  results = _decoded(samples, size, processes)
-  for row, (sample, (image, mask, info)) in enumerate(
-      zip(samples, tqdm.tqdm(results, total=n, desc='decoding images', unit='img'))):
+  results = _decoded([samples[r] for r in rows], size, processes)
+  for row, (image, mask, info) in zip(
+      rows, tqdm.tqdm(results, total=len(rows), desc='decoding images', unit='img')):
     if info['error_kind']:
-      problems.append(Problem(str(info['error_kind']), str(info['file']), 0, sample.id,
-                              str(info['error'])))
+      problems.append(Problem(str(info['error_kind']), str(info['file']), 0,
+                              samples[row].id, str(info['error'])))
       continue
     out['images'][row] = image
     out['has_mask'][row] = mask is not None
     out['masks'][row] = mask if mask is not None else 0
   for array in out.values():
     array.flush()
+  return problems
+
+
+def _build_arrays(cache_dir: str, samples: list[Sample], size: int, processes: int,
+                  rows: list[int] | None = None) -> list[Problem]:
+  """Decodes samples into temporary .npy files; returns the fatal problems found.
+
+  rows=None decodes every sample; otherwise the current arrays are copied and only `rows`
+  are decoded again (a reader of the old files keeps seeing them until they are replaced).
+  """
+  out = _open_tmp_arrays(cache_dir, len(samples), size)
+  if rows is not None:
+    for name, array in out.items():
+      array[:] = np.load(os.path.join(cache_dir, f'{name}.npy'), mmap_mode='r')
+  problems = _decode_rows(out, samples, list(range(len(samples))) if rows is None else rows,
+                          size, processes)
   del out
   return problems
 
 
-def _cache_matches(cache_dir: str, samples: list[Sample], size: int) -> bool:
-  """Whether the arrays in cache_dir hold exactly these files at this size."""
+def _sha1(path: str) -> str:
+  digest = hashlib.sha1()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _signature(path: str | None, known: dict | None) -> dict | None:
+  """{path, size, mtime_ns, sha1} of a file; the known hash is kept while path, size and
+  mtime are unchanged (hashing every file on every run would read the whole dataset)."""
+  if path is None:
+    return None
+  try:
+    stat = os.stat(path)
+  except OSError:  # Gone since the scan: a changed row, whose decoding reports it.
+    return dict(path=path, size=-1, mtime_ns=-1, sha1='')
+  if (known and known.get('path') == path and known.get('size') == stat.st_size
+      and known.get('mtime_ns') == stat.st_mtime_ns):
+    return known
+  return dict(path=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha1=_sha1(path))
+
+
+def _sources(samples: list[Sample], known: list[dict] | None = None) -> list[dict]:
+  known = known or [{}] * len(samples)
+  return [{'image': _signature(s.image_path, k.get('image')),
+           'mask': _signature(s.mask_path, k.get('mask'))} for s, k in zip(samples, known)]
+
+
+def _changed_files(old: dict, new: dict) -> list[str]:
+  """The files of one row whose content differs from when the row was decoded."""
+  sha1 = lambda source: None if source is None else source['sha1']  # noqa: E731
+  return [(new[f] or old[f])['path'] for f in ('image', 'mask') if sha1(old[f]) != sha1(new[f])]
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachePlan:
+  """What `prepare` does with the arrays already in the cache directory."""
+
+  stale_rows: list[int] | None  # Rows to decode again; None: build every row anew.
+  sources: list[dict] | None  # Signatures of the current files (None: after the build).
+  why: str  # Why the cache is built anew ('' otherwise).
+  changed: tuple[str, ...] = ()  # The files behind stale_rows.
+
+
+def _plan_cache(cache_dir: str, samples: list[Sample], size: int) -> _CachePlan:
+  """Compares the cache with the dataset's files, row by row."""
   paths = [os.path.join(cache_dir, f'{name}.npy') for name in _ARRAYS]
   samples_path = os.path.join(cache_dir, 'samples.json')
+  sources_path = os.path.join(cache_dir, _SOURCES)
   if not all(os.path.isfile(p) for p in [*paths, samples_path]):
-    return False
+    return _CachePlan(None, None, '')
   try:
     cached = read_samples(samples_path)
     images = np.load(paths[0], mmap_mode='r')
-  except (DataError, OSError, ValueError):
-    return False
-  key = lambda s: (s.id, s.image_path, s.mask_path)
-  return (images.shape == (len(samples), size, size, 3)
-          and [key(s) for s in cached] == [key(s) for s in samples])
+    with open(sources_path, encoding='utf-8') as f:
+      known = json.load(f)
+  except FileNotFoundError:
+    return _CachePlan(None, None, f'it has no {_SOURCES} (a record of its source files, '
+                      'added after it was made), so changed files could go unnoticed')
+  except (DataError, OSError, ValueError) as error:
+    return _CachePlan(None, None, f'it cannot be read ({error})')
+  if images.shape != (len(samples), size, size, 3):
+    return _CachePlan(None, None, f'it holds {images.shape[0]} images of {images.shape[1]}'
+                      f'x{images.shape[2]}, the dataset {len(samples)} at {size}x{size}')
+  if [s.id for s in cached] != [s.id for s in samples] or len(known) != len(samples):
+    return _CachePlan(None, None, 'the dataset has other images now')
+  current = _sources(samples, known)
+  changed = [_changed_files(old, new) for old, new in zip(known, current)]
+  return _CachePlan([row for row, files in enumerate(changed) if files], current, '',
+                    tuple(f for files in changed for f in files))
 
 
 def _manifest(path: str, scan: layouts.DatasetScan, settings: dict[str, Any],
@@ -210,8 +293,38 @@ def _empty_mask_problems(cache_dir: str, samples: list[Sample], size: int) -> li
   return problems
 
 
+def _without_query_cot(samples: list[Sample], manifest: dict[str, Any]) -> dict[str, list]:
+  """Per split, the ids without the CoT that split queries with (training with it too).
+
+  Labeled training images align with and query by the CoT written with the mask; every
+  other image queries by the one written without (`train.compute_cls_tables`).
+  """
+  by_id = {s.id: s for s in samples}
+  missing = {}
+  for name in SPLIT_NAMES:
+    field = 'cot_mask' if name == 'train_labeled' else 'cot_no_mask'
+    missing[name] = [i for i in manifest['ids'][name] if getattr(by_id[i], field) is None]
+  return missing
+
+
+def _cot_gap(missing: dict[str, list], require_cot: bool) -> str | None:
+  total = sum(len(ids) for ids in missing.values())
+  if not total or not require_cot:
+    return None
+  ids = [i for name in SPLIT_NAMES for i in missing[name]]
+  counts = ', '.join(f'{name} {len(ids)}' for name, ids in missing.items() if ids)
+  return (f'{total} images have no CoT for their role ({counts}; e.g. {ids[:_LISTED]}) and '
+          'data.require_cot is True. Labeled training images need the CoT written with the '
+          'mask (--config.data.cot_mask_csv), all others the one written without '
+          '(--config.data.cot_no_mask_csv): add them (python -m cers_jax.cot.generate '
+          'writes them), or set --config.data.require_cot=False to query with an '
+          'all-padding CoT.')
+
+
 def _report(scan: layouts.DatasetScan, problems: list[Problem], manifest: dict | None,
-            cache_dir: str, size: int, reused: dict[str, bool]) -> dict[str, Any]:
+            cache_dir: str, size: int, reused: dict[str, bool],
+            rebuilt: list[str] | None = None,
+            changed_files: tuple[str, ...] = ()) -> dict[str, Any]:
   samples = scan.samples
   kinds = collections.Counter(p.kind for p in problems)
   counts = {
@@ -225,9 +338,12 @@ def _report(scan: layouts.DatasetScan, problems: list[Problem], manifest: dict |
   }
   if manifest is not None:
     counts['split'] = {name: len(manifest['ids'][name]) for name in SPLIT_NAMES}
+    missing = _without_query_cot(samples, manifest)
+    counts['without_query_cot'] = {name: len(ids) for name, ids in missing.items()}
   return {
       'dataset_root': scan.root, 'layout': scan.layout, 'cache_dir': os.path.abspath(cache_dir),
-      'image_size': size, 'reused': reused,
+      'image_size': size, 'reused': reused, 'cache_rows_rebuilt': rebuilt or [],
+      'cache_changed_files': list(changed_files),
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'counts': counts, 'problem_counts': dict(sorted(kinds.items())),
       'annotation_files': scan.annotation_files,
@@ -252,8 +368,18 @@ def _log_summary(report: dict[str, Any], report_path: str) -> None:
   if 'split' in c:
     logging.info('Split: %s (%s).', ', '.join(f'{k} {v}' for k, v in c['split'].items()),
                  'reused' if report['reused']['split'] else 'new')
+  no_cot = {k: v for k, v in c.get('without_query_cot', {}).items() if v}
+  if no_cot:
+    logging.warning(
+        '%d images have no CoT for their role (%s): they are queried (and labeled ones '
+        'pooled) with an all-padding CoT, which says nothing about them (README "Failure '
+        'modes"); --config.data.require_cot=True makes that an error.', sum(no_cot.values()),
+        ', '.join(f'{k} {v}' for k, v in no_cot.items()))
+  rebuilt = report['cache_rows_rebuilt']
+  state = ('reused' if report['reused']['cache'] else
+           f'{len(rebuilt)} rows decoded again' if rebuilt else 'built')
   logging.info('Cache %s: %dx%d, %s.', report['cache_dir'], report['image_size'],
-               report['image_size'], 'reused' if report['reused']['cache'] else 'built')
+               report['image_size'], state)
   if report['problem_counts']:
     logging.warning('Data problems (details in %s): %s.', report_path, ', '.join(
         f'{k} {v}' for k, v in report['problem_counts'].items()))
@@ -288,7 +414,12 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   if size <= 0:
     raise DataError(f'data.image_size={size} must be positive.')
   cache_dir = resolve_cache_dir(config, workdir)
-  os.makedirs(cache_dir, exist_ok=True)
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+  except OSError as error:
+    raise DataError(f'Cannot create the cache directory {cache_dir} ({error.strerror}): set '
+                    '--config.data.cache_dir (or --workdir) to a folder you can write.'
+                    ) from error
   if processes is None:
     processes = int(data.get('prepare_workers', 0) or 0)
   scan = layouts.read_dataset(data)
@@ -297,6 +428,14 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   report_path = os.path.join(cache_dir, 'report.json')
   settings = splits.split_settings(data, config.seed)
   manifest, split_reused = _manifest(split_path, scan, settings, size)
+  if not manifest['ids']['train_labeled']:
+    written = (f'delete {split_path}, made with it' if split_reused else
+               f'{split_path} was not written')
+    raise DataError(
+        f'data.labeled_fraction={data.labeled_fraction} leaves none of the '
+        f'{len(manifest["ids"]["train_unlabeled"])} training images labeled, and CERS '
+        'starts from labeled images (warm-up, the knowledge pool): raise '
+        f'--config.data.labeled_fraction (e.g. 0.25); {written}.')
   train_ids = {i for name in ('train_labeled', 'train_unlabeled')
                for i in manifest['ids'][name]}
   text_gap = _text_gap(scan, bool(data.require_text), train_ids)
@@ -304,15 +443,31 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
     report = _report(scan, problems, None, cache_dir, size, {'split': False, 'cache': False})
     splits.write_json(report_path, {**report, 'error': text_gap})
     raise DataError(f'{text_gap} Details in {report_path}.')
+  cot_gap = _cot_gap(_without_query_cot(scan.samples, manifest), bool(data.get('require_cot')))
+  if cot_gap:
+    report = _report(scan, problems, manifest, cache_dir, size,
+                     {'split': split_reused, 'cache': False})
+    splits.write_json(report_path, {**report, 'error': cot_gap})
+    raise DataError(f'{cot_gap} Details in {report_path}.')
   listed = {i for name in SPLIT_NAMES for i in manifest['ids'][name]}
   problems.extend(Problem('not_in_split', s.image_path, 0, s.id,
                           _unsplit_detail(s, manifest, split_path))
                   for s in scan.samples if s.id not in listed)
 
-  cache_reused = _cache_matches(cache_dir, scan.samples, size)
+  plan = _plan_cache(cache_dir, scan.samples, size)
+  cache_reused = plan.stale_rows == []
+  rebuilt = []
+  if plan.why:
+    logging.info('Building the cache in %s anew: %s.', cache_dir, plan.why)
+  if plan.stale_rows:
+    rebuilt = [scan.samples[r].id for r in plan.stale_rows]
+    logging.warning('%d cached rows are out of date: their files changed since the cache '
+                    'was built (%s%s); decoding them again.', len(rebuilt),
+                    ', '.join(plan.changed[:_LISTED]),
+                    ', ...' if len(plan.changed) > _LISTED else '')
   if not cache_reused:
     try:
-      fatal = _build_arrays(cache_dir, scan.samples, size, processes)
+      fatal = _build_arrays(cache_dir, scan.samples, size, processes, plan.stale_rows)
     except BaseException:
       _remove_tmp(cache_dir)
       raise
@@ -323,18 +478,22 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
                        {'split': split_reused, 'cache': False})
       splits.write_json(report_path, report)
       _log_summary(report, report_path)
-      listing = '\n'.join(f'  {p.kind}: {p.detail}' for p in fatal[:5])
+      listing = ' | '.join(f'{p.kind}: {p.detail}' for p in fatal[:_LISTED])
+      # One line: run.py prints it as the error line.
       raise DataError(f'{len(fatal)} files make the dataset unusable (all listed in '
-                      f'{report_path}), e.g.:\n{listing}')
+                      f'{report_path}), e.g. {listing}')
     for name in _ARRAYS:
       os.replace(_tmp(cache_dir, name), os.path.join(cache_dir, f'{name}.npy'))
+  # After the arrays: a run stopped in between decodes those rows again next time.
+  splits.write_json(os.path.join(cache_dir, _SOURCES),
+                    plan.sources if plan.stale_rows is not None else _sources(scan.samples))
   splits.write_json(os.path.join(cache_dir, 'samples.json'),
                     [sample_to_dict(s, row) for row, s in enumerate(scan.samples)])
   if not split_reused:
     splits.write_json(split_path, manifest)
   problems.extend(_empty_mask_problems(cache_dir, scan.samples, size))
   report = _report(scan, problems, manifest, cache_dir, size,
-                   {'split': split_reused, 'cache': cache_reused})
+                   {'split': split_reused, 'cache': cache_reused}, rebuilt, plan.changed)
   splits.write_json(report_path, report)
   _log_summary(report, report_path)
   cache = load_cache(cache_dir)

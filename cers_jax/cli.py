@@ -1,0 +1,102 @@
+"""Flag parsing shared by `run.py` and the benchmarks: user mistakes end in one line.
+
+absl exits with status 1 after printing `--help`, and a misspelt `--config.a.b=` field
+surfaces as a long traceback from ml_collections. `parse_flags` (pass it to
+`absl.app.run(main, flags_parser=parse_flags)`) makes help exit 0 and turns flag errors
+into `error: ...` with the fix, exit status 2 (a usage error, as argparse uses).
+ml_collections reads a config file at two more moments: when the flag is defined (if no
+`--config` is given, the default file and the overrides are parsed right then) and when
+`.value` is first read (a file that failed to load); `define_config_file` and
+`config_value` cover those.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+_HELP_FLAGS = frozenset(('help', '?', 'helpshort', 'helpfull', 'helpxml'))
+USAGE_ERROR = 2  # Exit status of a command-line mistake.
+
+
+def _asked_for_help(argv: list[str]) -> bool:
+  return any(arg.startswith('-') and arg.lstrip('-').split('=')[0] in _HELP_FLAGS
+             for arg in argv[1:])
+
+
+def _one_line(error: BaseException) -> str:
+  # ml_collections wraps "'field'\nDid you mean ..." in quotes and escapes the newline.
+  text = str(error).replace('\\n', ' ').replace('\\\'', '\'')
+  if text.startswith("'") and text.endswith('"?\''):  # ml_collections' "Did you mean".
+    text = text[1:-1]
+  text = re.sub(r'\s+', ' ', text).strip()
+  return text if text.endswith(('.', '?', '!')) else text + '.'
+
+
+def _config_override(argv: list[str], error: BaseException) -> str:
+  """The --config.x.y flag an override error is about (its unknown field is quoted)."""
+  match = re.search(r"'(\w+)'", str(error).replace('\\\'', '\''))
+  field = match.group(1) if match else ''
+  for arg in argv[1:]:
+    name = arg.lstrip('-').split('=')[0]
+    if name.startswith('config.') and (not field or field in name.split('.')[1:]):
+      return f'--{name}'
+  return '--config.*'
+
+
+def _override_error(argv: list[str], error: BaseException) -> None:
+  unknown = 'no such field: ' if isinstance(error, (AttributeError, KeyError)) else ''
+  _fail(f'{_config_override(argv, error)}: {unknown}{_one_line(error)} The config is '
+        'locked: configs/base.py lists every field with its meaning.')
+
+
+def define_config_file(name: str, default: str, help_text: str):
+  """`config_flags.DEFINE_config_file(..., lock_config=True)`, a bad override one line."""
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    _override_error(sys.argv, error)
+
+
+def config_value(holder) -> ml_collections.ConfigDict:
+  """The parsed config of a `define_config_file` flag; a file that failed to load ends
+  the program with one line naming it."""
+  value = holder.value
+  try:
+    value.get  # A config that failed to load raises its error on any attribute.
+  except OSError as error:
+    _fail(f'--{holder.name}: {_one_line(error)} Give a config file, e.g. '
+          f'--{holder.name}=configs/synthetic.py.')
+  return value
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses absl flags; on a mistake prints one `error:` line and exits.
+
+  Args:
+    argv: sys.argv as `absl.app.run` passes it.
+
+  Returns:
+    The arguments that are not flags (as absl's own parser).
+  """
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as stop:
+    # absl's --help flags print the usage and exit 1: asking for help is not an error.
+    if stop.code == 1 and _asked_for_help(argv):
+      sys.exit(0)
+    raise
+  except flags.Error as error:
+    _fail(f'{_one_line(error)} --help lists the flags.')
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    # ml_collections' config_flags raises these for --config.<field> overrides.
+    _override_error(argv, error)
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(USAGE_ERROR)

@@ -1,0 +1,201 @@
+"""What an invocation may do with a --workdir: write to it, evaluate it, resume it.
+
+Checked before any data is prepared or model built, so a mistake costs seconds and leaves
+the workdir as it was:
+
+* `ensure_writable` — the workdir (and the cache directory) is a directory this process
+  can write;
+* `check_resume` — the config of this invocation against the one the workdir's checkpoint
+  was trained with (`checkpoints/latest`, else `checkpoints/best`). Fields that change the
+  data, the parameters or the pool (`FIXED`) are refused in every mode: the checkpoint
+  would not load, or would be scored on other data. Retrieval settings (`RETRIEVAL`) may
+  change only where no retrieval has been trained with yet — during warm-up, at the end
+  of warm-up (stage 'semi', epoch 0, before its first step: how scripts/brisc_study.sh
+  continues one warmed-up run with several pool modes), after training is done, and in
+  the evaluation-only modes; `TRAINING` fields only where nothing trains. Everything else
+  (epochs, learning rate, logging, eval.*) may change; the differences are logged;
+* `log_invocation` — appends this invocation's mode, config and differences to
+  `<workdir>/invocations.jsonl`, so `config.json` can stay the config as trained.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from typing import Any
+
+from absl import logging
+
+from cers_jax import checkpointing
+from cers_jax.errors import WorkdirError
+
+# Refused whenever they differ from the checkpoint's: they decide the split, the cache,
+# the token ids, the parameter shapes or the pool's shape.
+FIXED = (
+    'seed', 'data.layout', 'data.root', 'data.text_csv', 'data.cot_mask_csv',
+    'data.cot_no_mask_csv', 'data.cache_dir', 'data.image_size', 'data.split_protocol',
+    'data.split_ratios', 'data.val_fraction', 'data.labeled_fraction', 'data.group_regex',
+    'data.max_text_len', 'data.max_cot_len', 'synthetic.num_images', 'synthetic.image_size',
+    'tokenizer.text_dir', 'tokenizer.cot_dir', 'tokenizer.vocab_size', 'pool.cot_space')
+# Every model.* field is fixed too, except these, which only initialise (the checkpoint's
+# parameters replace them), regularise training or choose the arithmetic.
+MODEL_FREE = (
+    'model.encoder_weights', 'model.text.weights', 'model.cot.weights', 'model.checkpoint',
+    'model.layer_scale_init', 'model.logit_scale_init', 'model.compute_dtype',
+    'model.drop_path_rate', 'model.text.dropout', 'model.cot.dropout', 'model.fusion_dropout')
+# Derived from the tokenizer files (compared through tokenizer.*), known after prepare.
+DERIVED = ('model.text.vocab_size', 'model.cot.vocab_size')
+# How training retrieves and updates the pool.
+RETRIEVAL = ('pool.mode', 'pool.k_coarse', 'pool.k', 'pool.exclude_self', 'pool.momentum',
+             'pool.update_rule', 'pool.centre_cot')
+# The checkpoint's data-iterator positions count batches of this size, per worker.
+TRAINING = ('train.batch_size', 'data.num_workers')
+
+_WARMUP, _SEMI, _DONE = 'warmup', 'semi', 'done'
+
+
+def ensure_writable(path: str, flag: str) -> None:
+  """Creates `path` if missing and checks that files can be written in it.
+
+  Raises:
+    WorkdirError: a file is in the way, or the directory cannot be created or written.
+  """
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f'{flag} {path} is a file, not a directory: give the path of a '
+                       'directory (it is created if missing).')
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as error:
+    raise WorkdirError(f'{flag} {path} is not a writable directory ({error.strerror}): '
+                       'choose a directory you can write, or copy the run there.') from error
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def _relative(value: Any, workdir: str | None) -> Any:
+  """Paths inside a workdir relative to it: a copied workdir (cp -r) still matches."""
+  if workdir and isinstance(value, str) and value.startswith(workdir.rstrip('/') + '/'):
+    return '<workdir>' + value[len(workdir.rstrip('/')):]
+  return value
+
+
+def _saved_workdir(saved: dict[str, Any], meta: dict) -> str | None:
+  # Checkpoints written before meta['workdir'] existed: the default cache is <workdir>/data.
+  cache_dir = saved.get('data.cache_dir') or ''
+  fallback = os.path.dirname(cache_dir) if os.path.basename(cache_dir) == 'data' else None
+  return meta.get('workdir') or fallback
+
+
+def _kind(field: str) -> str:
+  if field in DERIVED:
+    return 'derived'
+  if field in RETRIEVAL:
+    return 'retrieval'
+  if field in TRAINING:
+    return 'training'
+  if field in FIXED or (field.startswith('model.') and field not in MODEL_FREE):
+    return 'fixed'
+  return 'free'
+
+
+def _trains(mode: str, meta: dict) -> bool:
+  """Whether this invocation runs training steps from the checkpoint's position."""
+  stage = meta.get('stage')
+  if mode in ('train', 'all'):
+    return stage != _DONE
+  if mode in ('warmup', 'retrieval'):
+    return stage == _WARMUP
+  return False
+
+
+def _retrieval_trained(meta: dict) -> bool:
+  """Whether semi-supervised steps (which retrieve) have run into this checkpoint."""
+  return meta.get('stage') == _SEMI and (meta.get('epoch', 0) > 0 or bool(meta.get('partial')))
+
+
+def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
+  return '; '.join(f'{k}: {a!r} in the checkpoint, {b!r} now' for k, (a, b) in changes.items())
+
+
+def compare(saved_config: dict, meta: dict, config: dict, workdir: str
+            ) -> dict[str, tuple[Any, Any]]:
+  """Fields whose value differs: {field: (checkpoint's value, this invocation's)}."""
+  saved, now = _flatten(saved_config), _flatten(config)
+  old_workdir = _saved_workdir(saved, meta)
+  return {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now))
+          if _relative(saved[k], old_workdir) != _relative(now[k], workdir)}
+
+
+def refused_changes(changes: dict[str, tuple[Any, Any]], mode: str, meta: dict
+                    ) -> dict[str, tuple[Any, Any]]:
+  """The differences `mode` cannot go on with from a checkpoint at `meta`'s position."""
+  trains = _trains(mode, meta)
+  refused = {}
+  for field, values in changes.items():
+    kind = _kind(field)
+    if (kind == 'fixed' or (kind == 'training' and trains)
+        or (kind == 'retrieval' and trains and _retrieval_trained(meta))):
+      refused[field] = values
+  return refused
+
+
+def check_resume(workdir: str, config, mode: str) -> dict[str, tuple[Any, Any]]:
+  """Checks this invocation's config against the workdir's checkpoint.
+
+  Args:
+    workdir: the absolute workdir.
+    config: the resolved config (experiment.resolve_config) of this invocation.
+    mode: the run.py mode.
+
+  Returns:
+    The allowed differences, {field: (checkpoint's value, this invocation's)}; {} when
+    there is no checkpoint yet.
+
+  Raises:
+    WorkdirError: a difference that this mode cannot continue or evaluate with, naming
+      every such field with both values.
+  """
+  saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+  if saved is None:
+    saved = checkpointing.read_saved(workdir, checkpointing.BEST)
+  if saved is None:
+    return {}
+  saved_config, meta = saved
+  changes = compare(saved_config, meta, json.loads(config.to_json_best_effort()), workdir)
+  refused = refused_changes(changes, mode, meta)
+  if refused:
+    why = ('change the data, the parameters or the pool the checkpoint was trained with'
+           if any(_kind(f) == 'fixed' for f in refused) else
+           'change how training retrieves and reads its batches, and this checkpoint has '
+           'trained with them already')
+    raise WorkdirError(
+        f'{workdir} was trained with other settings, which {why}: {_listing(refused)}. '
+        f'Drop these overrides (the settings it was trained with are in '
+        f'{os.path.join(workdir, "config.json")}), or use a new --workdir.')
+  changes = {k: v for k, v in changes.items() if _kind(k) != 'derived'}
+  if changes:
+    logging.info('Settings that differ from the checkpoint (allowed here, stage %s, epoch '
+                 '%s): %s.', meta.get('stage'), meta.get('epoch'), _listing(changes))
+  return changes
+
+
+def log_invocation(workdir: str, mode: str, config, changes: dict) -> None:
+  """Appends this invocation to <workdir>/invocations.jsonl (config.json is not touched)."""
+  record = dict(
+      time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      mode=mode, changed={k: list(v) for k, v in changes.items()},
+      config=json.loads(config.to_json_best_effort()))
+  with open(os.path.join(workdir, 'invocations.jsonl'), 'a') as f:
+    f.write(json.dumps(record) + '\n')
