@@ -153,3 +153,20 @@ def test_cers_weights_names(authors_sd):
   sd['text_encoder.bert.pooler.dense.weight'] = np.zeros((768, 768), np.float32)
   assert 'text_encoder.bert.pooler.dense.weight' in cers_torch.ignored_names(sd)
   assert len(cers_torch.cers_weights(sd)) == len(weights)
+
+
+def test_authors_pool_rows_become_our_feature_maps():
+  """Their pool rows flatten NCHW f4 maps, (C, h, w) order; ours keep (h, w, C) maps."""
+  rng = np.random.default_rng(0)
+  ours = rng.standard_normal((5, 2, 3, 4)).astype(np.float32)  # (N, h, w, C)
+  theirs = ours.transpose(0, 3, 1, 2).reshape(5, -1)  # torch: f4.flatten(1) of NCHW.
+  converted = cers_torch.authors_pool_feat(theirs, (2, 3, 4))
+  np.testing.assert_array_equal(converted, ours)
+  assert not np.array_equal(theirs.reshape(5, 2, 3, 4), ours)  # A plain reshape is wrong.
+  # Cosines between rows, hence image retrieval, do not depend on the order.
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(unit(theirs) @ unit(theirs).T,
+                             unit(ours.reshape(5, -1)) @ unit(ours.reshape(5, -1)).T,
+                             rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r'not \(N, C\*h\*w\) = \(N, 24\)'):
+    cers_torch.authors_pool_feat(theirs[:, :-1], (2, 3, 4))

@@ -7,9 +7,11 @@ compilation cache so that only the first one pays for compiling the steps.
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,12 +82,80 @@ def test_all_mode_writes_every_artifact(uninterrupted):
   assert len(pages) == min(16, summary['count'])
 
 
+def _latest_meta(workdir):
+  latest = os.path.join(workdir, 'checkpoints', 'latest')
+  step = max((d for d in os.listdir(latest) if d.isdigit()), key=int)
+  with open(os.path.join(latest, step, 'meta', 'metadata')) as f:
+    return json.load(f)
+
+
+def _error_line(result):
+  """The one `error:` line of a refused run, which printed no traceback."""
+  assert result.returncode != 0 and 'Traceback' not in result.stderr, result.stderr[-4000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, result.stderr[-4000:]
+  return errors[0]
+
+
+def _sigterm_once_training(cli, workdir, log_path, *flags):
+  """Runs `run.py --mode=train` and sends it SIGTERM once its loaders exist (the handler
+  is in place by then, before the first step); returns (exit status, output)."""
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(
+        [sys.executable, 'run.py', f'--config={CONFIG}', f'--workdir={workdir}',
+         '--mode=train', *flags], cwd=REPO, env=cli.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.time() + 600
+      while proc.poll() is None and time.time() < deadline:
+        if 'Unlabeled train loader' in log_path.read_text():
+          proc.send_signal(signal.SIGTERM)
+          break
+        time.sleep(0.1)
+      returncode = proc.wait(timeout=600)
+    finally:
+      proc.kill()
+  return returncode, log_path.read_text()
+
+
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_path):
+  """Resumes after `stop_after_epochs` and after a real SIGTERM mid-epoch; a resumed config
+  that changes the data, the model or (once used) retrieval is refused; evaluation and
+  prediction leave config.json as trained."""
   workdir = str(tmp_path / 'resumed')
   cli(workdir, '--mode=train', '--config.train.stop_after_epochs=1')  # warm-up epoch 1
   assert [r['epoch'] for r in _metrics(workdir)] == [0]
+  images = os.path.join(workdir, 'data', 'images.npy')
+  stamp = os.stat(images).st_mtime_ns
+  line = _error_line(cli(workdir, '--mode=train', '--config.data.image_size=48',
+                         '--config.model.encoder_dims=(8,16,24,48)', expect_ok=False))
+  assert 'change the data, the parameters or the pool' in line
+  assert 'data.image_size: 32 in the checkpoint, 48 now' in line
+  assert 'model.encoder_dims: [8, 16, 24, 32] in the checkpoint, [8, 16, 24, 48] now' in line
+  assert os.stat(images).st_mtime_ns == stamp  # Refused before the cache was touched.
   cli(workdir, '--mode=train', '--config.train.stop_after_epochs=2')  # warm-up 2, semi 1
-  cli(workdir, '--mode=train')  # semi 2
+
+  # Semi epoch 2, stopped by SIGTERM: a checkpoint of the step it stopped at.
+  returncode, output = _sigterm_once_training(cli, workdir, tmp_path / 'preempted.log')
+  assert returncode == 143, output[-4000:]
+  assert 'Traceback' not in output
+  assert 'preempted: Stopped by SIGTERM after step' in output
+  assert 'Run the same command again to resume from that step.' in output
+  meta = _latest_meta(workdir)
+  steps_per_epoch = 39 // 4  # max(labeled, unlabeled) // batch of the tiny run.
+  assert (meta['stage'], meta['epoch']) == ('semi', 1)
+  assert meta['partial']['stage'] == 'semi' and meta['partial']['epoch'] == 1
+  assert 1 <= meta['partial']['steps'] < steps_per_epoch, meta['partial']
+  assert len(_metrics(workdir)) == 3  # The stopped epoch is not logged yet.
+  # Retrieval has trained into this checkpoint: its settings may no longer change, nor the
+  # batch size its data positions count in.
+  line = _error_line(cli(workdir, '--mode=train', '--config.pool.mode=image',
+                         '--config.train.batch_size=2', expect_ok=False))
+  assert "pool.mode: 'image+cot' in the checkpoint, 'image' now" in line
+  assert 'train.batch_size: 4 in the checkpoint, 2 now' in line
+
+  cli(workdir, '--mode=train')  # The rest of semi epoch 2, from the saved step.
+  assert 'partial' not in _latest_meta(workdir)
   resumed, reference = _comparable(_metrics(workdir)), _comparable(_metrics(uninterrupted))
   assert len(resumed) == len(reference)
   for got, want in zip(resumed, reference):
@@ -120,7 +190,15 @@ def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_pat
     csv.writer(f).writerows([('image', 'cot')] + [(s, cots[s]) for s in stems])
   for name, _ in texts:
     os.link(os.path.join(source, 'frames', name), folder / name)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    trained = json.load(f)
   cli(workdir, '--mode=predict', f'--config.eval.predict_dir={folder}')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f) == trained  # The config as trained, not this invocation's.
+  with open(os.path.join(workdir, 'invocations.jsonl')) as f:
+    last = json.loads(f.readlines()[-1])
+  assert last['mode'] == 'predict'
+  assert last['changed'] == {'eval.predict_dir': ['', str(folder)]}
   out = os.path.join(workdir, 'predictions', 'new_images')
   for stem in stems:
     assert os.path.exists(os.path.join(out, 'masks', f'{stem}.png'))
@@ -148,6 +226,14 @@ def test_prepare_mode_and_locked_config(cli, tmp_path):
   report = _report(os.path.join(workdir, 'retrieval'))
   assert (report['stage'], report['epoch']) == ('semi', 0)
   assert [(r['stage'], r['epoch']) for r in _metrics(workdir)] == [('warmup', 0)]
+
+  # scripts/brisc_study.sh continues a warmed-up run in another pool mode: warm-up never
+  # retrieves, so the resume check allows it (epochs=0: the check, not the training).
+  cli(workdir, '--mode=train', '--config.train.warmup_epochs=1', '--config.pool.mode=image',
+      '--config.train.epochs=0')
+  with open(os.path.join(workdir, 'invocations.jsonl')) as f:
+    last = json.loads(f.readlines()[-1])
+  assert last['changed'] == {'pool.mode': ['image+cot', 'image'], 'train.epochs': [2, 0]}
 
 
 def _report(folder):

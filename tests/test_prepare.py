@@ -373,3 +373,122 @@ def test_real_brisc(tmp_path):
   official = prepare(config, str(tmp_path / 'w')).manifest['ids']
   assert len(official['test']) == 27 and all('_test_' in i for i in official['test'])
   assert len(official['val']) == 7
+
+
+# ------------------------------------------------------------------ reliability (issue 11)
+
+
+def _bump_mtime(path):
+  """Edits made within the file system's mtime resolution must still be noticed."""
+  stat = os.stat(path)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+
+
+def test_files_edited_in_place_are_decoded_again_and_the_split_stays(tmp_path):
+  _dataset(tmp_path / 'ds')
+  config = _config(tmp_path / 'ds')
+  first = prepare(config, str(tmp_path / 'w'))
+  labeled = first.manifest['ids']['train_labeled']
+  # A labeled image whose mask has a lesion: zero that mask; invert another image.
+  masked = next(i for i in labeled if first.cache.masks[first.cache.rows_of([i])[0]].any())
+  inverted = 'img04'
+  mask_path = tmp_path / 'ds' / 'masks' / f'{masked}.png'
+  Image.fromarray(np.zeros((H, W), np.uint8)).save(mask_path)
+  image_path = tmp_path / 'ds' / 'frames' / f'{inverted}.png'
+  pixels = np.asarray(Image.open(image_path).convert('L'))
+  Image.fromarray(255 - pixels).save(image_path)
+  _bump_mtime(mask_path)
+  _bump_mtime(image_path)
+  touched = tmp_path / 'ds' / 'frames' / 'img07.png'  # Same bytes, newer mtime.
+  _bump_mtime(touched)
+
+  second = prepare(config, str(tmp_path / 'w'))
+  assert second.report['reused'] == {'split': True, 'cache': False}
+  assert sorted(second.report['cache_rows_rebuilt']) == sorted([masked, inverted])
+  assert sorted(second.report['cache_changed_files']) == sorted([str(mask_path),
+                                                                 str(image_path)])
+  assert second.manifest['ids'] == first.manifest['ids']
+  cache = second.cache
+  row = cache.rows_of([masked])[0]
+  assert cache.has_mask[row] and not cache.masks[row].any()
+  row = cache.rows_of([inverted])[0]
+  np.testing.assert_array_equal(
+      cache.images[row], images.resize_image(images.read_image(str(image_path)), 16))
+  for other in ('img01', 'img07'):  # Untouched rows keep their pixels.
+    row = cache.rows_of([other])[0]
+    np.testing.assert_array_equal(cache.images[row], first.cache.images[row])
+  third = prepare(config, str(tmp_path / 'w'))
+  assert third.report['reused'] == {'split': True, 'cache': True}
+  assert third.report['cache_rows_rebuilt'] == []
+
+
+def test_a_cache_without_a_record_of_its_files_is_built_anew(tmp_path, caplog):
+  _dataset(tmp_path / 'ds')
+  config = _config(tmp_path / 'ds')
+  prepare(config, str(tmp_path / 'w'))
+  os.remove(tmp_path / 'w' / 'data' / 'sources.json')  # As caches made before it existed.
+  with caplog.at_level(logging.INFO):
+    again = prepare(config, str(tmp_path / 'w'))
+  assert again.report['reused'] == {'split': True, 'cache': False}
+  assert 'has no sources.json' in caplog.text
+  assert (tmp_path / 'w' / 'data' / 'sources.json').is_file()
+
+
+def _colour_mask(colour):
+  m = np.zeros((H, W, 3), np.uint8)
+  m[4:12, 5:15] = colour
+  return m
+
+
+@pytest.mark.parametrize('colour', [(255, 0, 0), (0, 0, 255), (0, 255, 0)])
+def test_a_mask_drawn_in_a_pure_colour_keeps_its_lesion(tmp_path, colour):
+  Image.fromarray(_colour_mask(colour)).save(tmp_path / 'red.png')
+  np.testing.assert_array_equal(images.read_mask(str(tmp_path / 'red.png')),
+                                _lesion_mask(1))
+  # Through prepare, as a labeled training image: a lesion, not an empty mask.
+  _dataset(tmp_path / 'ds')
+  for i in range(11):
+    Image.fromarray(_colour_mask(colour)).save(tmp_path / 'ds' / 'masks' / f'img{i:02d}.png')
+  prepared = prepare(_config(tmp_path / 'ds'), str(tmp_path / 'w'))
+  assert prepared.report['counts']['empty_masks'] == 0
+  for row in prepared.rows['train_labeled']:
+    assert prepared.cache.masks[row].sum() > 0
+
+
+def test_a_mask_in_a_dark_shade_is_refused_naming_it(tmp_path):
+  Image.fromarray(_colour_mask((100, 0, 0))).save(tmp_path / 'dark.png')
+  with pytest.raises(DataError, match=r'dark.png has pixels of value 100 but none reaching '
+                     r'128.*Rewrite the mask as 0/255'):
+    images.read_mask(str(tmp_path / 'dark.png'))
+  gray = _lesion_mask(value=100)
+  with pytest.raises(DataError, match='dark shade'):
+    images.binarize_mask(gray, 'labels.png')
+
+
+def test_no_labeled_images_is_refused_before_the_split_is_written(tmp_path):
+  _dataset(tmp_path / 'ds')
+  with pytest.raises(DataError, match=r'labeled_fraction=0.0 leaves none of the 8 training '
+                     r'images labeled.*split.json was not written'):
+    prepare(_config(tmp_path / 'ds', labeled_fraction=0.0), str(tmp_path / 'w'))
+  assert not (tmp_path / 'w' / 'data' / 'split.json').exists()
+
+
+def test_images_without_their_cot_are_counted_or_refused(tmp_path, caplog):
+  _dataset(tmp_path / 'ds')  # CoTs without the mask only: labeled images lack theirs.
+  config = _config(tmp_path / 'ds')
+  rows = (tmp_path / 'ds' / 'cot_output_no_mask.csv').read_text().split('\n')
+  with caplog.at_level(logging.WARNING):
+    prepared = prepare(config, str(tmp_path / 'w'))
+  first_test = prepared.manifest['ids']['test'][0]
+  counts = prepared.report['counts']['without_query_cot']
+  assert counts == {'train_labeled': 4, 'train_unlabeled': 0, 'val': 0, 'test': 0}
+  assert '4 images have no CoT for their role (train_labeled 4)' in caplog.text
+  # Drop one test image's CoT (written without the mask).
+  kept = [r for r in rows if not r.startswith(f'{first_test},')]
+  (tmp_path / 'ds' / 'cot_output_no_mask.csv').write_text('\n'.join(kept))
+  again = prepare(config, str(tmp_path / 'w'))
+  assert again.report['counts']['without_query_cot']['test'] == 1
+  config.data.require_cot = True
+  with pytest.raises(DataError, match=r'5 images have no CoT for their role \(train_labeled '
+                     r'4, test 1;.*require_cot=False'):
+    prepare(config, str(tmp_path / 'w'))
