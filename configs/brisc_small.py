@@ -39,7 +39,10 @@ def get_config():
   config.train.eval_batch_size = 32
   config.train.warmup_epochs = 8
   config.train.epochs = 2
-  config.train.consistency_rampup = 2
+  # The authors' 200-epoch ramp-up (base), so the consistency loss stays ~0 in these 2
+  # epochs. At this scale D_s still predicts no lesion after warm-up (val Dice 0.0), and a
+  # consistency ramped up over 2 epochs pulled D_r onto D_s's empty masks: val Dice D_r
+  # 0.40 -> 0.0007 in the second semi-supervised epoch, in every retrieval mode.
   config.train.learning_rate = 0.01
   config.train.log_every = 20
   return config
