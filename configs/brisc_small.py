@@ -16,8 +16,8 @@ of ~50 s, semi-supervised epochs of ~5 min). The network and CoT reading are the
 default's (`synthetic.small_cers`: a small BERT initialised at random, read by the mean of
 its tokens, its features compared around the pool's mean). README "Retrieval" gives the
 measurements behind this choice and the results of `scripts/brisc_study.sh`, which runs the
-retrieval modes with two seeds. Not the paper's numbers: those need the full model and 200
-epochs (configs/brisc.py).
+retrieval modes for the seeds it is given. Not the paper's numbers: those need the full
+model and 200 epochs (configs/brisc.py).
 """
 
 from configs import brisc
