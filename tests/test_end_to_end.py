@@ -16,6 +16,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import cli_helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
 
@@ -23,9 +25,7 @@ CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
 @pytest.fixture(scope='module')
 def cli(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp('jax_cache'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TQDM_DISABLE='1')
+  env = cli_helpers.run_env(cache)
 
   def run(workdir, *flags, expect_ok=True):
     result = subprocess.run(

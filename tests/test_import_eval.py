@@ -26,6 +26,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cers_jax.data import tokenize
+from tests import cli_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
@@ -76,9 +77,7 @@ def _authors_state_dict(vocab_size: int) -> dict[str, np.ndarray]:
 def imported(tmp_path_factory):
   """(cli, workdir, state dict path) after `--mode prepare` (data and tokenizers)."""
   cache = str(tmp_path_factory.mktemp('jax_cache'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1', TQDM_DISABLE='1')
+  env = cli_helpers.run_env(cache)
   workdir = str(tmp_path_factory.mktemp('authors') / 'run')
   path = str(tmp_path_factory.mktemp('weights') / 'cers_authors.safetensors')
 
