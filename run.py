@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging
 
 from cers_jax import cli
-from cers_jax import train
+from cers_jax.training import loop as train
 from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data.records import DataError
 from cers_jax.errors import ConfigError, WorkdirError

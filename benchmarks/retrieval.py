@@ -1,6 +1,6 @@
 """Latency of coarse-to-fine retrieval: ours (one jitted program) vs the authors' method.
 
-DESIGN.md sections 2 and 6. Ours: `cers_jax.knowledge_pool.retrieve` in mode 'image+cot'
+DESIGN.md sections 2 and 6. Ours: `cers_jax.retrieval.pool.retrieve` in mode 'image+cot'
 (cosine top-K over the flattened f4 maps, CoT re-rank to k, gather of the k maps), jitted,
 the pool resident on the default device. Theirs: FAISS `IndexFlatL2` over the unit-norm
 rows searched with the raw queries for the K candidates, then a Python loop that re-ranks
@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cers_jax import knowledge_pool as kp
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
 
 try:
   import faiss
@@ -163,7 +164,7 @@ def main() -> None:
         jax.block_until_ready(pool)
 
       def ours(pool=pool):
-        return jax.block_until_ready(kp.retrieve(pool, query_dev, query_cot_dev,
+        return jax.block_until_ready(search.retrieve(pool, query_dev, query_cot_dev,
                                                  mode='image+cot', k_coarse=args.k_coarse,
                                                  k=args.k))
 

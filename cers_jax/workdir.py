@@ -28,7 +28,7 @@ from typing import Any
 
 from absl import logging
 
-from cers_jax import checkpointing
+from cers_jax.training import checkpoints as checkpointing
 from cers_jax.errors import WorkdirError
 
 # Refused whenever they differ from the checkpoint's: they decide the split, the cache,

@@ -7,8 +7,8 @@ import re
 import ml_collections
 import pytest
 
-from cers_jax import knowledge_pool as kp
-from cers_jax import train_step as ts
+from cers_jax.retrieval import search
+from cers_jax.training import steps as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ('base', 'synthetic', 'brisc', 'qata', 'mosmed')
@@ -26,7 +26,7 @@ def _leaves(d, prefix=''):
 def test_config_loads_and_builds_step_config(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   step_config = ts.StepConfig.from_config(config)
-  assert step_config.mode in kp.MODES
+  assert step_config.mode in search.MODES
   assert step_config.pool_update in ('ema', 'epoch_refresh')
 
 

@@ -1,4 +1,4 @@
-"""Tests for cers_jax.knowledge_pool (DESIGN.md section 2): fixture, numpy reference, edges."""
+"""Tests for cers_jax.retrieval.pool (DESIGN.md section 2): fixture, numpy reference, edges."""
 
 import ml_dtypes
 import numpy as np
@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from cers_jax import knowledge_pool as kp
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
 
 FIXTURE = __file__.rsplit('/', 1)[0] + '/fixtures/hybrid_retrieval.npz'
 MAP = (2, 3, 4)  # Tiny (h, w, C) f4 maps.
@@ -95,7 +96,7 @@ def test_hybrid_retrieval_fixture_indices_and_rows():
   pool = kp.KnowledgePool(feat=jnp.asarray(pool_img.reshape(-1, 4, 4, 3)),
                           key=jnp.asarray(pool_img), cot=jnp.asarray(z['in/pool_cot']),
                           text=None, ids=jnp.arange(pool_img.shape[0], dtype=jnp.int32))
-  out = kp.retrieve(pool, q_img.reshape(-1, 4, 4, 3), z['in/q_cot'], mode='image+cot',
+  out = search.retrieve(pool, q_img.reshape(-1, 4, 4, 3), z['in/q_cot'], mode='image+cot',
                     k_coarse=10, k=3)
   np.testing.assert_array_equal(np.asarray(out.rows), z['out/indices'])
   np.testing.assert_array_equal(np.asarray(out.feat).reshape(z['out/retrieved'].shape),
@@ -132,7 +133,7 @@ def test_matches_numpy_reference(mode, self_exclusion):
   feat, cot, text, ids, qf, qc, qt, exclude = case
   exclude = exclude if self_exclusion else None
   pool = kp.build_pool(feat, cot, text, ids)
-  out = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude)
+  out = search.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude)
   assert out.feat.shape == (6, 4) + MAP and out.rows.dtype == jnp.int32
   assert out.scores.dtype == jnp.float32
   assert_matches_reference(out, case, mode=mode, k_coarse=9, k=4, exclude=exclude)
@@ -152,11 +153,11 @@ def test_centred_cosines_match_numpy_reference(mode):
   text, qt = text + 6.0, qt + 6.0
   case = (feat, cot, text, ids, qf, qc, qt, exclude)
   pool = kp.build_pool(feat, cot, text, ids)
-  out = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude, centre=True)
+  out = search.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude, centre=True)
   # Subtracting the shared direction cancels most of each float32 row: 1e-5 absolute.
   assert_matches_reference(out, case, mode=mode, k_coarse=9, k=4, exclude=exclude, centre=True,
                            score_atol=1e-5)
-  plain = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude)
+  plain = search.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, exclude=exclude)
   if mode != 'image':
     # Around the mean the scores spread out and the ranking changes.
     assert np.ptp(np.asarray(out.scores)) > 5 * np.ptp(np.asarray(plain.scores))
@@ -175,8 +176,8 @@ def test_centring_ignores_padding_rows():
                            for name in ('feat', 'key', 'cot', 'text')},
                         ids=np.concatenate([np.asarray(pool.ids), -np.ones(3, np.int32)]))
   for mode in ('cot', 'image+cot'):
-    want = kp.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, centre=True)
-    got = kp.retrieve(padded, qf, qc, qt, mode=mode, k_coarse=9, k=4, centre=True)
+    want = search.retrieve(pool, qf, qc, qt, mode=mode, k_coarse=9, k=4, centre=True)
+    got = search.retrieve(padded, qf, qc, qt, mode=mode, k_coarse=9, k=4, centre=True)
     np.testing.assert_array_equal(np.asarray(got.rows), np.asarray(want.rows))
     np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-6)
 
@@ -187,7 +188,7 @@ def test_bfloat16_keys_score_in_float32(mode):
   feat, cot, text, ids, qf, qc, qt, exclude = case
   pool = kp.build_pool(feat, cot, text, ids, key_dtype=jnp.bfloat16)
   assert pool.key.dtype == jnp.bfloat16
-  out = kp.retrieve(pool, qf, qc, mode=mode, k_coarse=9, k=4, exclude=exclude)
+  out = search.retrieve(pool, qf, qc, mode=mode, k_coarse=9, k=4, exclude=exclude)
   assert out.scores.dtype == jnp.float32
   assert_matches_reference(out, case, mode=mode, k_coarse=9, k=4, exclude=exclude,
                            key_dtype=ml_dtypes.bfloat16)
@@ -198,10 +199,10 @@ def test_k_coarse_larger_than_pool_is_clipped():
   feat, cot, text, ids, qf, qc, qt, exclude = case
   pool = kp.build_pool(feat, cot, text, ids)
   for excl in (None, exclude):
-    out = kp.retrieve(pool, qf, qc, mode='image+cot', k_coarse=50, k=5, exclude=excl)
+    out = search.retrieve(pool, qf, qc, mode='image+cot', k_coarse=50, k=5, exclude=excl)
     assert_matches_reference(out, case, mode='image+cot', k_coarse=50, k=5, exclude=excl)
   # K = N with exclusion: the excluded row is a candidate but must not win the fine stage.
-  out = kp.retrieve(pool, qf, qc, mode='image+cot', k_coarse=50, k=7, exclude=exclude)
+  out = search.retrieve(pool, qf, qc, mode='image+cot', k_coarse=50, k=7, exclude=exclude)
   assert np.isfinite(np.asarray(out.scores)).all()
   assert not (np.asarray(out.ids) == exclude[:, None]).any()
 
@@ -218,14 +219,14 @@ def test_ties_go_to_the_lowest_row_and_zero_query_is_defined():
   ids = np.arange(10, 17, dtype=np.int32)
   pool = kp.build_pool(feat, rng.normal(size=(7, 3)), None, ids)
   query = np.stack([base[1], np.zeros(MAP, np.float32)])
-  out = kp.retrieve(pool, query, mode='image', k=3)
+  out = search.retrieve(pool, query, mode='image', k=3)
   np.testing.assert_array_equal(np.asarray(out.rows)[0], [1, 3, 6])
   # A zero-norm query: every cosine is 0, so top_k's rule picks rows 0, 1, 2.
   np.testing.assert_array_equal(np.asarray(out.rows)[1], [0, 1, 2])
   np.testing.assert_array_equal(np.asarray(out.scores)[1], [0, 0, 0])
   assert np.isfinite(np.asarray(out.scores)).all()
-  fourth = np.asarray(kp.retrieve(pool, query, mode='image', k=4).rows)[0, 3]
-  excluded = kp.retrieve(pool, query, mode='image', k=3, exclude=np.array([11, 10]))
+  fourth = np.asarray(search.retrieve(pool, query, mode='image', k=4).rows)[0, 3]
+  excluded = search.retrieve(pool, query, mode='image', k=3, exclude=np.array([11, 10]))
   np.testing.assert_array_equal(np.asarray(excluded.rows), [[3, 6, fourth], [1, 2, 3]])
 
 
@@ -234,9 +235,9 @@ def test_fine_stage_ties_keep_coarse_rank():
   feat = rng.normal(size=(6,) + MAP).astype(np.float32)
   cot = np.tile(np.array([[1.0, 0.0]], np.float32), (6, 1))  # every CoT identical
   pool = kp.build_pool(feat, cot, None, np.arange(6))
-  out = kp.retrieve(pool, feat[4:5] + 0.01, np.ones((1, 2)), mode='image+cot',
+  out = search.retrieve(pool, feat[4:5] + 0.01, np.ones((1, 2)), mode='image+cot',
                     k_coarse=4, k=3)
-  coarse = kp.retrieve(pool, feat[4:5] + 0.01, mode='image', k=3)
+  coarse = search.retrieve(pool, feat[4:5] + 0.01, mode='image', k=3)
   np.testing.assert_array_equal(np.asarray(out.rows), np.asarray(coarse.rows))
 
 
@@ -248,7 +249,7 @@ def test_padding_rows_are_never_retrieved():
       feat=jnp.concatenate([pool.feat, pool.feat[:1]]),
       key=jnp.concatenate([pool.key, pool.key[:1]]), cot=None, text=None,
       ids=jnp.concatenate([pool.ids, jnp.array([-1], jnp.int32)]))
-  out = kp.retrieve(padded, feat[:1], mode='image', k=5)
+  out = search.retrieve(padded, feat[:1], mode='image', k=5)
   np.testing.assert_array_equal(np.sort(np.asarray(out.rows)[0]), np.arange(5))
   np.testing.assert_array_equal(np.asarray(kp.pool_rows(padded, jnp.array([-1, 4]))), [-1, 4])
 
@@ -264,7 +265,7 @@ def test_inside_jit_and_vmap():
 
   @jax.jit
   def step(pool, qf, qc, exclude):
-    out = kp.retrieve(pool, qf, qc, mode='image+cot', k_coarse=9, k=4, exclude=exclude)
+    out = search.retrieve(pool, qf, qc, mode='image+cot', k_coarse=9, k=4, exclude=exclude)
     return out, kp.ema_update(pool, kp.pool_rows(pool, exclude), qf, 0.99)
 
   out, new_pool = step(pool, qf, qc, exclude)
@@ -274,29 +275,18 @@ def test_inside_jit_and_vmap():
   # vmap over groups of query batches (the pool is shared).
   groups = 2
   qfg, qcg, exg = (x.reshape((groups, -1) + x.shape[1:]) for x in (qf, qc, exclude))
-  batched = jax.vmap(lambda a, b, c: kp.retrieve(pool, a, b, mode='image+cot', k_coarse=9,
+  batched = jax.vmap(lambda a, b, c: search.retrieve(pool, a, b, mode='image+cot', k_coarse=9,
                                                  k=4, exclude=c))(qfg, qcg, exg)
   for g in range(groups):
-    single = kp.retrieve(pool, qfg[g], qcg[g], mode='image+cot', k_coarse=9, k=4,
+    single = search.retrieve(pool, qfg[g], qcg[g], mode='image+cot', k_coarse=9, k=4,
                          exclude=exg[g])
     np.testing.assert_array_equal(np.asarray(batched.rows[g]), np.asarray(single.rows))
     np.testing.assert_array_equal(np.asarray(batched.feat[g]), np.asarray(single.feat))
   # vmap down to single queries (batch of one inside).
-  per_query = jax.vmap(lambda a, b: kp.retrieve(pool, a[None], b[None], mode='cot', k=3))(
+  per_query = jax.vmap(lambda a, b: search.retrieve(pool, a[None], b[None], mode='cot', k=3))(
       qf, qc)
-  whole = kp.retrieve(pool, qf, qc, mode='cot', k=3)
+  whole = search.retrieve(pool, qf, qc, mode='cot', k=3)
   np.testing.assert_array_equal(np.asarray(per_query.rows)[:, 0], np.asarray(whole.rows))
-
-
-def test_retrieve_sharded_single_device_mesh_equals_retrieve():
-  case = random_case(seed=5, n=13)
-  feat, cot, text, ids, qf, qc, qt, exclude = case
-  mesh = jax.make_mesh((1,), ('data',))
-  pool = kp.shard_pool(kp.build_pool(feat, cot, text, ids), mesh)
-  for mode in RETRIEVING_MODES:
-    out = kp.retrieve_sharded(pool, qf, qc, qt, mesh=mesh, mode=mode, k_coarse=9, k=4,
-                              exclude=exclude)
-    assert_matches_reference(out, case, mode=mode, k_coarse=9, k=4, exclude=exclude)
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,27 +298,27 @@ def test_errors_are_clear():
   feat, cot, text, ids, qf, qc, qt, exclude = case
   pool = kp.build_pool(feat, cot, None, ids)
   with pytest.raises(ValueError, match='skip the call'):
-    kp.retrieve(pool, qf, qc, mode='none')
-  assert not kp.needs_retrieval('none') and kp.needs_retrieval('image+cot')
+    search.retrieve(pool, qf, qc, mode='none')
+  assert not search.needs_retrieval('none') and search.needs_retrieval('image+cot')
   with pytest.raises(ValueError, match='unknown retrieval mode'):
-    kp.needs_retrieval('imgae')
+    search.needs_retrieval('imgae')
   with pytest.raises(ValueError, match='k=6 reference cases'):
-    kp.retrieve(pool, qf, mode='image', k=6)
+    search.retrieve(pool, qf, mode='image', k=6)
   with pytest.raises(ValueError, match='own row excluded'):
-    kp.retrieve(pool, qf, mode='image', k=5, exclude=exclude)
-  assert kp.retrieve(pool, qf, mode='image', k=5).rows.shape == (6, 5)
+    search.retrieve(pool, qf, mode='image', k=5, exclude=exclude)
+  assert search.retrieve(pool, qf, mode='image', k=5).rows.shape == (6, 5)
   with pytest.raises(ValueError, match='k_coarse=2 < k=3'):
-    kp.retrieve(pool, qf, qc, mode='image+cot', k_coarse=2, k=3)
+    search.retrieve(pool, qf, qc, mode='image+cot', k_coarse=2, k=3)
   with pytest.raises(ValueError, match='needs pool.text'):
-    kp.retrieve(pool, qf, None, qt, mode='text', k=2)
+    search.retrieve(pool, qf, None, qt, mode='text', k=2)
   with pytest.raises(ValueError, match='needs pool.cot and query_cot'):
-    kp.retrieve(pool, qf, None, mode='image+cot', k_coarse=4, k=2)
+    search.retrieve(pool, qf, None, mode='image+cot', k_coarse=4, k=2)
   with pytest.raises(ValueError, match='needs query_feat maps shaped like the pool maps'):
-    kp.retrieve(pool, qf[:, :1], mode='image', k=2)
+    search.retrieve(pool, qf[:, :1], mode='image', k=2)
   with pytest.raises(ValueError, match='needs query_feat'):
-    kp.retrieve(pool, None, qc, mode='image+cot', k_coarse=4, k=2)
+    search.retrieve(pool, None, qc, mode='image+cot', k_coarse=4, k=2)
   # 'cot' mode needs no image query.
-  assert kp.retrieve(pool, None, qc, mode='cot', k=2).feat.shape == (6, 2) + MAP
+  assert search.retrieve(pool, None, qc, mode='cot', k=2).feat.shape == (6, 2) + MAP
   with pytest.raises(ValueError, match='pool is empty'):
     kp.build_pool(feat[:0], cot[:0], None, ids[:0])
   with pytest.raises(ValueError, match='unique'):

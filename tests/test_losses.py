@@ -1,4 +1,4 @@
-"""Tests for cers_jax.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
+"""Tests for cers_jax.training.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
 
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cers_jax import losses
+from cers_jax.training import losses
 from tests.fixture_utils import load_fixture, nhwc
 
 _RTOL = 1e-5

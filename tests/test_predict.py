@@ -1,4 +1,4 @@
-"""Tests for cers_jax.predict with a fake experiment (the lead adds a real-model end-to-end).
+"""Tests for cers_jax.inference.predict with a fake experiment (the lead adds a real-model end-to-end).
 
 The fake `exp` has a real Cache, real WordPiece tokenizers and the real base config; its
 steps are numpy fakes with the shapes of `train_step.make_steps` that record their calls.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cers_jax import predict
+from cers_jax.inference import predict
 from cers_jax.data import augment
 from cers_jax.data import tokenize
 from cers_jax.data.cache import Cache

@@ -1,4 +1,4 @@
-"""Tests for cers_jax.retrieval_report: metrics by hand, labels, and collapse detection."""
+"""Tests for cers_jax.retrieval.report: metrics by hand, labels, and collapse detection."""
 
 import ml_collections
 import numpy as np
@@ -7,8 +7,9 @@ import pytest
 import jax.numpy as jnp
 from flax import nnx
 
-from cers_jax import knowledge_pool as kp
-from cers_jax import retrieval_report as rr
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
+from cers_jax.retrieval import report as rr
 from cers_jax.data import tokenize
 from cers_jax.data.records import DataError
 from cers_jax.models.cers import CERS, unit_rows
@@ -109,7 +110,7 @@ def _report_modes(pool, query, k=3, k_coarse=8):
               for mode in rr.REPORT_MODES}
   return {mode: rr.mode_metrics(r, k, dice, None, None, (),
                                 image_rows=rankings['image'].rows
-                                if kp.mode_spec(mode, report=True).fine_stage else None)
+                                if search.mode_spec(mode, report=True).fine_stage else None)
           for mode, r in rankings.items()}
 
 
@@ -165,7 +166,7 @@ def test_fine_stage_ranking_follows_the_cot_texts(tmp_path):
   query_feat = np.ones((1,) + MAP, np.float32)
 
   def ranked(p):
-    out = kp.retrieve(p, query_feat, embed([query_text]), mode='image+cot', k_coarse=4, k=4)
+    out = search.retrieve(p, query_feat, embed([query_text]), mode='image+cot', k_coarse=4, k=4)
     return np.asarray(out.rows)[0], np.asarray(out.scores)[0]
 
   before, scores = ranked(pool)

@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from cers_jax import train
+from cers_jax.training import loop as train
 
 
 def _fake_exp(log_every=3, step=10):

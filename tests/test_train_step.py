@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cers_jax import knowledge_pool as kp
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
 from cers_jax import sharding
-from cers_jax import train
-from cers_jax import train_step as ts
+from cers_jax.training import loop as train
+from cers_jax.training import steps as ts
 from tests import train_helpers as th
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +131,7 @@ def test_eval_step_is_deterministic_and_retrieves_k_rows(setup):
   assert ids.min() >= 0 and ids.max() < th.POOL_ROWS
   # The same ranking as calling the pool directly with the batch's f4 and CoT embedding.
   f4 = steps.features(state, batch)
-  direct = kp.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
+  direct = search.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
                        state.tables.query_text[batch['index']], mode=config.pool.mode,
                        k_coarse=config.pool.k_coarse, k=config.pool.k,
                        exclude=batch['index'], centre=config.pool.centre_cot)
@@ -177,7 +178,7 @@ def test_eval_step_ranks_like_the_pool_in_every_mode(setup, mode):
   batch = th.to_device(th.make_batch(4, labeled=False))
   ids = np.asarray(steps.evaluate(state, batch, True)['retrieved_ids'])
   f4 = steps.features(state, batch)
-  direct = kp.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
+  direct = search.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
                        state.tables.query_text[batch['index']], mode=mode, k_coarse=6, k=3,
                        exclude=batch['index'])
   np.testing.assert_array_equal(ids, np.asarray(direct.ids))

@@ -6,7 +6,7 @@
     mean(f4) -> image_proj -> image embedding;  CoT BERT [CLS] -> cot_proj -> CoT embedding
 
 Retrieval itself is not a module: it is a pure function of the knowledge pool
-(`cers_jax.knowledge_pool`). `encode` and `decode` are separate so that one encoder pass
+(`cers_jax.retrieval.pool`). `encode` and `decode` are separate so that one encoder pass
 serves both the retrieval query (f4) and the decoders in the same jitted step.
 
 Modes come from the module structure: `nnx.view(model, deterministic=True,

@@ -29,13 +29,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cers_jax import checkpointing
-from cers_jax import evaluate as evaluate_lib
-from cers_jax import experiment as experiment_lib
-from cers_jax import knowledge_pool as kp
-from cers_jax import losses
-from cers_jax import predict as predict_lib
-from cers_jax import retrieval_report
+from cers_jax.training import checkpoints as checkpointing
+from cers_jax.inference import evaluate as evaluate_lib
+from cers_jax.training import experiment as experiment_lib
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
+from cers_jax.training import losses
+from cers_jax.inference import predict as predict_lib
+from cers_jax.retrieval import report as retrieval_report
 from cers_jax import sharding
 from cers_jax import workdir as workdir_lib
 from cers_jax.data import pipeline
@@ -526,7 +527,7 @@ def import_authors_state(exp) -> dict:
   at the end of our warm-up (`build_pool`). Returns a meta for the eval summary.
   """
   config = exp.config
-  mode = kp.mode_spec(config.pool.mode)
+  mode = search.mode_spec(config.pool.mode)
   if config.pool.cot_space == 'projection' and (mode.uses('cot') or mode.uses('text')):
     logging.warning(
         "The authors' state dict has no alignment projections, so they are random here and "

@@ -43,8 +43,8 @@ from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
-from cers_jax import experiment
-from cers_jax import knowledge_pool as kp
+from cers_jax.training import experiment
+from cers_jax.retrieval import search
 from cers_jax import sharding
 from cers_jax.data import annotations
 from cers_jax.data import augment
@@ -166,7 +166,7 @@ def read_predict_folder(root: str, mode: str) -> list[PredictItem]:
                    if os.path.isfile(os.path.join(root, n))), None)
   cots = _read_entries(cot_path, 'cot_no_mask') if cot_path else {}
   missing = [i for i in ids if i not in cots]
-  if missing and kp.mode_spec(mode).uses('cot'):
+  if missing and search.mode_spec(mode).uses('cot'):
     expected = cot_path or os.path.join(root, COT_CSVS[1])
     raise DataError(
         f'No CoT for {_listed(missing)} in {expected}'
@@ -277,7 +277,7 @@ def _embed(exp, texts: Sequence[str | None]) -> np.ndarray:
 
 def _query_embeddings(exp, items: list[PredictItem]) -> tuple[np.ndarray, np.ndarray]:
   """(query_cot, query_text), each (n, E); only what the retrieval mode reads is computed."""
-  mode = kp.mode_spec(exp.config.pool.mode)
+  mode = search.mode_spec(exp.config.pool.mode)
   none = [None] * len(items)
   cots = [it.cot for it in items] if mode.uses('cot') else none
   texts = [it.text for it in items] if mode.uses('text') else none
@@ -407,7 +407,7 @@ def _references_html(exp, refs: list[tuple[int, str, float]]) -> str:
         f'alt="{_esc(ref_id)}"></td><td>{_esc(ref_id)}<br><small>cache row {row}</small>'
         f'</td><td>{score:.4f}</td><td>{_text_block(cot)}</td></tr>')
   return (f'<p>Mode <code>{_esc(mode)}</code>: the {len(refs)} reference cases fused into '
-          f'the retrieval-aware decoder, best first; score = {_esc(kp.mode_spec(mode).score)}.'
+          f'the retrieval-aware decoder, best first; score = {_esc(search.mode_spec(mode).score)}.'
           '</p><table><tr><th>rank</th><th>reference (mask in green)</th><th>id</th>'
           f'<th>score</th><th>CoT</th></tr>{"".join(rows)}</table>')
 

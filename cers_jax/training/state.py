@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cers_jax.knowledge_pool import KnowledgePool
+from cers_jax.retrieval.pool import KnowledgePool
 
 
 @flax.struct.dataclass
@@ -76,19 +76,6 @@ def merge_model(graphdef, state: TrainState, params=None, *, copy: bool = False)
   params = state.params if params is None else params
   return nnx.merge(graphdef, params, state.frozen, state.batch_stats, state.rng_state,
                    copy=copy)
-
-
-def empty_pool(num_rows: int, feature_shape: tuple[int, int, int], embed_dim: int,
-               dtype=jnp.float32) -> KnowledgePool:
-  """A zero pool of the right shape; filled after warm-up by returning a new one."""
-  h, w, c = feature_shape
-  return KnowledgePool(
-      feat=jnp.zeros((num_rows, h, w, c), dtype),
-      key=jnp.zeros((num_rows, h * w * c), dtype),
-      cot=jnp.zeros((num_rows, embed_dim), jnp.float32),
-      text=jnp.zeros((num_rows, embed_dim), jnp.float32),
-      ids=jnp.full((num_rows,), -1, jnp.int32),
-  )
 
 
 def empty_tables(num_samples: int, cot_hidden: int, embed_dim: int) -> EmbeddingTables:

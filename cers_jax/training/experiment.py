@@ -25,9 +25,9 @@ import optax
 from absl import logging
 from flax import nnx
 
-from cers_jax import checkpointing
+from cers_jax.training import checkpoints as checkpointing
 from cers_jax import sharding
-from cers_jax import train_step as ts
+from cers_jax.training import steps as ts
 from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data import cache as cache_lib
 from cers_jax.data import pipeline
@@ -35,7 +35,8 @@ from cers_jax.data import prepare as prepare_lib
 from cers_jax.data import tokenize
 from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
-from cers_jax.train_state import TrainState, create_train_state, empty_pool, empty_tables
+from cers_jax.retrieval import pool as kp
+from cers_jax.training.state import TrainState, create_train_state, empty_tables
 
 SPLITS = ('train_labeled', 'train_unlabeled', 'val', 'test')
 
@@ -256,7 +257,7 @@ def create(config, workdir: str) -> Experiment:
           'tokenizer: give its folder with --config.tokenizer.text_dir.') from error
     raise
   f4_shape = model.f4_shape(config.data.image_size)
-  pool = empty_pool(len(data.rows['train_labeled']), f4_shape, retrieval_embed_dim(config))
+  pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, retrieval_embed_dim(config))
   tables = empty_tables(data.num_samples, config.model.cot.hidden_size,
                         retrieval_embed_dim(config))
   graphdef, state = create_train_state(

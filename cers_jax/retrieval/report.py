@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cers_jax import knowledge_pool as kp
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
 from cers_jax import sharding
 from cers_jax.data import annotations
 from cers_jax.data import pipeline
@@ -136,7 +137,7 @@ def rank_references(mode: str, *, pool: kp.KnowledgePool, query_feat: np.ndarray
     rng: draws the random mode's scores.
     centre: `retrieve`'s centre (config pool.centre_cot).
   """
-  spec = kp.mode_spec(mode, report=True)
+  spec = search.mode_spec(mode, report=True)
   if spec.first_stage == 'random':
     scores = np.where(barred, -np.inf, rng.random(dice.shape, dtype=np.float32))
     return Ranking(*_top(scores, count), entries=None)
@@ -148,7 +149,7 @@ def rank_references(mode: str, *, pool: kp.KnowledgePool, query_feat: np.ndarray
   # `retrieve` bars padding and own rows itself, as `barred` does for the rows above.
   for start in range(0, len(query_feat), _QUERY_CHUNK):
     part = slice(start, start + _QUERY_CHUNK)
-    out = kp.retrieve(pool, jnp.asarray(query_feat[part]), jnp.asarray(query_cot[part]),
+    out = search.retrieve(pool, jnp.asarray(query_feat[part]), jnp.asarray(query_cot[part]),
                       jnp.asarray(query_text[part]), mode=mode, k_coarse=k_coarse, k=count,
                       exclude=None if exclude is None else jnp.asarray(exclude[part]),
                       centre=centre)
@@ -199,7 +200,7 @@ def ranking_problems(modes: dict[str, dict]) -> list[str]:
   """One line per retrieval mode whose scores do not rank (ties or a flat score range)."""
   problems = []
   for mode, m in modes.items():
-    if kp.mode_spec(mode, report=True).first_stage in ('random', 'mask'):
+    if search.mode_spec(mode, report=True).first_stage in ('random', 'mask'):
       continue
     if m['tie_share'] > MAX_TIE_SHARE:
       problems.append(f'{mode}: {m["tie_share"]:.1%} of adjacent ranks are exact ties between '
@@ -237,7 +238,7 @@ def plot_report(report: dict, path: str) -> None:
   if any('label_match' in m for m in report['modes'].values()):
     panels.append(('label_match', 'share of references with the query\'s label'))
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
-  colours = ['#9e9e9e' if kp.mode_spec(m, report=True).first_stage in ('random', 'mask')
+  colours = ['#9e9e9e' if search.mode_spec(m, report=True).first_stage in ('random', 'mask')
              else '#3b73b9' for m in modes]
   flat = {p.split(':')[0] for p in report['problems']}
   for ax, (key, title) in zip(axes[0], panels):
@@ -310,7 +311,7 @@ def build_report(exp, split: str) -> tuple[dict, list[dict]]:
                                      rng=rng, centre=config.pool.centre_cot, **query)
   modes = {}
   for mode, ranking in rankings.items():
-    fine = kp.mode_spec(mode, report=True).fine_stage
+    fine = search.mode_spec(mode, report=True).fine_stage
     modes[mode] = mode_metrics(
         ranking, k, dice, query_labels, pool_labels, labels.names if labels else (),
         image_rows=rankings['image'].rows if fine else None)

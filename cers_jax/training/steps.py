@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cers_jax import knowledge_pool as kp
-from cers_jax import losses
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
+from cers_jax.training import losses
 from cers_jax import metrics as metrics_lib
 from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
-from cers_jax.train_state import EmbeddingTables, TrainState, merge_model
+from cers_jax.training.state import EmbeddingTables, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
 UPDATE_RULES = ('ema', 'epoch_refresh')
@@ -44,8 +45,8 @@ class StepConfig:
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
-    if config.pool.mode not in kp.MODES:
-      raise ConfigError(f'--config.pool.mode={config.pool.mode!r}: choose one of {kp.MODES}.')
+    if config.pool.mode not in search.MODES:
+      raise ConfigError(f'--config.pool.mode={config.pool.mode!r}: choose one of {search.MODES}.')
     if config.pool.update_rule not in UPDATE_RULES:
       raise ConfigError(f'--config.pool.update_rule={config.pool.update_rule!r}: choose one '
                         f'of {UPDATE_RULES}.')
@@ -84,13 +85,13 @@ def _supervised_loss(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _retrieve(model_f4: jax.Array, batch: Batch, pool: kp.KnowledgePool,
-              tables: EmbeddingTables, cfg: StepConfig) -> kp.Retrieved:
+              tables: EmbeddingTables, cfg: StepConfig) -> search.Retrieved:
   """Retrieval for a batch; query embeddings come from the batch when it carries them
   (images outside the dataset, e.g. prediction) and from the tables otherwise."""
   index = batch['index']
   query_cot = batch['query_cot'] if 'query_cot' in batch else tables.query_cot[index]
   query_text = batch['query_text'] if 'query_text' in batch else tables.query_text[index]
-  return kp.retrieve(
+  return search.retrieve(
       pool, jax.lax.stop_gradient(model_f4), query_cot, query_text, mode=cfg.mode,
       k_coarse=cfg.k_coarse, k=cfg.k, exclude=index if cfg.exclude_self else None,
       centre=cfg.centre_cot)
@@ -142,7 +143,7 @@ def semi_step(state: TrainState, labeled: Batch, unlabeled: Batch,
   that feeds the decoders. The pool rows of the labeled batch are EMA-updated (Eq. 5) with
   that f4, after retrieval, and the new pool is returned.
   """
-  retrieve = kp.needs_retrieval(cfg.mode)
+  retrieve = search.needs_retrieval(cfg.mode)
 
   def forward(model, batch):
     encoded = model.encode(batch['image'], batch['text_ids'], batch['text_mask'])
@@ -186,7 +187,7 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef, cfg: StepConfig,
   encoded = model.encode(batch['image'], batch['text_ids'], batch['text_mask'])
   f4 = encoded.features[-1]
   retrieved = None
-  if use_retrieval and kp.needs_retrieval(cfg.mode):
+  if use_retrieval and search.needs_retrieval(cfg.mode):
     retrieved = _retrieve(f4, batch, state.pool, state.tables, cfg)
   logits_r, logits_s = model.decode(encoded, None if retrieved is None else retrieved.feat)
   prob_r, prob_s = jax.nn.sigmoid(logits_r), jax.nn.sigmoid(logits_s)

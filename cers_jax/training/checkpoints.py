@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cers_jax.train_state import TrainState
+from cers_jax.training.state import TrainState
 
 LATEST = 'latest'
 BEST = 'best'

@@ -1,0 +1,1 @@
+"""Evaluation on a split and prediction with evidence pages."""

@@ -1,0 +1,1 @@
+"""Knowledge pool, retrieval modes and the retrieval report."""

@@ -1,0 +1,1 @@
+"""Train state, jitted steps, losses, checkpoints and the training loop."""
