@@ -155,7 +155,7 @@ def main(argv):
             s, l, u, jnp.float32(0.003), graphdef=graphdef, tx=tx, cfg=cfg),
                             (state, labeled, unlabeled), 2 * batch, True),
         'eval (with retrieval)': (lambda s, b: ts.eval_step(
-            s, b, graphdef=graphdef, cfg=cfg, use_retrieval=True), (state, unlabeled),
+            s, b, graphdef=graphdef, cfg=cfg), (state, unlabeled),
                                   batch, False),
         'retrieval alone (2 x B queries)': (retrieval_only, (state, labeled, unlabeled),
                                             2 * batch, False),

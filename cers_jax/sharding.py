@@ -149,3 +149,9 @@ def place_state(state, mesh: Mesh, *, shard_pool_rows: bool = False):
   """Replicates the TrainState; the pool as `place_pool` places it (each array once)."""
   placed = replicate(state.replace(pool=None), mesh)
   return placed.replace(pool=place_pool(state.pool, mesh, shard_rows=shard_pool_rows))
+
+
+def pad_rows(array: np.ndarray, size: int) -> np.ndarray:
+  """Pads axis 0 to `size` by repeating the last row: every call of a step sees one shape."""
+  missing = size - len(array)
+  return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)]) if missing else array

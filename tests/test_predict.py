@@ -1,24 +1,27 @@
-"""Tests for cers_jax.inference.predict with a fake experiment (the lead adds a real-model end-to-end).
+"""Tests for cers_jax.inference.predict without a model (tests/test_end_to_end.py runs one).
 
-The fake `exp` has a real Cache, real WordPiece tokenizers and the real base config; its
-steps are numpy fakes with the shapes of `train_step.make_steps` that record their calls.
+`predict(state, steps, data, config, workdir)` gets a real `Data` (Cache, WordPiece
+tokenizers), the real base config and numpy stand-ins for the jitted steps that record their
+calls.
 """
 
 import csv
+import dataclasses
 import html
 import os
 import re
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cers_jax import sharding
 from cers_jax.inference import predict
 from cers_jax.data import augment
 from cers_jax.data import tokenize
 from cers_jax.data.cache import Cache
 from cers_jax.data.records import DataError, Sample
+from cers_jax.training.experiment import Data
 from configs import base
 
 S = 16  # Model input size.
@@ -66,9 +69,11 @@ class FakeSteps:
 
   def __init__(self, mode: str):
     self.mode = mode
+    self.mesh = sharding.make_mesh()
     self.calls: list[tuple[str, object]] = []
 
-  def evaluate(self, state, batch, use_retrieval):
+  def evaluate(self, state, batch):
+    batch = {k: np.asarray(v) for k, v in batch.items()}
     self.calls.append(('evaluate', batch))
     b, s = batch['image'].shape[:2]
     prob_r = np.full((b, s, s, 1), 0.1, np.float32)
@@ -83,10 +88,12 @@ class FakeSteps:
     return out
 
   def cot_cls(self, state, ids, mask):
+    ids, mask = np.asarray(ids), np.asarray(mask)
     self.calls.append(('cot_cls', (ids, mask)))
     return np.tile(mask.sum(axis=1, keepdims=True).astype(np.float32), (1, COT_HIDDEN))
 
   def project(self, state, cls):
+    cls = np.asarray(cls)
     self.calls.append(('project', cls))
     emb = np.tile(cls[:, :1], (1, EMBED))
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -109,6 +116,18 @@ def _cache(tmp_path) -> Cache:
   return Cache(str(tmp_path / 'cache'), images, masks, has_mask, samples, manifest)
 
 
+@dataclasses.dataclass
+class Run:
+  steps: FakeSteps
+  data: Data
+  config: object
+  workdir: str
+
+
+def _predict(run: Run) -> str:
+  return predict.predict('state', run.steps, run.data, run.config, run.workdir)
+
+
 def _exp(tmp_path, tokenizers, *, mode='image+cot', predict_dir=''):
   config = base.get_config()
   config.data.image_size = S
@@ -125,20 +144,9 @@ def _exp(tmp_path, tokenizers, *, mode='image+cot', predict_dir=''):
   text_ids, text_mask = tokenize.encode_texts(text_tok, [s.text for s in cache.samples],
                                               config.data.max_text_len)
   rows = {name: cache.rows_of(cache.manifest['ids'][name]) for name in cache.manifest['ids']}
-  data = types.SimpleNamespace(cache=cache, rows=rows,
-                               tokens=dict(text_ids=text_ids, text_mask=text_mask),
-                               text_tokenizer=text_tok, cot_tokenizer=cot_tok)
-  restores = []
-
-  def restore(which, state):
-    restores.append(which)
-    return state, {}
-
-  return types.SimpleNamespace(
-      config=config, workdir=str(tmp_path / 'work'), data=data, state='state',
-      steps=FakeSteps(mode), checkpoints=types.SimpleNamespace(restore=restore),
-      global_batch=lambda batch: batch, replicated=lambda x: x, to_host=lambda x: x,
-      restores=restores)
+  data = Data(cache=cache, rows=rows, tokens=dict(text_ids=text_ids, text_mask=text_mask),
+              text_tokenizer=text_tok, cot_tokenizer=cot_tok)
+  return Run(steps=FakeSteps(mode), data=data, config=config, workdir=str(tmp_path / 'work'))
 
 
 def _folder(tmp_path, *, cot_missing=(), text_missing=(), with_masks=True,
@@ -177,10 +185,9 @@ def _calls(exp, name):
 
 def test_folder_predictions_write_every_output(tmp_path, tokenizers):
   exp = _exp(tmp_path, tokenizers, predict_dir=_folder(tmp_path))
-  out_dir = predict.predict(exp)
+  out_dir = _predict(exp)
 
   assert out_dir == os.path.join(exp.workdir, 'predictions', 'new_cases')
-  assert exp.restores == ['best']
   for name, (w, h, *_rest) in FOLDER.items():
     for sub in ('images', 'masks', 'overlays'):
       with Image.open(os.path.join(out_dir, sub, f'{name}.png')) as im:
@@ -209,7 +216,7 @@ def test_folder_predictions_write_every_output(tmp_path, tokenizers):
 
 def test_folder_batches_match_the_pipeline_contract(tmp_path, tokenizers):
   exp = _exp(tmp_path, tokenizers, predict_dir=_folder(tmp_path))
-  predict.predict(exp)
+  _predict(exp)
   batches = [b for _, b in _calls(exp, 'evaluate')]
   assert len(batches) == 2  # 5 images, eval batch 4: the last one is padded.
   for batch in batches:
@@ -237,7 +244,7 @@ def test_folder_batches_match_the_pipeline_contract(tmp_path, tokenizers):
 
 def test_page_shows_escaped_reference_cots_in_rank_order(tmp_path, tokenizers):
   exp = _exp(tmp_path, tokenizers, predict_dir=_folder(tmp_path))
-  out_dir = predict.predict(exp)
+  out_dir = _predict(exp)
   page = open(os.path.join(out_dir, 'pages', 'case_a.html'), encoding='utf-8').read()
   expected = [_ref_cot(r) or _ref_cot_no_mask(r) for r in RETRIEVED]
   positions = [page.find(html.escape(c)) for c in expected]
@@ -258,18 +265,18 @@ def test_missing_cot_is_refused_before_any_model_work(tmp_path, tokenizers):
   folder = _folder(tmp_path, cot_missing=('case_d',))
   exp = _exp(tmp_path, tokenizers, mode='image+cot', predict_dir=folder)
   with pytest.raises(DataError) as err:
-    predict.predict(exp)
+    _predict(exp)
   message = str(err.value)
   assert 'case_d' in message and 'case_a' not in message
   assert os.path.join(folder, 'cot_output_no_mask.csv') in message
-  assert exp.steps.calls == [] and exp.restores == []
+  assert exp.steps.calls == []
 
 
 def test_no_cot_csv_is_refused_for_mode_cot(tmp_path, tokenizers):
   folder = _folder(tmp_path, with_cot=False)
   exp = _exp(tmp_path, tokenizers, mode='cot', predict_dir=folder)
   with pytest.raises(DataError, match='5 image'):
-    predict.predict(exp)
+    _predict(exp)
   assert exp.steps.calls == []
 
 
@@ -277,7 +284,7 @@ def test_missing_text_is_refused_in_every_mode(tmp_path, tokenizers):
   folder = _folder(tmp_path, text_missing=('case_b', 'case_e'))
   exp = _exp(tmp_path, tokenizers, mode='none', predict_dir=folder)
   with pytest.raises(DataError) as err:
-    predict.predict(exp)
+    _predict(exp)
   message = str(err.value)
   assert 'case_b' in message and 'case_e' in message and '2 image' in message
   assert os.path.join(folder, 'text.csv') in message
@@ -291,7 +298,7 @@ def test_error_lists_ten_ids_and_the_count(tmp_path, tokenizers):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / f'img{i:02d}.png')
   exp = _exp(tmp_path, tokenizers, predict_dir=str(root))
   with pytest.raises(DataError) as err:
-    predict.predict(exp)
+    _predict(exp)
   message = str(err.value)
   assert '12 image(s)' in message and 'img09' in message and 'img10' not in message
   assert '2 more' in message and 'does not exist' in message
@@ -300,7 +307,7 @@ def test_error_lists_ten_ids_and_the_count(tmp_path, tokenizers):
 def test_missing_cot_and_masks_are_fine_for_mode_image(tmp_path, tokenizers):
   folder = _folder(tmp_path, with_cot=False, with_masks=False)
   exp = _exp(tmp_path, tokenizers, mode='image', predict_dir=folder)
-  out_dir = predict.predict(exp)
+  out_dir = _predict(exp)
   assert _calls(exp, 'cot_cls') == []  # Mode 'image' reads no CoT or text embedding.
   assert all(np.all(b['query_cot'] == 0) for _, b in _calls(exp, 'evaluate'))
   with open(os.path.join(out_dir, 'predictions.csv'), newline='') as f:
@@ -313,7 +320,7 @@ def test_missing_cot_and_masks_are_fine_for_mode_image(tmp_path, tokenizers):
 
 def test_mode_text_embeds_the_report(tmp_path, tokenizers):
   exp = _exp(tmp_path, tokenizers, mode='text', predict_dir=_folder(tmp_path))
-  predict.predict(exp)
+  _predict(exp)
   batch = _calls(exp, 'evaluate')[0][1]
   np.testing.assert_allclose(np.linalg.norm(batch['query_text'], axis=1), 1, rtol=1e-6)
   np.testing.assert_array_equal(batch['query_cot'], 0)
@@ -321,7 +328,7 @@ def test_mode_text_embeds_the_report(tmp_path, tokenizers):
 
 def test_mode_none_page_says_retrieval_is_off(tmp_path, tokenizers):
   exp = _exp(tmp_path, tokenizers, mode='none', predict_dir=_folder(tmp_path))
-  out_dir = predict.predict(exp)
+  out_dir = _predict(exp)
   page = open(os.path.join(out_dir, 'pages', 'case_a.html'), encoding='utf-8').read()
   assert 'Retrieval is off' in page and 'refs/' not in page
   assert os.listdir(os.path.join(out_dir, 'refs')) == []
@@ -332,7 +339,7 @@ def test_cache_rows_without_predict_dir(tmp_path, tokenizers):
   # ref3's original file exists (at another size); ref5's is gone: the cache image is used.
   os.makedirs(tmp_path / 'gone')
   Image.fromarray(np.full((21, 34), 7, np.uint8)).save(tmp_path / 'gone' / 'ref3.png')
-  out_dir = predict.predict(exp)
+  out_dir = _predict(exp)
   assert out_dir == os.path.join(exp.workdir, 'predictions')
   (batch,) = [b for _, b in _calls(exp, 'evaluate')]
   np.testing.assert_array_equal(batch['index'][:2], [3, 5])
@@ -349,17 +356,3 @@ def test_cache_rows_without_predict_dir(tmp_path, tokenizers):
   assert rows['ref3']['dice_r'] != '' and rows['ref5']['dice_r'] == ''  # ref5 has no mask.
   page = open(os.path.join(out_dir, 'pages', 'ref3.html'), encoding='utf-8').read()
   assert html.escape(_ref_cot_no_mask(3)) in page  # A test row queries with its no-mask CoT.
-
-
-def test_overlay_draws_prediction_and_truth():
-  image = np.full((12, 12, 3), 100, np.uint8)
-  pred = np.zeros((12, 12), np.uint8)
-  pred[2:8, 2:8] = 1
-  truth = np.zeros((12, 12), np.uint8)
-  truth[5:11, 5:11] = 1
-  out = predict.overlay(image, pred, truth)
-  np.testing.assert_array_equal(out[2, 2], predict.PRED_COLOUR.astype(np.uint8))
-  np.testing.assert_array_equal(out[10, 10], predict.TRUTH_COLOUR.astype(np.uint8))
-  assert out[4, 4, 0] > 100 and out[4, 4, 1] < 100  # Tinted red inside the prediction.
-  np.testing.assert_array_equal(out[0, 11], [100, 100, 100])  # Untouched elsewhere.
-  np.testing.assert_array_equal(predict.overlay(image, pred * 0), image)

@@ -3,18 +3,22 @@
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cers_jax import sharding
+from cers_jax.data.cache import Cache
+from cers_jax.data.pipeline import PipelineArrays
+from cers_jax.data.records import Sample
+from cers_jax.retrieval import embed
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
-from cers_jax import sharding
 from cers_jax.training import loop as train
 from cers_jax.training import steps as ts
+from cers_jax.training.experiment import Data
 from tests import train_helpers as th
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +65,7 @@ def test_semi_step_updates_only_labeled_pool_rows_with_eq5(setup):
   # f4 of the labeled batch as the training forward computes it (same rng, same params).
   new_state, aux = steps.semi(state, th.to_device(labeled), th.to_device(unlabeled),
                               jnp.float32(0.003))
-  assert np.isfinite(float(aux['loss'])) and float(aux['consistency']) > 0
+  assert np.isfinite(float(aux['loss'])) and float(aux['consistency_raw']) > 0
   new_feat = np.asarray(new_state.pool.feat)
   rows = labeled['index']
   untouched = np.setdiff1d(np.arange(th.POOL_ROWS), rows)
@@ -86,7 +90,7 @@ def test_no_recompiles_after_the_first_step(setup):
     state, _ = steps.semi(state, th.to_device(th.make_batch(30 + i, labeled=True)),
                           th.to_device(th.make_batch(40 + i, labeled=False)),
                           jnp.float32(0.001 * i))
-    steps.evaluate(state, th.to_device(th.make_batch(50 + i, labeled=False)), True)
+    steps.evaluate(state, th.to_device(th.make_batch(50 + i, labeled=False)))
   for fn in (steps.warmup, steps.semi, steps.evaluate):
     assert fn._cache_size() == 1, f'{fn} compiled {fn._cache_size()} times'
 
@@ -98,22 +102,23 @@ def test_an_epoch_makes_only_explicit_transfers(setup):
   scripts/gpu_check.sh runs this test with device-to-host reads guarded too.)"""
   config, graphdef, tx, state, steps = setup
   mesh = sharding.make_mesh(1)
-  exp = types.SimpleNamespace(config=config, steps=steps,
-                              state=sharding.place_state(_copy(state), mesh))
+  state = sharding.place_state(_copy(state), mesh)
   batches = iter([(th.make_batch(60 + i, labeled=True), th.make_batch(70 + i, labeled=False))
                   for i in range(4)])
   weight = jax.device_put(np.float32(0.01))
 
-  def step_fn():
+  def step_fn(state):
     labeled, unlabeled = next(batches)
-    exp.state, aux = exp.steps.semi(exp.state, sharding.shard_batch(labeled, mesh),
-                                    sharding.shard_batch(unlabeled, mesh), weight)
-    return aux
+    return steps.semi(state, sharding.shard_batch(labeled, mesh),
+                      sharding.shard_batch(unlabeled, mesh), weight)
 
-  step_fn()  # Compiling may move constants; the guard covers the steady state.
+  state, _ = step_fn(state)  # Compiling may move constants; the guard covers the steady state.
+  first_step = int(state.step)
   with jax.transfer_guard('disallow'):
-    record = train._run_epoch(exp, train.SEMI, 0, 3, step_fn, 'guarded epoch')
-  assert np.isfinite(record['loss']) and record['step'] == int(state.step) + 4
+    state, record = train._run_epoch(state, step_fn, stage=train.SEMI, epoch=0, num_steps=3,
+                                     batch_images=2 * th.BATCH, desc='guarded epoch',
+                                     log_every=config.train.log_every, refresh_seconds=0.0)
+  assert np.isfinite(record['loss']) and record['step'] == first_step + 3
   with pytest.raises(Exception, match='[Dd]isallowed'):  # The guard is live here.
     with jax.transfer_guard('disallow'):
       jnp.asarray(th.make_batch(80, labeled=True)['image'])
@@ -122,8 +127,8 @@ def test_an_epoch_makes_only_explicit_transfers(setup):
 def test_eval_step_is_deterministic_and_retrieves_k_rows(setup):
   config, graphdef, tx, state, steps = setup
   batch = th.to_device(th.make_batch(60, labeled=False))
-  out1 = steps.evaluate(state, batch, True)
-  out2 = steps.evaluate(state, batch, True)
+  out1 = steps.evaluate(state, batch)
+  out2 = steps.evaluate(state, batch)
   np.testing.assert_array_equal(np.asarray(out1['prob_r']), np.asarray(out2['prob_r']))
   assert out1['prob_r'].shape == (th.BATCH, th.IMAGE, th.IMAGE, 1)
   ids = np.asarray(out1['retrieved_ids'])
@@ -147,11 +152,11 @@ def test_self_exclusion_in_the_step(setup):
   state = state.replace(pool=pool)
   image_steps = ts.make_steps(graphdef, tx, ts.StepConfig(mode='image', k_coarse=6, k=3,
                                                           exclude_self=True))
-  ids = np.asarray(image_steps.evaluate(state, batch, True)['retrieved_ids'])
+  ids = np.asarray(image_steps.evaluate(state, batch)['retrieved_ids'])
   assert not np.any(ids == np.asarray(batch['index'])[:, None])
   keep_steps = ts.make_steps(graphdef, tx, ts.StepConfig(mode='image', k_coarse=6, k=3,
                                                          exclude_self=False))
-  ids = np.asarray(keep_steps.evaluate(state, batch, True)['retrieved_ids'])
+  ids = np.asarray(keep_steps.evaluate(state, batch)['retrieved_ids'])
   np.testing.assert_array_equal(ids[:, 0], np.asarray(batch['index']))
 
 
@@ -166,7 +171,7 @@ def test_semi_step_without_retrieval():
                           th.to_device(th.make_batch(2, labeled=False)), jnp.float32(0.003))
   assert np.isfinite(float(aux['loss']))
   np.testing.assert_array_equal(np.asarray(state.pool.feat), pool_before)
-  out = steps.evaluate(state, th.to_device(th.make_batch(3, labeled=False)), True)
+  out = steps.evaluate(state, th.to_device(th.make_batch(3, labeled=False)))
   assert 'retrieved_ids' not in out
 
 
@@ -176,7 +181,7 @@ def test_eval_step_ranks_like_the_pool_in_every_mode(setup, mode):
   cfg = ts.StepConfig(mode=mode, k_coarse=6, k=3)
   steps = ts.make_steps(graphdef, tx, cfg)
   batch = th.to_device(th.make_batch(4, labeled=False))
-  ids = np.asarray(steps.evaluate(state, batch, True)['retrieved_ids'])
+  ids = np.asarray(steps.evaluate(state, batch)['retrieved_ids'])
   f4 = steps.features(state, batch)
   direct = search.retrieve(state.pool, f4, state.tables.query_cot[batch['index']],
                        state.tables.query_text[batch['index']], mode=mode, k_coarse=6, k=3,
@@ -240,7 +245,7 @@ graphdef, tx, state = th.make_state(config)
 steps = th.steps_for(config, graphdef, tx)
 mesh = sharding.make_mesh(4)
 batch = sharding.shard_batch(th.make_batch(7, labeled=False), mesh)
-outs = [steps.evaluate(sharding.place_state(state, mesh, shard_pool_rows=rows), batch, True)
+outs = [steps.evaluate(sharding.place_state(state, mesh, shard_pool_rows=rows), batch)
         for rows in (False, True)]
 np.testing.assert_array_equal(np.asarray(outs[0]['retrieved_ids']),
                               np.asarray(outs[1]['retrieved_ids']))
@@ -263,8 +268,6 @@ def test_four_devices_match_one_device():
 def test_epoch_refresh_follows_the_authors_rule(setup):
   """pool.update_rule=epoch_refresh: every labeled row recomputed in eval mode and blended
   into the unit-norm key; fusion gets the unit-norm rows (as the authors' code does)."""
-  from cers_jax.data.pipeline import PipelineArrays
-
   config, graphdef, tx, state, steps = setup
   rng = np.random.default_rng(3)
   n = th.NUM_SAMPLES
@@ -274,17 +277,20 @@ def test_epoch_refresh_follows_the_authors_rule(setup):
       text_ids=rng.integers(5, 50, (n, 8)).astype(np.int32),
       text_mask=np.ones((n, 8), np.int32))
   labeled = np.arange(th.POOL_ROWS, dtype=np.int32)
-  exp = types.SimpleNamespace(
-      config=config, state=state, steps=steps, global_batch=th.to_device,
-      replicated=jnp.asarray,
-      data=types.SimpleNamespace(rows={'train_labeled': labeled}, arrays=lambda: arrays))
+  samples = [Sample(id=f's{r}', image_path=f's{r}.png', mask_path=f'm{r}.png', text='',
+                    cot_mask=None, cot_no_mask=None) for r in range(n)]
+  cache = Cache('unused', arrays.images, arrays.masks, np.ones(n, bool), samples, {})
+  data = Data(cache=cache, rows={'train_labeled': labeled},
+              tokens=dict(text_ids=arrays.text_ids, text_mask=arrays.text_mask),
+              text_tokenizer=None, cot_tokenizer=None)
   old_key = np.array(state.pool.key)
-  train.refresh_pool(exp)
+  refreshed = embed.with_refreshed_pool(state, steps, data, config)
   feats = np.concatenate([np.asarray(steps.features(state, th.to_device(b)))[b['valid']]
-                          for b in train._eval_batches(exp, labeled)])
+                          for b in embed.labeled_batches(data, labeled,
+                                                         config.train.eval_batch_size)])
   beta = config.pool.momentum
   blended = beta * old_key + (1 - beta) * feats.reshape(len(labeled), -1)
   want = blended / np.maximum(np.linalg.norm(blended, axis=1, keepdims=True), 1e-8)
-  np.testing.assert_allclose(np.asarray(exp.state.pool.key), want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(exp.state.pool.feat).reshape(len(labeled), -1), want,
+  np.testing.assert_allclose(np.asarray(refreshed.pool.key), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(refreshed.pool.feat).reshape(len(labeled), -1), want,
                              rtol=1e-5, atol=1e-6)

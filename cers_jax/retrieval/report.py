@@ -261,24 +261,21 @@ def plot_report(report: dict, path: str) -> None:
   plt.close(fig)
 
 
-def query_features(exp, rows: np.ndarray) -> np.ndarray:
+def query_features(state, steps, data, rows: np.ndarray, batch_size: int) -> np.ndarray:
   """(len(rows), h, w, C) eval-mode f4 maps of cache rows."""
   out = []
-  for batch in pipeline.make_eval_batches(exp.data.arrays(), rows,
-                                          batch_size=exp.config.train.eval_batch_size):
-    f4 = exp.to_host(exp.steps.features(exp.state, exp.global_batch(batch)))
+  for batch in pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size):
+    f4 = sharding.to_host(steps.features(state, sharding.global_batch(batch, steps.mesh)))
     out.append(f4[np.asarray(batch['valid'])])
   return np.concatenate(out)
 
 
-def build_report(exp, split: str) -> tuple[dict, list[dict]]:
+def build_report(state, steps, data, config, split: str) -> tuple[dict, list[dict]]:
   """Ranks every query of `split` under every report mode; returns (report, CSV rows)."""
-  config, data = exp.config, exp.data
   rows = np.asarray(data.rows[split])
   if not len(rows):
     raise DataError(f'The {split!r} split of the manifest is empty: choose another with '
                     '--config.eval.split.')
-  state = exp.state
   # A local copy: the report ranks on one device whatever the mesh (host-sized pools).
   pool = jax.tree.map(jnp.asarray, sharding.to_host(state.pool))
   pool_ids = np.asarray(pool.ids)
@@ -301,7 +298,8 @@ def build_report(exp, split: str) -> tuple[dict, list[dict]]:
     query_labels, pool_labels = labels.values[rows], labels.values[pool_rows_cache]
     pool_labels = np.where(real[:, None], pool_labels, '')
   tables = sharding.to_host(state.tables)
-  query = dict(query_feat=query_features(exp, rows), query_cot=tables.query_cot[rows],
+  query = dict(query_feat=query_features(state, steps, data, rows,
+                                          config.train.eval_batch_size), query_cot=tables.query_cot[rows],
                query_text=tables.query_text[rows])
   rng = np.random.default_rng(config.seed)
   rankings: dict[str, Ranking] = {}
@@ -338,16 +336,10 @@ def build_report(exp, split: str) -> tuple[dict, list[dict]]:
   return report, records
 
 
-def write_report(exp, split: str, out_dir: str, **context) -> dict:
-  """Builds the report of `split`, writes report.json / references.csv / report.png, logs it.
-
-  Args:
-    exp: the experiment, its state holding a built pool.
-    split: the manifest split whose images are the queries.
-    out_dir: output folder.
-    **context: extra JSON fields (e.g. which checkpoint, stage, epoch).
-  """
-  report, records = build_report(exp, split)
+def write_report(state, steps, data, config, split: str, out_dir: str, **context) -> dict:
+  """Builds the report of `split` (the state holds a built pool), writes report.json,
+  references.csv and report.png into `out_dir`, logs it. `context`: extra JSON fields."""
+  report, records = build_report(state, steps, data, config, split)
   report.update(context)
   if sharding.is_main_process():
     os.makedirs(out_dir, exist_ok=True)

@@ -2,9 +2,9 @@
 
 The same functions serve `run.py`, the benchmarks and research code:
 
-  config = configs.synthetic.get_config()
-  exp = experiment.create(config, 'runs/demo')       # data, model, state, jitted steps
-  out = exp.steps.evaluate(exp.state, batch, True)   # any batch from cers_jax.data.pipeline
+  exp, state = experiment.create(config, 'runs/demo')  # data, model, jitted steps; state
+  state, meta = exp.checkpoints.restore('best', state)
+  out = exp.steps.evaluate(state, sharding.global_batch(batch, exp.steps.mesh))
 
 `resolve_config` fills the fields a run derives (dataset location for the synthetic default,
 vocabulary sizes of trained tokenizers) into an unlocked copy, which is what checkpoints
@@ -33,8 +33,9 @@ from cers_jax.data import cache as cache_lib
 from cers_jax.data import pipeline
 from cers_jax.data import prepare as prepare_lib
 from cers_jax.data import tokenize
-from cers_jax.errors import ConfigError
+from cers_jax.errors import ConfigError, WorkdirError
 from cers_jax.models import cers as cers_model
+from cers_jax.retrieval import embed
 from cers_jax.retrieval import pool as kp
 from cers_jax.training.state import TrainState, create_train_state, empty_tables
 
@@ -172,15 +173,14 @@ def build_model(model_config, *, seed: int) -> cers_model.CERS:
   return model
 
 
-def retrieval_embed_dim(config) -> int:
-  """Width of the pool's CoT and text embeddings (config pool.cot_space)."""
-  return (config.model.cot.hidden_size if config.pool.cot_space == 'features'
-          else config.model.embed_dim)
+def make_schedule(config, total_steps: int) -> optax.Schedule:
+  """The learning rate by optimizer step: cosine decay over both stages."""
+  return optax.cosine_decay_schedule(config.train.learning_rate, max(total_steps, 1))
 
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   """SGD with momentum and torch-style (coupled) weight decay on a cosine schedule."""
-  schedule = optax.cosine_decay_schedule(config.train.learning_rate, max(total_steps, 1))
+  schedule = make_schedule(config, total_steps)
   return optax.chain(optax.add_decayed_weights(config.train.weight_decay),
                      optax.sgd(schedule, momentum=config.train.momentum))
 
@@ -198,41 +198,24 @@ def steps_per_epoch(config, data: Data) -> tuple[int, int]:
   return labeled // batch, max(semi, 1)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
-  """Everything a run needs, built once; `state` is replaced as training goes."""
+  """What a run is built from, fixed once created; the TrainState travels separately."""
 
   config: ml_collections.ConfigDict  # Resolved (unlocked) copy.
   workdir: str
   data: Data
   graphdef: Any
-  state: TrainState
-  steps: ts.Steps
+  steps: ts.Steps  # Jitted steps; `steps.mesh` is the data mesh they run on.
   checkpoints: checkpointing.Checkpoints
-  mesh: Any  # jax.sharding.Mesh with one 'data' axis.
   warmup_steps_per_epoch: int
   semi_steps_per_epoch: int
-
-  def device_batch(self, batch: dict) -> dict:
-    """This process's training batch placed on the mesh, split along the batch axis."""
-    return sharding.shard_batch(batch, self.mesh)
-
-  def global_batch(self, batch: dict) -> dict:
-    """A batch every process holds whole (eval, pool build, prediction), on the mesh."""
-    return sharding.global_batch(batch, self.mesh)
-
-  def replicated(self, tree):
-    """Host arrays, identical on every process, replicated over the mesh."""
-    return sharding.replicate(tree, self.mesh)
-
-  @staticmethod
-  def to_host(tree):
-    """Step outputs as numpy, whole on every process."""
-    return sharding.to_host(tree)
+  schedule: optax.Schedule  # The learning rate by step (logged with every epoch).
 
 
-def create(config, workdir: str) -> Experiment:
-  """Prepares data and builds a freshly initialised experiment (restore is separate)."""
+def create(config, workdir: str) -> tuple[Experiment, TrainState]:
+  """Prepares data, builds the model and returns (experiment, fresh state); restore is
+  separate (`exp.checkpoints.restore`)."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = resolve_config(config, workdir)
@@ -257,20 +240,39 @@ def create(config, workdir: str) -> Experiment:
           'tokenizer: give its folder with --config.tokenizer.text_dir.') from error
     raise
   f4_shape = model.f4_shape(config.data.image_size)
-  pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, retrieval_embed_dim(config))
+  pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, embed.embed_dim(config))
   tables = empty_tables(data.num_samples, config.model.cot.hidden_size,
-                        retrieval_embed_dim(config))
+                        embed.embed_dim(config))
   graphdef, state = create_train_state(
       model, tx, text_trainable=config.model.text.trainable, pool=pool, tables=tables,
       rng=jax.random.key(config.seed))
   state = sharding.place_state(state, mesh, shard_pool_rows=config.pool.shard_rows)
-  steps = ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config),
+  steps = ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config), mesh=mesh,
                         threshold=config.eval.threshold)
-  return Experiment(config=config, workdir=workdir, data=data, graphdef=graphdef,
-                    state=state, steps=steps,
-                    checkpoints=checkpointing.Checkpoints(workdir,
-                                                          keep=config.checkpoint.keep),
-                    mesh=mesh, warmup_steps_per_epoch=warmup_spe, semi_steps_per_epoch=semi_spe)
+  exp = Experiment(config=config, workdir=workdir, data=data, graphdef=graphdef, steps=steps,
+                   checkpoints=checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep),
+                   warmup_steps_per_epoch=warmup_spe, semi_steps_per_epoch=semi_spe,
+                   schedule=make_schedule(config, total))
+  return exp, state
+
+
+def from_workdir(workdir: str, which: str = 'best') -> tuple[Experiment, TrainState, dict]:
+  """A finished (or running) run's experiment and its `which` checkpoint: (exp, state, meta).
+
+  Reads the config the run was trained with (`<workdir>/config.json`), so research code
+  needs neither the config file nor its overrides.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise WorkdirError(f'{path} does not exist: {workdir} is not a training workdir (run '
+                       '`python run.py --config ... --workdir ...` first).')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  exp, state = create(config, workdir)
+  if exp.checkpoints.latest_step(which) is None:
+    raise WorkdirError(f'No {which!r} checkpoint in {os.path.join(workdir, "checkpoints")}.')
+  state, meta = exp.checkpoints.restore(which, state)
+  return exp, state, meta
 
 
 def config_json(config) -> str:

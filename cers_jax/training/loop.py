@@ -15,32 +15,32 @@ keys, and its metrics.jsonl record the same means, as without the interruption.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import signal
 import time
-from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from cers_jax.training import checkpoints as checkpointing
-from cers_jax.inference import evaluate as evaluate_lib
-from cers_jax.training import experiment as experiment_lib
-from cers_jax.retrieval import pool as kp
-from cers_jax.retrieval import search
-from cers_jax.training import losses
-from cers_jax.inference import predict as predict_lib
-from cers_jax.retrieval import report as retrieval_report
 from cers_jax import sharding
 from cers_jax import workdir as workdir_lib
 from cers_jax.data import pipeline
 from cers_jax.errors import ConfigError, WorkdirError
+from cers_jax.inference import evaluate as evaluate_lib
+from cers_jax.inference import predict as predict_lib
+from cers_jax.retrieval import embed
+from cers_jax.retrieval import report as retrieval_report
+from cers_jax.retrieval import search
+from cers_jax.training import checkpoints as checkpointing
+from cers_jax.training import experiment as experiment_lib
+from cers_jax.training import losses
+from cers_jax.training.state import TrainState
 
 MODES = ('prepare', 'warmup', 'train', 'eval', 'retrieval', 'predict', 'all')
 
@@ -110,95 +110,6 @@ def _fresh_meta() -> dict:
               iterators={})
 
 
-def _padded_row_batches(rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-  """(rows padded to batch_size by repeating the last row, number of real rows)."""
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    real = len(chunk)
-    yield np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real)]), real
-
-
-def compute_cls_tables(exp) -> None:
-  """Pooled features of the frozen CoT BERT for every row, once per run.
-
-  A labeled training image aligns with, and queries with, its mask-aware CoT; every other
-  image queries with the CoT written without the mask (DESIGN.md section 1).
-  """
-  data, tokens = exp.data, exp.data.tokens
-  labeled = np.zeros(data.num_samples, bool)
-  labeled[data.rows['train_labeled']] = True
-  all_rows = np.arange(data.num_samples, dtype=np.int32)
-
-  def cls_of(prefix: str) -> np.ndarray:
-    out = np.zeros((data.num_samples, exp.config.model.cot.hidden_size), np.float32)
-    ids, mask = tokens[f'{prefix}_ids'], tokens[f'{prefix}_mask']
-    for rows, real in _padded_row_batches(all_rows, exp.config.train.eval_batch_size):
-      cls = exp.steps.cot_cls(exp.state, exp.replicated(ids[rows]),
-                              exp.replicated(mask[rows]))
-      out[rows[:real]] = exp.to_host(cls)[:real]
-    return out
-
-  with tqdm(total=3, desc='CoT/text features', leave=False) as bar:
-    cot_mask = cls_of('cot_mask'); bar.update()
-    cot_no_mask = cls_of('cot_no_mask'); bar.update()
-    text = cls_of('report_cot'); bar.update()
-  query = np.where(labeled[:, None], cot_mask, cot_no_mask)
-  tables = exp.state.tables.replace(cot_cls=exp.replicated(cot_mask),
-                                    query_cls=exp.replicated(query),
-                                    text_cls=exp.replicated(text))
-  exp.state = exp.state.replace(tables=tables)
-
-
-def _project(exp, cls: jax.Array) -> jax.Array:
-  out = []
-  cls = exp.to_host(cls)
-  rows = np.arange(cls.shape[0], dtype=np.int32)
-  for chunk, real in _padded_row_batches(rows, exp.config.train.eval_batch_size):
-    out.append(exp.to_host(exp.steps.project(exp.state, exp.replicated(cls[chunk])))[:real])
-  return exp.replicated(np.concatenate(out))
-
-
-def build_pool(exp) -> None:
-  """After warm-up: fixed CoT/text embeddings for every row (config pool.cot_space), then
-  the labeled pool."""
-  tables = exp.state.tables
-  tables = tables.replace(query_cot=_project(exp, tables.query_cls),
-                          query_text=_project(exp, tables.text_cls))
-  exp.state = exp.state.replace(tables=tables)
-  batches = _eval_batches(exp, exp.data.rows['train_labeled'], is_labeled=True)
-  pool = kp.collect_pool(
-      batches, lambda b: exp.to_host(exp.steps.features(exp.state, exp.global_batch(b))),
-      cot_table=exp.to_host(tables.query_cot), text_table=exp.to_host(tables.query_text))
-  if pool.feat.shape != exp.state.pool.feat.shape:
-    raise RuntimeError(f'Pool of shape {pool.feat.shape}, expected '
-                       f'{exp.state.pool.feat.shape}: labeled rows were lost.')
-  pool = jax.tree.map(lambda new, old: np.asarray(new).astype(old.dtype), pool,
-                      exp.state.pool)
-  exp.state = exp.state.replace(pool=sharding.place_pool(
-      pool, exp.mesh, shard_rows=exp.config.pool.shard_rows))
-
-
-def refresh_pool(exp) -> None:
-  """The authors' once-an-epoch refresh of every labeled row (config pool.update_rule)."""
-  rows = exp.data.rows['train_labeled']
-  pool = exp.state.pool
-  for batch in _eval_batches(exp, rows, is_labeled=True):
-    feats = exp.steps.features(exp.state, exp.global_batch(batch))
-    pool_rows = kp.pool_rows(pool, exp.replicated(batch['index']))
-    pool_rows = jnp.where(exp.replicated(batch['valid']), pool_rows, -1)
-    # values='key': the authors hand the unit-norm blended rows to the fusion module.
-    pool = kp.refresh_rows(pool, pool_rows, feats, exp.config.pool.momentum, values='key')
-  exp.state = exp.state.replace(pool=pool)
-
-
-def _eval_batches(exp, rows, *, is_labeled: bool = False):
-  for batch in pipeline.make_eval_batches(exp.data.arrays(), rows,
-                                          batch_size=exp.config.train.eval_batch_size):
-    batch = dict(batch)
-    batch['is_labeled'] = np.asarray(batch['valid']) & is_labeled
-    yield batch
-
-
 _PROCESS_SEED_STRIDE = 1000  # Seed offset of each further process's data streams.
 
 
@@ -261,83 +172,87 @@ def _check_finite(history: list[tuple[int, dict]], stage: str) -> None:
           'kept in checkpoints/latest: lower --config.train.learning_rate and resume.')
 
 
-def _run_epoch(exp, stage: str, epoch: int, num_steps: int, step_fn, desc: str, *,
-               stop=None, done: dict | None = None) -> dict:
-  """Runs the epoch's `num_steps` steps without waiting on the device between them.
+def _ready(aux: dict) -> bool:
+  """Whether a step's metrics are computed, so reading them cannot stall the dispatch queue
+  (host values are always ready)."""
+  return all(getattr(value, 'is_ready', lambda: True)() for value in jax.tree.leaves(aux))
 
-  Step metrics stay on the device; every `log_every` steps the host reads the *previous*
-  chunk's values (long finished, so the read does not stall the queue of dispatched steps)
-  to check for NaN/inf, accumulate means and refresh the progress bar. The epoch's end
+
+def _run_epoch(state: TrainState, step_fn, *, stage: str, epoch: int, num_steps: int,
+               batch_images: int, desc: str, log_every: int, stop=None,
+               done: dict | None = None,
+               refresh_seconds: float = 0.5) -> tuple[TrainState, dict]:
+  """Runs `state, metrics = step_fn(state)` for the epoch's steps, returns (state, record).
+
+  Metrics stay on the device while steps are dispatched; the host reads only those already
+  computed (`is_ready`), in one `jax.device_get` every `log_every` steps or
+  `refresh_seconds`, whichever comes first, to check for NaN/inf, sum them and show the latest on the progress bar. The epoch's end
   reads the rest.
 
   Args:
-    exp: the experiment.
-    stage: WARMUP or SEMI.
-    epoch: the epoch (0-based).
-    num_steps: steps in a whole epoch.
-    step_fn: runs one step, returns its metrics (on the device).
-    desc: progress-bar label.
     stop: called with the global step after every step; True ends the epoch there.
-    done: what a preempted invocation ran of this epoch (meta['partial']: 'steps',
-      'sums', 'seconds'); the epoch continues after it and its means cover every step.
+    done: what a preempted invocation ran of this epoch (meta['partial']: 'steps', 'sums',
+      'seconds'); the epoch continues after it and its means cover every step.
 
   Returns:
-    The epoch's metrics record, plus 'steps_done' (num_steps unless `stop` ended it
-    early) and 'sums' (the metric sums so far).
+    The new state and the epoch's record, with 'steps_done' (num_steps unless `stop` ended
+    it early) and 'sums' (the metric sums so far).
   """
   done = done or {}
   first = min(int(done.get('steps', 0)), num_steps)
   sums: dict[str, float] = dict(done.get('sums', {}))
   steps_done = first
-  last_loss = float('nan')
-  chunk: list[tuple[int, dict]] = []
-  previous: list[tuple[int, dict]] = []
-  batch_images = exp.config.train.batch_size * (2 if stage == SEMI else 1)
-  start = time.perf_counter()
+  pending: collections.deque[tuple[int, dict]] = collections.deque()
+  ready: list[tuple[int, dict]] = []
+  start = last_read = time.perf_counter()
+  first_step = int(jax.device_get(state.step))
 
-  def read(entries):
-    nonlocal last_loss
-    # One explicit device-to-host copy per chunk (jax.device_get), never an implicit one.
+  def read(entries, bar) -> None:
+    # One explicit device-to-host copy per read (jax.device_get), never an implicit one.
     values = jax.device_get([aux for _, aux in entries])
     entries = [(step, aux) for (step, _), aux in zip(entries, values)]
     _check_finite(entries, stage)
     for _, aux in entries:
       for key, value in aux.items():
         sums[key] = sums.get(key, 0.0) + float(value)
-    if entries:
-      last_loss = float(entries[-1][1]['loss'])
+    bar.update(len(entries))
+    rate = (bar.n - first) * batch_images / max(time.perf_counter() - start, 1e-9)
+    bar.set_postfix(loss=f'{float(entries[-1][1]["loss"]):.4f}', img_s=f'{rate:.1f}')
 
   with tqdm(total=num_steps, initial=first, desc=desc, leave=False,
             dynamic_ncols=True) as bar:
-    first_step = int(jax.device_get(exp.state.step))
     for i in range(num_steps - first):
-      chunk.append((first_step + i, step_fn()))
+      state, aux = step_fn(state)
+      pending.append((first_step + i, aux))
       steps_done = first + i + 1
-      if len(chunk) >= exp.config.train.log_every:
-        read(previous)
-        bar.update(len(previous))
-        rate = (i + 1 - len(chunk)) * batch_images / (time.perf_counter() - start)
-        bar.set_postfix(loss=f'{last_loss:.4f}', img_s=f'{rate:.1f}')
-        previous, chunk = chunk, []
+      while pending and _ready(pending[0][1]):
+        ready.append(pending.popleft())
+      if ready and (len(ready) >= log_every
+                    or time.perf_counter() - last_read >= refresh_seconds):
+        read(ready, bar)
+        ready, last_read = [], time.perf_counter()
       if stop is not None and stop(first_step + i + 1) and steps_done < num_steps:
         break
-    read(previous + chunk)
-    bar.update(len(previous) + len(chunk))
+    rest = ready + list(pending)
+    if rest:
+      read(rest, bar)
   seconds = time.perf_counter() - start + float(done.get('seconds', 0.0))
   means = {k: v / max(steps_done, 1) for k, v in sums.items()}
-  means.update(stage=stage, epoch=epoch, step=int(jax.device_get(exp.state.step)),
+  means.update(stage=stage, epoch=epoch, step=int(jax.device_get(state.step)),
                seconds=seconds, images_per_s=steps_done * batch_images / seconds,
                steps_done=steps_done, sums=sums)
-  return means
+  return state, means
 
 
-def validate(exp) -> dict:
+def validate(state: TrainState, exp) -> dict:
   """Mean val Dice/IoU of both decoders (D_r with retrieval: the CERS result)."""
-  summary = evaluate_lib.evaluate_rows(exp, exp.data.rows['val'])
+  summary = evaluate_lib.evaluate_rows(state, exp.steps, exp.data, exp.data.rows['val'],
+                                       exp.config.train.eval_batch_size)
   return {f'val_{k}': v for k, v in summary.items() if k.endswith('_mean')}
 
 
-def _save(exp, meta: dict, loaders: dict | None, which: str = 'latest') -> None:
+def _save(exp, state: TrainState, meta: dict, loaders: dict | None,
+          which: str = 'latest') -> None:
   """Saves a checkpoint; `config.json` is the config the latest one was trained with."""
   if loaders is not None:
     # Each process reads its own rows: the checkpoint keeps every process's position.
@@ -345,7 +260,7 @@ def _save(exp, meta: dict, loaders: dict | None, which: str = 'latest') -> None:
                          for name, loader in loaders.items()}
   meta['workdir'] = exp.workdir  # Lets a copied workdir's paths be compared (workdir.py).
   config_json = experiment_lib.config_json(exp.config)
-  exp.checkpoints.save(which, int(exp.state.step), exp.state, meta, config_json)
+  exp.checkpoints.save(which, int(jax.device_get(state.step)), state, meta, config_json)
   if which == 'latest' and sharding.is_main_process():
     path = os.path.join(exp.workdir, 'config.json')
     with open(f'{path}.tmp', 'w') as f:
@@ -361,7 +276,8 @@ def _partial(meta: dict, stage: str) -> dict | None:
   return None
 
 
-def _finish_epoch(exp, meta: dict, loaders: dict, record: dict, num_steps: int) -> dict:
+def _finish_epoch(exp, state: TrainState, meta: dict, loaders: dict, record: dict,
+                  num_steps: int) -> dict:
   """The epoch's record, or, when it was stopped early, a saved checkpoint and Preempted."""
   steps_done, sums = record.pop('steps_done'), record.pop('sums')
   if steps_done >= num_steps:
@@ -369,9 +285,9 @@ def _finish_epoch(exp, meta: dict, loaders: dict, record: dict, num_steps: int) 
     return record
   meta['partial'] = dict(stage=meta['stage'], epoch=meta['epoch'], steps=steps_done,
                          sums=sums, seconds=record['seconds'])
-  _save(exp, meta, loaders)
+  _save(exp, state, meta, loaders)
   raise Preempted(
-      f'Stopped by SIGTERM after step {int(exp.state.step)} ({meta["stage"]} epoch '
+      f'Stopped by SIGTERM after step {record["step"]} ({meta["stage"]} epoch '
       f'{meta["epoch"] + 1}, {steps_done} of {num_steps} steps), saved in '
       f'{os.path.join(exp.workdir, "checkpoints", "latest")}. Run the same command again '
       'to resume from that step.')
@@ -380,30 +296,48 @@ def _finish_epoch(exp, meta: dict, loaders: dict, record: dict, num_steps: int) 
 def _stop_between_epochs(exp, meta: dict, stop) -> None:
   if stop is not None and stop.at_boundary():
     raise Preempted(
-        f'Stopped by SIGTERM after {meta["stage"]} epoch {meta["epoch"]} (step '
-        f'{int(exp.state.step)}), saved in {os.path.join(exp.workdir, "checkpoints")}. Run '
-        'the same command again to resume.')
+        f'Stopped by SIGTERM after {meta["stage"]} epoch {meta["epoch"]}, saved in '
+        f'{os.path.join(exp.workdir, "checkpoints")}. Run the same command again to resume.')
 
 
-def run_training(exp, *, until: str = SEMI, stop=None) -> dict:
+def _epoch(exp, state: TrainState, meta: dict, stage: str, step_fn, stop, loaders):
+  """One epoch of `stage` (resuming a preempted one): (state, record)."""
+  config = exp.config
+  if stage == WARMUP:
+    num_steps, total, images = (exp.warmup_steps_per_epoch, config.train.warmup_epochs,
+                                config.train.batch_size)
+  else:
+    num_steps, total, images = (exp.semi_steps_per_epoch, config.train.epochs,
+                                2 * config.train.batch_size)
+  label = 'warm-up' if stage == WARMUP else 'semi'
+  state, record = _run_epoch(
+      state, step_fn, stage=stage, epoch=meta['epoch'], num_steps=num_steps,
+      batch_images=images, desc=f'{label} {meta["epoch"] + 1}/{total}',
+      log_every=config.train.log_every, stop=stop, done=_partial(meta, stage))
+  record['learning_rate'] = float(exp.schedule(record['step']))
+  return state, _finish_epoch(exp, state, meta, loaders, record, num_steps)
+
+
+def run_training(exp, state: TrainState, *, until: str = SEMI,
+                 stop=None) -> tuple[TrainState, dict]:
   """Runs (or resumes) warm-up and, unless until == 'warmup', the semi-supervised stage.
 
   `stop` (a `StopOnSigterm`) is asked after every step; when it says so, the loop saves a
-  checkpoint of that step and raises `Preempted`.
+  checkpoint of that step and raises `Preempted`. Returns (state, meta).
   """
-  config = exp.config
+  config, steps, mesh = exp.config, exp.steps, exp.steps.mesh
   log = _MetricLog(exp.workdir)
   meta = _fresh_meta()
   if exp.checkpoints.latest_step() is not None:
-    exp.state, meta = exp.checkpoints.restore('latest', exp.state)
+    state, meta = exp.checkpoints.restore('latest', state)
     partial = meta.get('partial')
     logging.info('Resuming: stage %s, epoch %d, step %d%s', meta['stage'], meta['epoch'],
-                 int(exp.state.step),
+                 int(jax.device_get(state.step)),
                  f' ({partial["steps"]} steps into the epoch)' if partial else '')
   budget = config.train.stop_after_epochs or None
 
   if meta['stage'] == INIT:
-    compute_cls_tables(exp)
+    state = embed.with_text_features(state, steps, exp.data, config)
     meta.update(stage=WARMUP, epoch=0)
   loaders = _train_loaders(exp, meta)
 
@@ -414,57 +348,49 @@ def run_training(exp, *, until: str = SEMI, stop=None) -> dict:
     budget -= 1
     return budget <= 0
 
+  def warmup_fn(state):
+    return steps.warmup(state, sharding.shard_batch(next(loaders['labeled']), mesh))
+
   while meta['stage'] == WARMUP and meta['epoch'] < config.train.warmup_epochs:
-    epoch = meta['epoch']
-
-    def warmup_fn():
-      exp.state, aux = exp.steps.warmup(exp.state,
-                                        exp.device_batch(next(loaders['labeled'])))
-      return aux
-
-    record = _run_epoch(exp, WARMUP, epoch, exp.warmup_steps_per_epoch, warmup_fn,
-                        f'warm-up {epoch + 1}/{config.train.warmup_epochs}', stop=stop,
-                        done=_partial(meta, WARMUP))
-    record = _finish_epoch(exp, meta, loaders, record, exp.warmup_steps_per_epoch)
+    state, record = _epoch(exp, state, meta, WARMUP, warmup_fn, stop, loaders)
     log.write(record)
-    logging.info('warm-up epoch %d: loss %.4f (%.1f img/s)', epoch + 1, record['loss'],
-                 record['images_per_s'])
-    meta['epoch'] = epoch + 1
-    _save(exp, meta, loaders)
+    logging.info('warm-up epoch %d: loss %.4f (%.1f img/s)', meta['epoch'] + 1,
+                 record['loss'], record['images_per_s'])
+    meta['epoch'] += 1
+    _save(exp, state, meta, loaders)
     if spend_budget():
-      return meta
+      return state, meta
     _stop_between_epochs(exp, meta, stop)
   if meta['stage'] == WARMUP:
-    build_pool(exp)
+    state = embed.with_pool(state, steps, exp.data, config)
     meta.update(stage=SEMI, epoch=0)
-    _save(exp, meta, loaders)
+    _save(exp, state, meta, loaders)
     if config.eval.retrieval_report:
-      report_retrieval(exp, meta, 'after_warmup')
+      report_retrieval(exp, state, meta, 'after_warmup')
   if until == WARMUP:
-    return meta
+    return state, meta
 
   while meta['stage'] == SEMI and meta['epoch'] < config.train.epochs:
-    epoch = meta['epoch']
-    weight = exp.replicated(np.float32(losses.consistency_weight(
-        epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup)))
+    weight = float(losses.consistency_weight(
+        meta['epoch'], consistency=config.train.consistency,
+        rampup=config.train.consistency_rampup))
+    device_weight = sharding.replicate(np.float32(weight), mesh)
 
-    def semi_fn():
-      exp.state, aux = exp.steps.semi(exp.state,
-                                      exp.device_batch(next(loaders['labeled'])),
-                                      exp.device_batch(next(loaders['unlabeled'])), weight)
-      return aux
+    def semi_fn(state):
+      return steps.semi(state, sharding.shard_batch(next(loaders['labeled']), mesh),
+                        sharding.shard_batch(next(loaders['unlabeled']), mesh),
+                        device_weight)
 
-    record = _run_epoch(exp, SEMI, epoch, exp.semi_steps_per_epoch, semi_fn,
-                        f'semi {epoch + 1}/{config.train.epochs}', stop=stop,
-                        done=_partial(meta, SEMI))
-    record = _finish_epoch(exp, meta, loaders, record, exp.semi_steps_per_epoch)
+    state, record = _epoch(exp, state, meta, SEMI, semi_fn, stop, loaders)
+    record['consistency_weight'] = weight
     if config.pool.update_rule == 'epoch_refresh':
-      refresh_pool(exp)
-    record.update(validate(exp))
-    meta['epoch'] = epoch + 1
+      state = embed.with_refreshed_pool(state, steps, exp.data, config)
+    record.update(validate(state, exp))
+    meta['epoch'] += 1
     improved = record['val_dice_r_mean'] > meta['best_dice']
     if improved:
-      meta.update(best_dice=record['val_dice_r_mean'], best_epoch=epoch + 1, bad_epochs=0)
+      meta.update(best_dice=record['val_dice_r_mean'], best_epoch=meta['epoch'],
+                  bad_epochs=0)
     else:
       meta['bad_epochs'] += 1
     stopping = meta['bad_epochs'] >= config.train.patience
@@ -473,43 +399,43 @@ def run_training(exp, *, until: str = SEMI, stop=None) -> dict:
     record['best_val_dice_r'] = meta['best_dice']
     log.write(record)
     logging.info('semi epoch %d: loss %.4f, val Dice D_r %.4f / D_s %.4f (best %.4f @ %d), '
-                 '%.1f img/s', epoch + 1, record['loss'], record['val_dice_r_mean'],
+                 '%.1f img/s', meta['epoch'], record['loss'], record['val_dice_r_mean'],
                  record['val_dice_s_mean'], meta['best_dice'], meta['best_epoch'],
                  record['images_per_s'])
     if improved:
-      _save(exp, meta, None, which='best')
-    _save(exp, meta, loaders)
+      _save(exp, state, meta, None, which='best')
+    _save(exp, state, meta, loaders)
     if stopping:
       logging.info('Early stopping: no better val Dice for %d epochs.',
                    config.train.patience)
     if spend_budget():
-      return meta
+      return state, meta
     if meta['stage'] != DONE:
       _stop_between_epochs(exp, meta, stop)
   if meta['stage'] == SEMI:  # epochs == 0: warm-up only; keep its model as the best.
     meta['stage'] = DONE
-    _save(exp, meta, None, which='best')
-    _save(exp, meta, loaders)
-  return meta
+    _save(exp, state, meta, None, which='best')
+    _save(exp, state, meta, loaders)
+  return state, meta
 
 
-def report_retrieval(exp, meta: dict, name: str) -> dict:
-  """The retrieval report of the current state into <workdir>/retrieval[/name]."""
+def report_retrieval(exp, state: TrainState, meta: dict, name: str) -> dict:
+  """The retrieval report of `state` into <workdir>/retrieval[/name]."""
   split = exp.config.eval.split or 'val'
-  out_dir = os.path.join(exp.workdir, 'retrieval', name)
+  out_dir = os.path.normpath(os.path.join(exp.workdir, 'retrieval', name))
   return retrieval_report.write_report(
-      exp, split, os.path.normpath(out_dir), stage=meta['stage'], epoch=meta['epoch'],
-      step=int(jax.device_get(exp.state.step)))
+      state, exp.steps, exp.data, exp.config, split, out_dir, stage=meta['stage'],
+      epoch=meta['epoch'], step=int(jax.device_get(state.step)))
 
 
-def retrieval_checkpoint(exp, stop=None) -> dict:
-  """Restores the checkpoint to report on (eval.which); runs warm-up first if the pool is
-  not built yet. Returns its meta."""
-  meta = run_training(exp, until=WARMUP, stop=stop)
+def retrieval_checkpoint(exp, state: TrainState, stop=None) -> tuple[TrainState, dict]:
+  """The checkpoint to report on (eval.which); runs warm-up first if the pool is not built
+  yet. Returns (state, meta)."""
+  state, meta = run_training(exp, state, until=WARMUP, stop=stop)
   which = exp.config.eval.which
   if which != 'latest' and exp.checkpoints.latest_step(which) is not None:
-    exp.state, meta = exp.checkpoints.restore(which, exp.state)
-  return meta
+    state, meta = exp.checkpoints.restore(which, state)
+  return state, meta
 
 
 def _no_weights_message(workdir: str, which: str) -> str:
@@ -518,13 +444,13 @@ def _no_weights_message(workdir: str, which: str) -> str:
           "authors' weights with --config.model.checkpoint=FILE.")
 
 
-def import_authors_state(exp) -> dict:
+def import_authors_state(exp, state: TrainState) -> tuple[TrainState, dict]:
   """Readies the authors' imported weights (config model.checkpoint) for evaluation.
 
   Their state dict holds the network only: no knowledge pool, no CoT BERT and no alignment
-  projections. The CoT features are computed with our CoT BERT (model.cot.weights) and the
-  pool is built from the labeled training images with the imported encoder, exactly as
-  at the end of our warm-up (`build_pool`). Returns a meta for the eval summary.
+  projections. The CoT features come from our CoT BERT (model.cot.weights) and the pool is
+  built from the labeled training images with the imported encoder, exactly as at the end
+  of our warm-up. Returns (state, meta for the eval summary).
   """
   config = exp.config
   mode = search.mode_spec(config.pool.mode)
@@ -537,17 +463,14 @@ def import_authors_state(exp) -> dict:
   logging.info("Evaluating the authors' weights from %s (no orbax checkpoint in %s); the "
                'pool is built from the %d labeled training images.', config.model.checkpoint,
                exp.workdir, len(exp.data.rows['train_labeled']))
-  compute_cls_tables(exp)
-  build_pool(exp)
-  return dict(stage='imported', epoch=None,
-              checkpoint=os.path.abspath(config.model.checkpoint))
+  state = embed.with_text_features(state, exp.steps, exp.data, config)
+  state = embed.with_pool(state, exp.steps, exp.data, config)
+  return state, dict(stage='imported', epoch=None,
+                     checkpoint=os.path.abspath(config.model.checkpoint))
 
 
-def restore_for_eval(exp, which: str) -> dict:
-  """The `which` checkpoint into exp.state; without one, the authors' imported weights.
-
-  Returns:
-    The checkpoint's meta (stage 'imported' for the authors' weights).
+def restore_for_eval(exp, state: TrainState, which: str) -> tuple[TrainState, dict]:
+  """The `which` checkpoint, or without one the authors' imported weights: (state, meta).
 
   Raises:
     WorkdirError: neither a checkpoint nor config model.checkpoint.
@@ -556,11 +479,12 @@ def restore_for_eval(exp, which: str) -> dict:
     if exp.config.model.checkpoint:
       logging.info('Evaluating the %s checkpoint of %s; model.checkpoint only initialised '
                    'its training.', which, exp.workdir)
-    exp.state, meta = exp.checkpoints.restore(which, exp.state)
-    return meta
+    state, meta = exp.checkpoints.restore(which, state)
+    meta.setdefault('checkpoint', which)
+    return state, meta
   if not exp.config.model.checkpoint:
     raise WorkdirError(_no_weights_message(exp.workdir, which))
-  return import_authors_state(exp)
+  return import_authors_state(exp, state)
 
 
 def _check_before_work(config, workdir: str, mode: str) -> None:
@@ -595,9 +519,9 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
     data = experiment_lib.prepare_data_once(config, workdir)
     return dict(workdir=workdir, mode=mode, cache_dir=config.data.cache_dir,
                 splits={name: len(rows) for name, rows in data.rows.items()})
-  exp = experiment_lib.create(config, workdir)
+  exp, state = experiment_lib.create(config, workdir)
   try:
-    summary = _run_mode(exp, mode)
+    summary = _run_mode(exp, state, mode)
   finally:
     exp.checkpoints.close()
   summary['seconds'] = time.perf_counter() - start
@@ -608,30 +532,32 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   return summary
 
 
-def _run_mode(exp, mode: str) -> dict:
+def _run_mode(exp, state: TrainState, mode: str) -> dict:
   summary: dict = dict(workdir=exp.workdir, mode=mode)
   with StopOnSigterm() as stop:
     if mode in ('warmup', 'train', 'all'):
-      meta = run_training(exp, until=WARMUP if mode == 'warmup' else SEMI, stop=stop)
+      state, meta = run_training(exp, state, until=WARMUP if mode == 'warmup' else SEMI,
+                                 stop=stop)
       summary.update(stage=meta['stage'], best_val_dice_r=meta['best_dice'],
                      best_epoch=meta['best_epoch'])
     if mode == 'retrieval':
-      meta = retrieval_checkpoint(exp, stop=stop)
+      state, meta = retrieval_checkpoint(exp, state, stop=stop)
     if stop.at_boundary():
       raise Preempted(f'Stopped by SIGTERM after training; the checkpoints in '
                       f'{os.path.join(exp.workdir, "checkpoints")} are complete. Run the '
                       'same command again for what this one had left to do.')
   if mode == 'retrieval':
-    report = report_retrieval(exp, meta, '')
+    report = report_retrieval(exp, state, meta, '')
     summary['retrieval'] = {m: {k: v for k, v in r.items() if not isinstance(v, dict)}
                             for m, r in report['modes'].items()}
   if mode in ('eval', 'predict', 'all'):
-    which = exp.config.eval.which
-    meta = restore_for_eval(exp, which)
+    state, meta = restore_for_eval(exp, state, exp.config.eval.which)
     if mode in ('eval', 'all'):
       split = exp.config.eval.split or 'test'
-      summary[split] = evaluate_lib.evaluate_checkpoint(exp, split=split, which=which,
-                                                        meta=meta)
+      summary[split] = evaluate_lib.evaluate_split(
+          state, exp.steps, exp.data, exp.config, split=split, meta=meta,
+          out_dir=os.path.join(exp.workdir, 'eval'))
     if mode in ('predict', 'all'):
-      summary['predict_dir'] = predict_lib.predict(exp, restore=False)
+      summary['predict_dir'] = predict_lib.predict(state, exp.steps, exp.data, exp.config,
+                                                   exp.workdir)
   return summary

@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -19,6 +18,7 @@ from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
 from cers_jax.training import losses
 from cers_jax import metrics as metrics_lib
+from cers_jax import sharding
 from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
 from cers_jax.training.state import EmbeddingTables, TrainState, merge_model
@@ -163,7 +163,10 @@ def semi_step(state: TrainState, labeled: Batch, unlabeled: Batch,
     seg = _supervised_loss(lr_, labeled['mask']) + _supervised_loss(ls_, labeled['mask'])
     cons = consistency(lr_, ls_) + consistency(ur_, us_)
     loss = seg + consistency_weight * cons
-    aux = dict(loss=loss, seg=seg, consistency=cons)
+    # The raw term is large early on (thousands) and is multiplied by a weight ramping up
+    # from ~0; both are logged so neither alone is mistaken for the loss.
+    aux = dict(loss=loss, seg=seg, consistency_raw=cons,
+               consistency_weighted=consistency_weight * cons)
     return loss, (aux, f4_l, _new_module_state(model))
 
   grads, (aux, f4_l, (batch_stats, rng_state)) = jax.grad(loss_fn, has_aux=True)(
@@ -177,7 +180,7 @@ def semi_step(state: TrainState, labeled: Batch, unlabeled: Batch,
 
 
 def eval_step(state: TrainState, batch: Batch, *, graphdef, cfg: StepConfig,
-              use_retrieval: bool, threshold: float = 0.5):
+              threshold: float = 0.5):
   """Eval-mode forward: probabilities, per-image Dice/IoU and the retrieved pool rows.
 
   Val/test images are never in the pool, so no self-exclusion is needed; it is still applied
@@ -187,7 +190,7 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef, cfg: StepConfig,
   encoded = model.encode(batch['image'], batch['text_ids'], batch['text_mask'])
   f4 = encoded.features[-1]
   retrieved = None
-  if use_retrieval and search.needs_retrieval(cfg.mode):
+  if search.needs_retrieval(cfg.mode):
     retrieved = _retrieve(f4, batch, state.pool, state.tables, cfg)
   logits_r, logits_s = model.decode(encoded, None if retrieved is None else retrieved.feat)
   prob_r, prob_s = jax.nn.sigmoid(logits_r), jax.nn.sigmoid(logits_s)
@@ -231,6 +234,7 @@ def project_step(state: TrainState, features: jax.Array, *, graphdef,
 class Steps:
   """The jitted step functions of one model; what run.py and research code call."""
 
+  mesh: jax.sharding.Mesh  # The data mesh; batches are placed on it (cers_jax.sharding).
   warmup: Callable[..., Any]
   semi: Callable[..., Any]
   evaluate: Callable[..., Any]
@@ -239,17 +243,20 @@ class Steps:
   project: Callable[..., Any]
 
 
-def make_steps(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
-               *, threshold: float = 0.5) -> Steps:
-  """Jits every step once; train steps donate the incoming state's buffers."""
+def make_steps(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *,
+               mesh: jax.sharding.Mesh | None = None, threshold: float = 0.5) -> Steps:
+  """Jits every step once; train steps donate the incoming state's buffers.
+
+  `mesh`: the data mesh batches are placed on (default: every device).
+  """
   return Steps(
+      mesh=sharding.make_mesh() if mesh is None else mesh,
       warmup=jax.jit(lambda s, b: warmup_step(s, b, graphdef=graphdef, tx=tx, cfg=cfg),
                      donate_argnums=0),
       semi=jax.jit(lambda s, l, u, w: semi_step(s, l, u, w, graphdef=graphdef, tx=tx,
                                                  cfg=cfg), donate_argnums=0),
-      evaluate=jax.jit(lambda s, b, use_retrieval: eval_step(
-          s, b, graphdef=graphdef, cfg=cfg, use_retrieval=use_retrieval,
-          threshold=threshold), static_argnums=2),
+      evaluate=jax.jit(lambda s, b: eval_step(s, b, graphdef=graphdef, cfg=cfg,
+                                              threshold=threshold)),
       features=jax.jit(lambda s, b: features_step(s, b, graphdef=graphdef)),
       cot_cls=jax.jit(lambda s, i, m: cot_cls_step(s, i, m, graphdef=graphdef)),
       project=jax.jit(lambda s, c: project_step(s, c, graphdef=graphdef,
