@@ -20,7 +20,7 @@ Command line::
       --images data/frames --masks data/masks --text-csv data/text.csv \\
       --out data/cot_mask.csv --base-url https://api.openai.com/v1 --model gpt-4o
 
-Flags: ``--images DIR`` (required; .png/.jpg/.jpeg/.bmp/.tif/.tiff files), ``--masks DIR``
+Flags: ``--images DIR`` (required; any of ``data.images.IMAGE_EXTENSIONS``), ``--masks DIR``
 (optional; a mask is matched by file stem, or ``mask_<stem>``; images with a mask get the
 overlay and the mask prompt, the others the no-mask prompt), ``--text-csv F`` (required;
 ``image,text`` columns keyed by stem or file name), ``--out F``, ``--failures F`` (default
@@ -54,8 +54,8 @@ import tqdm
 
 from cers_jax.cot import client as client_lib
 from cers_jax.cot import prompts
+from cers_jax.data.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 OVERLAY_COLOR = (255, 0, 0)
 OVERLAY_COLOR_NAME = 'red'
 OVERLAY_ALPHA = 0.45
