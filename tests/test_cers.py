@@ -1,5 +1,6 @@
 """Tests for cers_jax/models/cers.py: shapes, modes, gradients, parameter count."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,22 +84,22 @@ def test_eval_mode_outputs(tiny_model):
   model = nnx.view(tiny_model, deterministic=True, use_running_average=True)
   image, ids, mask, retrieved = _inputs(64, 96)
   out = _eval_outputs(model, image, ids, mask, retrieved)
-  assert [f.shape for f in out['features']] == [
-      (2, 16, 24, 16), (2, 8, 12, 32), (2, 4, 6, 48), (2, 2, 3, 64)]
-  assert [a.shape for a in out['attended']] == [f.shape for f in out['features']]
-  for logits in (*out['with'], *out['without']):
-    assert logits.shape == (2, 64, 96, 1) and logits.dtype == jnp.float32
-    assert np.isfinite(np.asarray(logits)).all()
+  chex.assert_shape(list(out['features']),
+                    [(2, 16, 24, 16), (2, 8, 12, 32), (2, 4, 6, 48), (2, 2, 3, 64)])
+  chex.assert_trees_all_equal_shapes_and_dtypes(out['attended'], out['features'])
+  logits = [*out['with'], *out['without']]
+  chex.assert_shape(logits, (2, 64, 96, 1))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_tree_all_finite(logits)
   # Retrieval enters D_r only.
   assert np.abs(out['with'][0] - out['without'][0]).max() > 1e-5
   np.testing.assert_array_equal(out['with'][1], out['without'][1])
   # Deterministic: the same call gives the same numbers.
   again = _eval_outputs(model, image, ids, mask, retrieved)
-  np.testing.assert_array_equal(out['with'][0], again['with'][0])
-  np.testing.assert_array_equal(out['with'][1], again['with'][1])
+  chex.assert_trees_all_equal(out['with'], again['with'])
   # Unit-norm embeddings; the CLIP logit scale starts at log(1/0.07).
-  assert out['image_emb'].shape == (2, 16) and out['cot_emb'].shape == (2, 16)
-  assert out['cot_cls'].shape == (2, 32)
+  chex.assert_shape([out['image_emb'], out['cot_emb'], out['cot_cls']],
+                    [(2, 16), (2, 16), (2, 32)])
   np.testing.assert_allclose(np.linalg.norm(out['image_emb'], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(out['cot_emb'], axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(model.alignment.logit_scale[...], np.log(1 / 0.07), rtol=1e-6)

@@ -190,7 +190,7 @@ def test_conv_and_linear_layouts_match_torch():
   jlin = nnx.Linear(3, 6, rngs=nnx.Rngs(0))
   load_into(jconv, {'kernel': layout.conv_kernel(conv.weight.detach().numpy()),
                     'bias': conv.bias.detach().numpy()})
-  load_into(jdw, {'kernel': layout.depthwise_kernel(dw.weight.detach().numpy()),
+  load_into(jdw, {'kernel': layout.conv_kernel(dw.weight.detach().numpy()),
                   'bias': dw.bias.detach().numpy()})
   load_into(jlin, {'kernel': layout.linear_kernel(lin.weight.detach().numpy()),
                    'bias': lin.bias.detach().numpy()})
@@ -212,8 +212,11 @@ def test_mha_from_torch_matches_nn_multihead_attention(kdim):
   with torch.no_grad():
     attn.in_proj_bias.normal_()
     attn.out_proj.bias.normal_()
-  sd = {f'fusion.attn.{k}': v.numpy() for k, v in attn.state_dict().items()}
-  weights = layout.mha_from_torch_module(sd, 'fusion.attn.', num_heads=heads)
+  sd = {k: v.numpy() for k, v in attn.state_dict().items()}
+  in_proj = (sd['in_proj_weight'] if kdim is None
+             else (sd['q_proj_weight'], sd['k_proj_weight'], sd['v_proj_weight']))
+  weights = layout.mha_from_torch(in_proj, sd['in_proj_bias'], sd['out_proj.weight'],
+                                  sd['out_proj.bias'], num_heads=heads)
   jattn = nnx.MultiHeadAttention(heads, e, in_kv_features=kdim or e, decode=False,
                                  deterministic=True, rngs=nnx.Rngs(0))
   assert load_into(jattn, weights).ok

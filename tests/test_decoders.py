@@ -1,5 +1,6 @@
 """Tests for cers_jax/models/decoders.py against the authors' golden fixtures."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,9 +142,8 @@ def test_decoders_shapes(tiny_decoders, height, width):
   assert d_r.head.conv.kernel.shape == (3, 3, 16, 4)
   assert d_s.head.conv.kernel.shape == (3, 3, 8, 4)
   outs = _run_decoders(d_r, d_s, attended, rag)
-  for out in outs:
-    assert out.shape == (2, height, width, 1)
-    assert np.isfinite(np.asarray(out)).all()
+  chex.assert_shape(outs, (2, height, width, 1))
+  chex.assert_tree_all_finite(outs)
   # Retrieval changes D_r's output.
   assert np.abs(outs[0] - outs[1]).max() > 1e-5
 

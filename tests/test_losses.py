@@ -1,6 +1,7 @@
 """Tests for cers_jax.training.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
 
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,19 +160,21 @@ class TestWeights:
     probs, target = self._batch()
     w = np.array([1, 0, 1, 0], np.float32)
     keep = w > 0
-    for fn in (losses.dice_loss, losses.bce, losses.dice_ce):
-      np.testing.assert_allclose(fn(probs, target, weights=w),
-                                 fn(probs[keep], target[keep]), rtol=_RTOL,
-                                 err_msg=fn.__name__)
     logits = np.log(probs) - np.log1p(-probs)
-    np.testing.assert_allclose(
-        losses.dice_ce_from_logits(logits, target, weights=w),
-        losses.dice_ce_from_logits(logits[keep], target[keep]), rtol=_RTOL)
-    np.testing.assert_allclose(losses.mse_sum(probs, target, weights=w),
-                               losses.mse_sum(probs[keep], target[keep]), rtol=_RTOL)
-    np.testing.assert_allclose(
-        losses.consistency_loss(probs, target, temperature=0.1, weights=w),
-        losses.consistency_loss(probs[keep], target[keep], temperature=0.1), rtol=_RTOL)
+
+    def all_losses(p, t, x, **weights):
+      return {
+          'dice_loss': losses.dice_loss(p, t, **weights),
+          'bce': losses.bce(p, t, **weights),
+          'dice_ce': losses.dice_ce(p, t, **weights),
+          'dice_ce_from_logits': losses.dice_ce_from_logits(x, t, **weights),
+          'mse_sum': losses.mse_sum(p, t, **weights),
+          'consistency': losses.consistency_loss(p, t, temperature=0.1, **weights),
+      }
+
+    chex.assert_trees_all_close(all_losses(probs, target, logits, weights=w),
+                                all_losses(probs[keep], target[keep], logits[keep]),
+                                rtol=_RTOL)
 
   def test_all_zero_weights_give_zero_loss_and_gradient(self):
     probs, target = self._batch()

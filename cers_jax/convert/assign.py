@@ -1,9 +1,9 @@
 """Loading converted numpy weights into an nnx.Module by state path.
 
-Every converter maps checkpoint names onto '/'-joined nnx state paths relative to the
-module it fills (e.g. 'stages/0/1/dwconv/kernel') and hands the result to `load_into`,
-which checks names and shapes and fails with the complete list of problems, so a wrong
-checkpoint is caught at load time rather than as a silently half-random model.
+Converters map checkpoint names onto '/'-joined nnx state paths relative to the module they
+fill (e.g. 'stages/0/1/dwconv/kernel'); `load_into` checks names and shapes and fails with
+the complete list of problems, so a wrong checkpoint is caught at load time rather than as
+a silently half-random model.
 """
 
 from __future__ import annotations
@@ -25,14 +25,9 @@ class WeightLoadError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoadReport:
-  """What a load did.
-
-  Attributes:
-    loaded: module paths that received a tensor.
-    missing: module paths no tensor was given for (they keep their init).
-    unexpected: given names that are not module paths (not loaded).
-    shape_mismatch: (path, checkpoint shape, module shape) triples (not loaded).
-    ignored: checkpoint names the converter deliberately skipped (heads, buffers).
+  """What a load did: module paths loaded or missing (missing ones keep their init), given names
+  that are not module paths, (path, checkpoint shape, module shape) mismatches, and
+  checkpoint names the converter skipped on purpose (heads, buffers).
   """
   loaded: tuple[str, ...] = ()
   missing: tuple[str, ...] = ()
@@ -46,7 +41,6 @@ class LoadReport:
     return not (self.missing or self.unexpected or self.shape_mismatch)
 
   def summary(self) -> str:
-    """One line of counts."""
     return (f'loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected '
             f'{len(self.unexpected)}, shape mismatch {len(self.shape_mismatch)}, ignored '
             f'{len(self.ignored)}')
@@ -93,24 +87,12 @@ def _error_message(report: LoadReport, source: str, module: nnx.Module,
 
 def load_into(module: nnx.Module, weights: Mapping[str, np.ndarray], *, strict: bool = True,
               source: str = '<weights>', ignored: Iterable[str] = ()) -> LoadReport:
-  """Copies `weights` into `module`'s variables (Params and batch statistics), in place.
+  """Copies `weights` ('/'-joined nnx path -> array in JAX layout) into `module`, in place.
 
-  Each tensor is cast to the variable's dtype (parameters keep their dtype whatever the
-  checkpoint's).
-
-  Args:
-    module: the module to fill.
-    weights: '/'-joined nnx state path (relative to `module`) -> array in JAX layout.
-    strict: raise on any missing, unexpected or mis-shaped tensor (nothing is loaded
-      then); when False, load what fits and log a warning summary.
-    source: the checkpoint's name for messages (usually its path).
-    ignored: checkpoint names the converter skipped on purpose, carried into the report.
-
-  Returns:
-    A LoadReport.
-
-  Raises:
-    WeightLoadError: strict and the checkpoint does not fit.
+  Params and batch statistics are filled; each tensor is cast to its variable's dtype. With
+  `strict`, any missing, unexpected or mis-shaped tensor raises `WeightLoadError` and nothing
+  is loaded; otherwise what fits is loaded and the rest logged. `source` names the
+  checkpoint in messages; `ignored` is carried into the report.
   """
   state = _loadable_state(module)
   flat = nnx.to_flat_state(state)
@@ -143,21 +125,11 @@ def load_into(module: nnx.Module, weights: Mapping[str, np.ndarray], *, strict: 
 
 def find_prefix(sd: Mapping[str, object], marker: str, *, prefix: str | None = None,
                 what: str, source: str) -> str:
-  """The key prefix under which a sub-model sits in a state dict.
+  """The key prefix ('' at the root) under which a sub-model sits in a state dict.
 
-  Args:
-    sd: state dict.
-    marker: a name only this sub-model has, relative to its root (e.g.
-      'embeddings.word_embeddings.weight').
-    prefix: an explicit prefix (with its trailing dot, '' for none); only checked.
-    what: the sub-model's name for messages.
-    source: the checkpoint's name for messages.
-
-  Returns:
-    The prefix, '' when the sub-model is at the root.
-
-  Raises:
-    WeightLoadError: no or several candidates, or `prefix` does not hold the marker.
+  `marker` is a name only this sub-model has, relative to its root (e.g.
+  'embeddings.word_embeddings.weight'); an explicit `prefix` is only checked. Raises
+  `WeightLoadError` for no or several candidates, or a `prefix` without the marker.
   """
   if prefix is not None:
     if prefix + marker not in sd:

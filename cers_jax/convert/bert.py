@@ -1,9 +1,9 @@
 """HF BERT checkpoints (BertModel, BertForMaskedLM, CXR-BERT, MiniLM ...) -> `BertEncoder`.
 
-The BERT is found wherever it sits in the checkpoint ('bert.', 'text_encoder.bert.', or at
-the root) by its word-embedding name. The pooler, MLM heads ('cls.*'), position-id buffers
-and anything outside the BERT are reported as ignored; the encoder (DESIGN.md section 1)
-returns token features only.
+The BERT is found wherever it sits ('bert.', 'text_encoder.bert.', the root) by its
+word-embedding name. The pooler, MLM heads ('cls.*'), position-id buffers and anything
+outside the BERT are reported as ignored: the encoder (DESIGN.md section 1) returns token
+features only.
 """
 
 from __future__ import annotations
@@ -95,35 +95,20 @@ def _convert(sd: Mapping[str, np.ndarray], num_heads: int, prefix: str | None,
 
 def bert_weights(sd: Mapping[str, np.ndarray], *, num_heads: int,
                  prefix: str | None = None) -> dict[str, np.ndarray]:
-  """Maps HF BertModel names onto `BertEncoder`'s nnx paths.
+  """Maps a torch-layout HF BertModel state dict onto `BertEncoder`'s nnx paths.
 
-  Args:
-    sd: state dict in torch layout (see `cers_jax.convert.io.read_state_dict`).
-    num_heads: attention heads (the state dict does not record them; the per-head
-      kernels need them).
-    prefix: where the BertModel sits in `sd` (e.g. 'bert.'); None = detect.
-
-  Returns:
-    nnx path -> array in JAX layout. Unrecognised names under the prefix are kept as-is
-    (loading reports them as unexpected); pooler, MLM heads, position-id buffers and
-    names outside the prefix are dropped.
+  `num_heads` is needed for the per-head kernels (the state dict does not record it);
+  `prefix` None detects where the BertModel sits. Unrecognised names under the prefix are
+  kept as-is, so loading reports them as unexpected.
   """
   return _convert(sd, num_heads, prefix, '<state dict>')[0]
 
 
 def load_bert(module: nnx.Module, path_or_sd: str | os.PathLike[str] | Mapping[str, np.ndarray],
               *, strict: bool = True, prefix: str | None = None) -> LoadReport:
-  """Loads a pretrained BERT into a `BertEncoder` in place.
+  """Loads a pretrained BERT (file, HF directory or state dict) into a `BertEncoder` in place.
 
-  Args:
-    module: a `cers_jax.models.bert.BertEncoder` of the checkpoint's sizes.
-    path_or_sd: checkpoint file or HF directory, or an already read state dict.
-    strict: raise `WeightLoadError` unless every parameter is loaded and every
-      non-ignored tensor used.
-    prefix: where the BertModel sits in the checkpoint; None = detect.
-
-  Returns:
-    The LoadReport (pooler, MLM heads, buffers and other sub-models under `ignored`).
+  The report lists pooler, MLM heads, buffers and other sub-models under `ignored`.
   """
   if isinstance(path_or_sd, Mapping):
     sd, source = path_or_sd, '<state dict>'

@@ -12,23 +12,16 @@ shared/reference/cers_torch_state_dict.json) map onto CERS's nnx paths:
     decoder_rightN.*           -> decoder_s/blocks/{4-N}/... (ResUNetBlock)
     final_conv_right.*         -> decoder_s/head/...
 
-BatchNorm running statistics become the BatchStat variables `mean` / `var`;
-`num_batches_tracked` counters are reported as ignored. Their state dict has no alignment
-projections and no CoT BERT: `load_authors_checkpoint` fills exactly the sub-modules the
-authors' model has, so a strict load of their checkpoint succeeds and those two keep their
-own initialisation (or whatever was loaded into them separately).
+BatchNorm running statistics become the BatchStat `mean` / `var`; `num_batches_tracked`
+counters are ignored. Their state dict has no alignment projections, no CoT BERT and no
+knowledge pool: a strict load fills exactly the sub-modules their model has, and
+`run.py --mode eval|predict --config.model.checkpoint=FILE` rebuilds the pool from the
+labeled training images with the imported encoder. Their pool keeps each f4 map flattened
+from NCHW, (C, h, w) order, where ours keeps (h, w, C): `authors_pool_feat` converts.
 
-Their state dict holds no knowledge pool either (the manifest lists none). To evaluate or
-predict with their weights, `run.py --mode eval|predict --config.model.checkpoint=FILE`
-builds the pool from the labeled training images with the imported encoder, as our warm-up
-ends (`train.import_authors_state`). Their pool code keeps each row as an f4 map flattened
-from NCHW, i.e. in (C, h, w) order, where ours keeps (h, w, C) maps: `authors_pool_feat`
-converts rows of theirs into our `KnowledgePool.feat` layout.
-
-The per-module converters (`text_cross_attention_weights`, ...) take a state dict with the
-module's own torch names, as the golden fixtures store them. Every converter passes names
-it does not know through unchanged, so `load_into` reports them as unexpected rather than
-dropping them silently.
+The per-module converters take a state dict with the module's own torch names, as the
+golden fixtures store them. Every converter passes names it does not know through
+unchanged, so `load_into` reports them as unexpected rather than dropping them silently.
 """
 
 from __future__ import annotations
@@ -73,7 +66,7 @@ class _Reader:
     return None
 
   def finish(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Adds every unused, non-ignored tensor under its torch name (-> 'unexpected')."""
+    """Adds every unused, non-ignored tensor under its torch name (-> unexpected)."""
     for name, value in self.sd.items():
       if name not in self.used and not name.endswith(_IGNORED_SUFFIX):
         out[name] = np.asarray(value)
@@ -118,25 +111,15 @@ def _mha(r: _Reader, out: dict[str, np.ndarray], dst: str, src: str,
 
 
 def ignored_names(sd: StateDict) -> tuple[str, ...]:
-  """The torch names the converters skip on purpose.
-
-  BatchNorm `num_batches_tracked` counters, and the text BERT's pooler / MLM head /
-  position-id buffer should a checkpoint carry them.
+  """The torch names skipped on purpose: BatchNorm `num_batches_tracked` counters, and the text
+  BERT's pooler / MLM head / position-id buffer should a checkpoint carry them.
   """
   return tuple(sorted(k for k in sd
                       if k.endswith(_IGNORED_SUFFIX) or _TEXT_IGNORED.fullmatch(k)))
 
 
 def text_cross_attention_weights(sd: StateDict, *, num_heads: int) -> dict[str, np.ndarray]:
-  """The authors' `CrossAttentionBlock` -> `TextCrossAttention` paths.
-
-  Args:
-    sd: tensors named as in the torch module (q_proj.weight, mha.in_proj_weight, ...).
-    num_heads: attention heads (8 in CERS; the state dict does not record it).
-
-  Returns:
-    nnx path -> array (unknown names passed through).
-  """
+  """The authors' `CrossAttentionBlock` -> `TextCrossAttention` paths (8 heads in CERS)."""
   r, out = _Reader(sd), {}
   _put(out, 'gamma', r.get('gamma'))
   _conv(r, out, 'q_proj', 'q_proj')
@@ -149,15 +132,7 @@ def text_cross_attention_weights(sd: StateDict, *, num_heads: int) -> dict[str, 
 
 
 def retrieval_fusion_weights(sd: StateDict, *, num_heads: int) -> dict[str, np.ndarray]:
-  """The authors' `SpatialRAGFusionModule` -> `RetrievalFusion` paths.
-
-  Args:
-    sd: tensors named as in the torch module (cross_attn.*, norm_q.*, gate.0.*, ...).
-    num_heads: attention heads.
-
-  Returns:
-    nnx path -> array (unknown names passed through).
-  """
+  """The authors' `SpatialRAGFusionModule` -> `RetrievalFusion` paths."""
   r, out = _Reader(sd), {}
   _mha(r, out, 'cross_attn', 'cross_attn', num_heads)
   _norm(r, out, 'norm_q', 'norm_q')
@@ -227,11 +202,7 @@ _ENCODER_STAGE = re.compile(r'^encoder\.stage([1-4])\.([01])\.(.*)$')
 
 
 def _encoder_as_torchvision(sd: StateDict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """encoder.stageK.0.* -> features.{2K-2}.*, encoder.stageK.1.* -> features.{2K-1}.*.
-
-  Returns:
-    The renamed tensors and new name -> original name.
-  """
+  """encoder.stageK.{0,1}.* -> features.{2K-2,2K-1}.*; returns (renamed, new -> old name)."""
   out, original = {}, {}
   for key, value in sd.items():
     m = _ENCODER_STAGE.match(key)
@@ -290,17 +261,11 @@ def _convert_group(group: str, tensors: StateDict, *, attn_heads: int, text_head
 
 def cers_weights(sd: StateDict, *, attn_heads: int = 8,
                  text_heads: int = 12) -> dict[str, np.ndarray]:
-  """Maps the authors' whole CERS state dict onto CERS's nnx paths.
+  """Maps the authors' whole CERS state dict onto CERS's nnx paths (JAX layout).
 
-  Args:
-    sd: torch name -> numpy array (e.g. from `read_state_dict`).
-    attn_heads: heads of the text and retrieval cross-attention (config.model.attn_heads).
-    text_heads: heads of the text BERT (config.model.text.num_heads).
-
-  Returns:
-    nnx path (relative to the CERS module) -> array in JAX layout. Names this mapping does
-    not know are passed through under their original torch name (so a strict load
-    reports them as unexpected); the tensors `ignored_names` lists are left out.
+  `attn_heads` is config.model.attn_heads, `text_heads` config.model.text.num_heads. Names
+  this mapping does not know are passed through under their torch name (a strict load
+  reports them as unexpected); the tensors `ignored_names` lists are left out.
   """
   out: dict[str, np.ndarray] = {}
   groups: dict[str, dict[str, np.ndarray]] = {}
@@ -327,16 +292,9 @@ def cers_weights(sd: StateDict, *, attn_heads: int = 8,
 def authors_pool_feat(rows: np.ndarray, feature_shape: tuple[int, int, int]) -> np.ndarray:
   """The authors' pool rows (N, C*h*w), flattened from NCHW f4 maps, as our (N, h, w, C).
 
-  Cosine similarities between rows do not depend on the order of the flattening, but the
-  maps the fusion module attends to do: rows of theirs must be converted before they can
-  be our `KnowledgePool.feat` (whose `key` flattens the (h, w, C) maps).
-
-  Args:
-    rows: (N, C*h*w) as their pool stores them.
-    feature_shape: our (h, w, C) f4 shape (`CERS.f4_shape(image_size)`).
-
-  Raises:
-    ValueError: rows of another width than h*w*C.
+  Cosine similarities between rows do not depend on the flattening order, but the maps the
+  fusion module attends to do: their rows must be converted before they can be our
+  `KnowledgePool.feat`. `feature_shape` is our (h, w, C) (`CERS.f4_shape(image_size)`).
   """
   h, w, c = feature_shape
   rows = np.asarray(rows)
@@ -361,18 +319,11 @@ class CERSAuthorsView(nnx.Module):
 def load_authors_checkpoint(model: nnx.Module, path_or_sd: str | os.PathLike | StateDict,
                             *, strict: bool = True,
                             include_absent: bool = False) -> LoadReport:
-  """Loads the authors' whole CERS checkpoint into `model`, in place.
+  """Loads the authors' whole CERS checkpoint (file or state dict) into `model`, in place.
 
-  Args:
-    model: a `cers_jax.models.cers.CERS` built with the matching config (ConvNeXt-T,
-      BERT-base text encoder, attn_dim 256, 8 heads, decoder_dims (384, 192, 96, 48)).
-    path_or_sd: a .pth/.bin/.safetensors file (see `read_state_dict`) or a state dict.
-    strict: raise `WeightLoadError` naming every missing, unexpected or mis-shaped tensor.
-    include_absent: also target the parts the authors' model does not have (alignment
-      projections, CoT BERT); they are then reported as missing (and a strict load fails).
-
-  Returns:
-    The LoadReport (num_batches_tracked counters listed as ignored).
+  `model` needs the matching config (ConvNeXt-T, BERT-base text encoder, attn_dim 256, 8
+  heads, decoder_dims (384, 192, 96, 48)). `include_absent` also targets what their model
+  lacks (alignment projections, CoT BERT), which then count as missing.
   """
   if isinstance(path_or_sd, (str, os.PathLike)):
     source = os.fspath(path_or_sd)

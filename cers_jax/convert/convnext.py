@@ -184,33 +184,20 @@ def _convert(sd: Mapping[str, np.ndarray], prefix: str | None,
 
 def convnext_weights(sd: Mapping[str, np.ndarray], *,
                      prefix: str | None = None) -> dict[str, np.ndarray]:
-  """Maps a torchvision / timm / HF ConvNeXt state dict onto `ConvNeXt`'s nnx paths.
+  """Maps a torch-layout torchvision / timm / HF ConvNeXt state dict onto `ConvNeXt`'s paths.
 
-  Args:
-    sd: state dict in torch layout (see `cers_jax.convert.io.read_state_dict`).
-    prefix: where the ConvNeXt sits in `sd` (e.g. 'convnext.'); None = detect.
-
-  Returns:
-    nnx path -> array in JAX layout. Names the converter does not recognise are kept
-    under their original name (loading then reports them as unexpected); heads and final
-    norms are dropped.
+  `prefix` None detects where the ConvNeXt sits. Unrecognised names are kept as-is, so
+  loading reports them as unexpected; heads and final norms are dropped.
   """
   return _convert(sd, prefix, '<state dict>')[0]
 
 
 def load_convnext(module: nnx.Module, path_or_sd: str | os.PathLike[str] | Mapping[str, np.ndarray],
                   *, strict: bool = True, prefix: str | None = None) -> LoadReport:
-  """Loads pretrained ConvNeXt weights into `module` in place.
+  """Loads pretrained ConvNeXt weights (file, HF directory or state dict) into `module`.
 
-  Args:
-    module: a `cers_jax.models.convnext.ConvNeXt` of the checkpoint's depths and dims.
-    path_or_sd: checkpoint file or HF directory, or an already read state dict.
-    strict: raise `WeightLoadError` unless every parameter is loaded and every
-      non-ignored tensor used.
-    prefix: where the ConvNeXt sits in the checkpoint; None = detect.
-
-  Returns:
-    The LoadReport (heads and final norms under `ignored`).
+  `module` must have the checkpoint's depths and dims; heads and final norms are reported
+  under `ignored`.
   """
   if isinstance(path_or_sd, Mapping):
     sd, source = path_or_sd, '<state dict>'

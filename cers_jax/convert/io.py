@@ -94,19 +94,11 @@ def _read_directory(path: str) -> dict[str, np.ndarray]:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-  """Reads a checkpoint's tensors as numpy arrays.
+  """A checkpoint's tensors as numpy arrays in the file's (torch) layout; fp16/bf16 -> float32.
 
-  Args:
-    path: a `.safetensors` file, a torch pickle (`.bin`, `.pth`, `.pt`, `.ckpt`; a
-      top-level 'state_dict' or 'model' entry is unwrapped), or an HF model directory.
-
-  Returns:
-    Name -> array in the file's (torch) layout; fp16/bf16 become float32.
-
-  Raises:
-    FileNotFoundError: the path or a directory's weights are missing.
-    ImportError: a pickle was given but torch is not installed.
-    ValueError: unknown file type.
+  `path` is a `.safetensors` file, a torch pickle (`.bin`, `.pth`, `.pt`, `.ckpt`; a
+  top-level 'state_dict' or 'model' entry is unwrapped), or an HF model directory. Raises
+  ImportError for a pickle when torch is not installed.
   """
   path = os.fspath(path)
   if os.path.isdir(path):

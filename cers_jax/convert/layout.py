@@ -7,7 +7,7 @@ torch stores conv weights OIHW and linear weights (out, in); Flax NNX wants HWIO
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,13 +17,6 @@ def conv_kernel(w: np.ndarray) -> np.ndarray:
   if w.ndim != 4:
     raise ValueError(f'conv weight must be 4-D (O, I, kh, kw), got shape {w.shape}.')
   return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
-
-
-def depthwise_kernel(w: np.ndarray) -> np.ndarray:
-  """torch depthwise weight (C, 1, k, k) -> nnx.Conv(feature_group_count=C) kernel (k, k, 1, C)."""
-  if w.ndim != 4 or w.shape[1] != 1:
-    raise ValueError(f'depthwise conv weight must be (C, 1, kh, kw), got shape {w.shape}.')
-  return conv_kernel(w)
 
 
 def linear_kernel(w: np.ndarray) -> np.ndarray:
@@ -75,19 +68,12 @@ def mha_from_torch(
 ) -> dict[str, np.ndarray]:
   """Arrays for `nnx.MultiHeadAttention` from torch attention weights.
 
-  Args:
-    in_proj_weight: `nn.MultiheadAttention.in_proj_weight` (3E, E) = [Wq; Wk; Wv], or the
-      three (E, in) weights (Wq, Wk, Wv) separately (torch's q/k/v_proj_weight, or HF
-      BERT's query/key/value Linear weights).
-    in_proj_bias: (3E,) packed, three (E,) biases, or None for bias=False.
-    out_weight: out_proj.weight (out, E).
-    out_bias: out_proj.bias (out,) or None.
-    num_heads: number of heads; E must be divisible by it.
-
-  Returns:
-    Keys relative to the attention module: 'query/kernel' (in, heads, head_dim),
-    'query/bias' (heads, head_dim), likewise 'key/*' and 'value/*', 'out/kernel'
-    (heads, head_dim, out) and 'out/bias' (out,). Bias keys only where biases exist.
+  `in_proj_weight` is either `nn.MultiheadAttention`'s packed (3E, E) [Wq; Wk; Wv] or three
+  (E, in) weights (torch's q/k/v_proj_weight, or HF BERT's query/key/value); `in_proj_bias`
+  likewise, or None. Keys are relative to the attention module: 'query/kernel'
+  (in, heads, head_dim), 'query/bias' (heads, head_dim), likewise 'key/*' and 'value/*',
+  'out/kernel' (heads, head_dim, out) and 'out/bias' (out,); bias keys only where biases
+  exist.
   """
   if isinstance(in_proj_weight, np.ndarray):
     if in_proj_weight.ndim != 2 or in_proj_weight.shape[0] % 3:
@@ -113,33 +99,3 @@ def mha_from_torch(
   if out_bias is not None:
     out['out/bias'] = np.ascontiguousarray(out_bias)
   return out
-
-
-def mha_from_torch_module(sd: Mapping[str, np.ndarray], prefix: str, *,
-                          num_heads: int) -> dict[str, np.ndarray]:
-  """`mha_from_torch` reading an `nn.MultiheadAttention`'s tensors from a state dict.
-
-  Handles both torch layouts: packed `in_proj_weight` (kdim == vdim == embed_dim) and
-  separate `q_proj_weight`/`k_proj_weight`/`v_proj_weight`.
-
-  Args:
-    sd: state dict (numpy arrays).
-    prefix: the module's key prefix including the trailing dot, e.g. 'fusion.attn.'.
-    num_heads: number of heads.
-
-  Returns:
-    Same keys as `mha_from_torch`.
-  """
-  def get(name: str) -> np.ndarray | None:
-    return sd.get(prefix + name)
-
-  if get('in_proj_weight') is not None:
-    weights = get('in_proj_weight')
-  elif get('q_proj_weight') is not None:
-    weights = (get('q_proj_weight'), get('k_proj_weight'), get('v_proj_weight'))
-  else:
-    raise KeyError(f'no {prefix}in_proj_weight or {prefix}q_proj_weight in the state dict.')
-  if get('out_proj.weight') is None:
-    raise KeyError(f'no {prefix}out_proj.weight in the state dict.')
-  return mha_from_torch(weights, get('in_proj_bias'), get('out_proj.weight'),
-                        get('out_proj.bias'), num_heads=num_heads)

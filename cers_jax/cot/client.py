@@ -1,16 +1,10 @@
 """A minimal chat-completions client for any OpenAI-compatible endpoint (paper Sec. 3.1).
 
-Standard library only (``urllib.request``): no SDK, so any server that speaks
-``POST {base_url}/chat/completions`` works (OpenAI, Azure-style gateways, vLLM, Ollama,
-LM Studio...).
-
-Retries: HTTP 429 (and 408, 409, 425, which mean the same "try again"), every 5xx, timeouts
-and dropped connections are retried with exponential backoff and jitter, honouring a ``Retry-After`` header when the server sends one. Other 4xx
-answers (bad request, bad key) and replies that are not the expected JSON fail at once:
-sending the same request again would not change them.
-
-The API key goes only into the ``Authorization`` header. It is never logged, and any error
-text that could echo it back is redacted.
+Standard library only, so any server that speaks ``POST {base_url}/chat/completions`` works
+(OpenAI, vLLM, Ollama, LM Studio...). HTTP 408/409/425/429, every 5xx, timeouts and dropped
+connections are retried with backoff and jitter, honouring ``Retry-After``; other 4xx answers
+and malformed replies fail at once, since resending would not change them. The API key goes
+only into the ``Authorization`` header; it is never logged and error text is redacted.
 """
 
 import dataclasses
@@ -36,7 +30,7 @@ class ChatError(Exception):
 
 
 class _Retryable(Exception):
-  """Internal: one attempt failed in a way worth retrying."""
+  """One attempt failed in a way worth retrying."""
 
   def __init__(self, message: str, retry_after: float | None = None):
     super().__init__(message)
@@ -71,16 +65,9 @@ def chat_completions_url(base_url: str) -> str:
 
 
 def extract_content(payload: bytes) -> str:
-  """The text of ``choices[0].message.content`` in a chat-completions reply.
+  """The text of ``choices[0].message.content`` (list-of-parts content joined).
 
-  Args:
-    payload: the raw response body.
-
-  Returns:
-    The message text (list-of-parts content is joined).
-
-  Raises:
-    ChatError: the body is not JSON or has no usable ``choices[0].message.content``.
+  Raises ChatError when the body is not JSON or has no usable content.
   """
   try:
     data = json.loads(payload)
@@ -108,17 +95,12 @@ class ChatClient:
   """Sends chat-completions requests with retries.
 
   Attributes:
-    base_url: the API root, e.g. ``https://api.openai.com/v1``.
-    model: model name sent in every request.
     api_key: bearer token; None or '' sends no Authorization header (local servers).
-    timeout_s: socket timeout of one attempt, in seconds.
-    max_retries: retries after the first attempt (so at most ``max_retries + 1`` tries).
+    max_retries: retries after the first attempt (at most ``max_retries + 1`` tries).
     backoff_base_s: first backoff; attempt n waits about ``backoff_base_s * 2**n``.
-    backoff_max_s: cap on one computed backoff.
     retry_after_max_s: cap on a server's Retry-After (a misconfigured server asking for an
       hour should not stall the run).
-    sleep: the sleep function (tests may inject one).
-    rng: jitter source.
+    sleep: the sleep function (tests inject one).
   """
 
   base_url: str
@@ -181,17 +163,7 @@ class ChatClient:
                max_tokens: int | None = None, label: str = '') -> str:
     """Sends one chat request and returns the reply text, retrying transient failures.
 
-    Args:
-      messages: chat messages (``role`` / ``content``; content may hold image parts).
-      temperature: sampling temperature (0 for reproducible CoTs).
-      max_tokens: optional cap on the reply length.
-      label: a name for log lines (e.g. the image id).
-
-    Returns:
-      ``choices[0].message.content`` of the reply.
-
-    Raises:
-      ChatError: a non-retryable answer, a malformed reply, or retries exhausted.
+    Raises ChatError for a non-retryable answer, a malformed reply, or retries exhausted.
     """
     payload: dict[str, Any] = {'model': self.model, 'messages': messages,
                                'temperature': temperature}

@@ -1,38 +1,22 @@
 """Generates chain-of-thought (CoT) CSVs with any OpenAI-compatible vision chat model.
 
 Paper Sec. 3.1: every image gets a CoT in four parts (Texture, Boundary, Context, Summary).
-A labeled image is sent with its mask blended on it in colour and the mask prompt; any
-other image is sent plain with the no-mask prompt (see ``prompts.py``). Temperature 0.
+A labeled image is sent with its mask blended on it in colour and the mask prompt; any other
+image is sent plain with the no-mask prompt (``prompts.py``). Temperature 0.
 
-Output is the published CSV format: header ``image,cot``, UTF-8, ``csv`` module quoting
-(multi-line CoTs are quoted fields), one row per image keyed by the file stem. Rows are
-written as replies arrive and flushed one by one, so an interrupted run loses nothing, and a
-rerun skips every image already in the output. Images that fail for good (retries
-exhausted, a non-retryable HTTP error, a malformed reply) go to a separate failures CSV
-(``image,error``, rewritten each run), never into the CoT CSV; rerunning retries them.
-Replies lacking one of the four parts are still written (the published CSVs have truncated
-ones too) and counted as ``incomplete``.
-
-Command line::
+Output is the published ``image,cot`` CSV, one row per image keyed by file stem. Rows are
+flushed as replies arrive, so an interrupted run loses nothing and a rerun skips the ids
+already written. Images that fail for good go to a failures CSV (``image,error``, rewritten
+each run), never into the CoT CSV. Replies lacking one of the four parts are still written
+(the published CSVs have truncated ones too) and counted as ``incomplete``.
 
   export OPENAI_API_KEY=...   # read from the environment only; never written anywhere
-  python -m cers_jax.cot.generate \\
-      --images data/frames --masks data/masks --text-csv data/text.csv \\
-      --out data/cot_mask.csv --base-url https://api.openai.com/v1 --model gpt-4o
+  python -m cers_jax.cot.generate --images data/frames --masks data/masks \\
+      --text-csv data/text.csv --out data/cot_mask.csv \\
+      --base-url https://api.openai.com/v1 --model gpt-4o
 
-Flags: ``--images DIR`` (required; .png/.jpg/.jpeg/.bmp/.tif/.tiff files), ``--masks DIR``
-(optional; a mask is matched by file stem, or ``mask_<stem>``; images with a mask get the
-overlay and the mask prompt, the others the no-mask prompt), ``--text-csv F`` (required;
-``image,text`` columns keyed by stem or file name), ``--out F``, ``--failures F`` (default
-``<out>.failures.csv``), ``--base-url URL``, ``--model NAME``, ``--api-key-env NAME``
-(default ``OPENAI_API_KEY``; ``''`` sends no key, for local servers), ``--concurrency N``
-(requests in flight, default 4), ``--max-retries N`` (5), ``--timeout S`` (60),
-``--temperature T`` (0), ``--max-tokens N``, ``--max-side PX`` (images are downscaled to
-this longest side before upload, default 1024), ``--limit N`` (first N images only, for a
-trial), ``--allow-missing-text`` (send images without a report with an empty one).
-
-To reproduce the published pair of files, run once with ``--masks`` over the labeled
-images (the mask CSV) and once without over all images (the no-mask CSV).
+The published pair of files comes from one run with ``--masks`` over the labeled images
+(the mask CSV) and one without over all images (the no-mask CSV).
 """
 
 import argparse
@@ -54,8 +38,8 @@ import tqdm
 
 from cers_jax.cot import client as client_lib
 from cers_jax.cot import prompts
+from cers_jax.data.images import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 OVERLAY_COLOR = (255, 0, 0)
 OVERLAY_COLOR_NAME = 'red'
 OVERLAY_ALPHA = 0.45
@@ -67,14 +51,7 @@ PathLike = str | os.PathLike
 
 @dataclasses.dataclass(frozen=True)
 class CotRequest:
-  """One image to describe.
-
-  Attributes:
-    image_id: the key written in the ``image`` column (the file stem by convention).
-    image_path: the image file.
-    mask_path: its mask file for a labeled image (sent as an overlay), else None.
-    report_text: the image's report text, quoted in the prompt.
-  """
+  """One image to describe; ``mask_path`` is set for a labeled image (sent as an overlay)."""
 
   image_id: str
   image_path: PathLike
@@ -84,15 +61,7 @@ class CotRequest:
 
 @dataclasses.dataclass(frozen=True)
 class CotSummary:
-  """What one ``generate_cots`` run did.
-
-  Attributes:
-    total: requests given.
-    skipped: already in the output CSV (not sent).
-    written: CoTs written this run.
-    failed: images written to the failures CSV.
-    incomplete: written CoTs lacking one of the four parts.
-  """
+  """What one ``generate_cots`` run did; ``skipped`` were already in the output CSV."""
 
   total: int
   skipped: int
@@ -104,17 +73,10 @@ class CotSummary:
 def overlay_mask(image: Image.Image, mask: Image.Image, *,
                  color: tuple[int, int, int] = OVERLAY_COLOR,
                  alpha: float = OVERLAY_ALPHA) -> Image.Image:
-  """Blends ``color`` onto the mask's foreground pixels of ``image``.
+  """Blends ``color`` onto the mask's foreground of ``image``; returns RGB.
 
-  Args:
-    image: the image (any mode; converted to RGB).
-    mask: its mask; foreground is >= 128 for 0/255 masks (noisy JPEG-like masks
-      included), > 0 for 0/1 masks. Resized (nearest) to the image if sizes differ.
-    color: RGB overlay colour.
-    alpha: colour weight inside the mask.
-
-  Returns:
-    An RGB image, the input outside the mask.
+  Foreground is >= 128 for 0/255 masks (noisy JPEG-like masks included) and > 0 for 0/1
+  masks; the mask is resized (nearest) to the image if sizes differ.
   """
   rgb = np.asarray(image.convert('RGB'), np.float32)
   mask = mask.convert('L')
@@ -128,15 +90,7 @@ def overlay_mask(image: Image.Image, mask: Image.Image, *,
 
 
 def png_data_url(image: Image.Image, max_side: int | None = None) -> str:
-  """A ``data:image/png;base64,...`` URL of ``image``, downscaled to ``max_side`` if larger.
-
-  Args:
-    image: the image to encode.
-    max_side: longest side allowed in pixels; None keeps the size.
-
-  Returns:
-    The data URL string.
-  """
+  """A ``data:image/png;base64,...`` URL of ``image``, downscaled to ``max_side`` if larger."""
   if max_side and max(image.size) > max_side:
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -148,17 +102,9 @@ def png_data_url(image: Image.Image, max_side: int | None = None) -> str:
 
 def build_messages(request: CotRequest, *, max_side: int | None = 1024
                    ) -> list[dict[str, Any]]:
-  """The chat messages for one image: prompt text plus the (overlaid) image.
+  """The one-message chat list for an image: prompt text plus the (overlaid) image.
 
-  Args:
-    request: the image, optional mask and report.
-    max_side: longest image side sent.
-
-  Returns:
-    A one-message list in chat-completions form.
-
-  Raises:
-    OSError: the image or mask cannot be read.
+  Raises OSError when the image or mask cannot be read.
   """
   with Image.open(request.image_path) as img:
     image = img.convert('RGB')
@@ -175,16 +121,9 @@ def build_messages(request: CotRequest, *, max_side: int | None = 1024
 
 
 def read_done_ids(out_csv: PathLike) -> set[str]:
-  """Image ids already in a CoT CSV (empty if the file does not exist or is empty).
+  """Image ids already in a CoT CSV (empty if the file is missing or empty).
 
-  Args:
-    out_csv: the CoT CSV being resumed.
-
-  Returns:
-    The ids in its ``image`` column.
-
-  Raises:
-    ValueError: the file is not an ``image,cot`` CSV, or its last row was cut off.
+  Raises ValueError when the file is not an ``image,cot`` CSV or its last row was cut off.
   """
   path = pathlib.Path(out_csv)
   if not path.exists() or path.stat().st_size == 0:
@@ -217,7 +156,6 @@ def _open_csv_for_append(path: pathlib.Path, header: Sequence[str], *, truncate:
 
 def _describe(chat: client_lib.ChatClient, request: CotRequest, *, temperature: float,
               max_tokens: int | None, max_side: int | None) -> str:
-  """Worker: builds the messages for one image and returns the model's CoT."""
   try:
     messages = build_messages(request, max_side=max_side)
   except OSError as e:
@@ -237,24 +175,14 @@ def generate_cots(items: Sequence[CotRequest], *, out_csv: PathLike,
 
   Args:
     items: the images; ``image_id`` values must be unique.
-    out_csv: CoT CSV (``image,cot``); created if absent, else resumed (its ids skipped).
+    out_csv: ``image,cot`` CSV; created if absent, else resumed (its ids skipped).
     failures_csv: ``image,error`` CSV of this run's failures (rewritten each run).
-    base_url: API root of an OpenAI-compatible server, e.g. ``https://api.openai.com/v1``.
-    model: model name.
     api_key_env: environment variable holding the API key; None or '' sends no key.
-    concurrency: requests in flight at once.
     max_retries: retries per image after the first attempt.
-    timeout_s: socket timeout of one attempt.
-    temperature: sampling temperature (0: as reproducible as the server allows).
-    max_tokens: optional reply length cap.
     max_side: images are downscaled to this longest side before upload.
     backoff_base_s: first retry delay (doubles each retry, with jitter).
     backoff_max_s: cap on one computed retry delay.
     retry_after_max_s: cap on a server-requested Retry-After.
-    progress: show a tqdm progress bar over the images.
-
-  Returns:
-    A ``CotSummary`` of the run.
 
   Raises:
     ValueError: duplicate ids, a bad argument, an unusable output file, or the key's
@@ -347,17 +275,7 @@ def _files_by_stem(folder: pathlib.Path, what: str) -> dict[str, pathlib.Path]:
 
 
 def read_text_csv(text_csv: PathLike) -> dict[str, str]:
-  """Report texts of an ``image,text`` CSV keyed by image stem.
-
-  Args:
-    text_csv: the CSV (UTF-8, a BOM allowed); ``image`` values may carry an extension.
-
-  Returns:
-    ``{stem: text}``.
-
-  Raises:
-    ValueError: the file lacks ``image`` or ``text`` columns.
-  """
+  """``{stem: text}`` of an ``image,text`` CSV (``image`` values may carry an extension)."""
   path = pathlib.Path(text_csv)
   with open(path, newline='', encoding='utf-8-sig') as f:
     reader = csv.DictReader(f)
@@ -378,20 +296,11 @@ def read_text_csv(text_csv: PathLike) -> dict[str, str]:
 def collect_requests(images_dir: PathLike, text_csv: PathLike,
                      masks_dir: PathLike | None = None, *,
                      allow_missing_text: bool = False) -> list[CotRequest]:
-  """Builds one ``CotRequest`` per image of a folder.
+  """One ``CotRequest`` per image of a folder, sorted by image id.
 
-  Args:
-    images_dir: folder of images.
-    text_csv: ``image,text`` CSV of report texts.
-    masks_dir: optional folder of masks matched by stem or ``mask_<stem>``; images with a
-      mask become labeled requests.
-    allow_missing_text: send images without a report with an empty text instead of failing.
-
-  Returns:
-    Requests sorted by image id.
-
-  Raises:
-    ValueError: an unusable folder, or images without report text (unless allowed).
+  Masks are matched by stem or ``mask_<stem>``; images with a mask become labeled requests.
+  Raises ValueError for an unusable folder, or images without report text unless
+  ``allow_missing_text`` (then they are sent with an empty report).
   """
   images = _files_by_stem(pathlib.Path(images_dir), 'images')
   if not images:

@@ -1,18 +1,14 @@
 """Prompts that ask a vision LLM for a lesion's segmentation chain of thought (paper Sec. 3.1).
 
-Every CoT has four parts, Texture, Boundary, Context and Summary, on their own lines. Two
-prompts exist:
-
-* ``MASK_PROMPT`` goes with the image that has the ground-truth mask blended on it in
-  colour: the labeled images, whose CoTs populate the knowledge pool.
-* ``NO_MASK_PROMPT`` goes with the plain image: unlabeled, validation and test images, whose
-  CoTs must be written from what a model could see at inference time.
+Every CoT has four parts, Texture, Boundary, Context and Summary, on their own lines.
+``MASK_PROMPT`` goes with the image that has its ground-truth mask blended on in colour (the
+labeled images, whose CoTs populate the knowledge pool); ``NO_MASK_PROMPT`` goes with the
+plain image (unlabeled, validation and test images, whose CoTs must rest on what a model
+could see at inference time).
 
 The authors' released script pairs the two the other way round (the prompt that mentions
 the mask is sent with the plain image); here the prompt that speaks of the highlighted
 region is the one that comes with the overlay.
-
-Both prompts carry the report text in a ``{report}`` slot; ``build_prompt`` fills it.
 """
 
 import re
@@ -47,16 +43,7 @@ _SECTION_RES = tuple(
 
 
 def build_prompt(report_text: str, *, with_mask: bool, color: str = 'red') -> str:
-  """Fills the report slot of the mask or no-mask prompt.
-
-  Args:
-    report_text: the image's short report (may be empty).
-    with_mask: True for an image sent with its mask overlaid (labeled), else False.
-    color: name of the overlay colour, quoted to the model (mask prompt only).
-
-  Returns:
-    The prompt text.
-  """
+  """The mask prompt (overlay colour ``color``) or the no-mask prompt, filled with a report."""
   report = ' '.join(report_text.split()) or 'no report is available'
   if with_mask:
     return MASK_PROMPT.format(report=report, color=color)
@@ -64,13 +51,6 @@ def build_prompt(report_text: str, *, with_mask: bool, color: str = 'red') -> st
 
 
 def missing_sections(cot: str) -> list[str]:
-  """Names of the four parts that ``cot`` lacks (empty when it is complete).
-
-  Args:
-    cot: the model's reply.
-
-  Returns:
-    The missing part names, in ``SECTIONS`` order.
-  """
+  """The names of the four parts that ``cot`` lacks, in ``SECTIONS`` order."""
   return [name for name, pattern in zip(SECTIONS, _SECTION_RES)
           if not pattern.search(cot)]

@@ -63,17 +63,11 @@ class Entry:
 
 @dataclasses.dataclass
 class AnnotationFile:
-  """Parsed annotation file.
+  """A parsed annotation file.
 
-  Attributes:
-    path: the file read.
-    kind: 'text' | 'cot_mask' | 'cot_no_mask'.
-    entries: first entry per id, in file order.
-    rows: data records parsed (blank lines not counted).
-    bom: whether a UTF-8 byte-order mark was stripped.
-    encoding: 'utf-8', or the fallback used when the file is not valid UTF-8.
-    problems: every finding, in file order.
-    sheet: the workbook sheet read ('' for CSV files).
+  `kind` is 'text' | 'cot_mask' | 'cot_no_mask'; `entries` hold the first entry per id in
+  file order; `rows` counts data records (blank lines not counted); `encoding` is 'utf-8' or
+  the fallback used when the file is not valid UTF-8; `sheet` is '' for CSV files.
   """
 
   path: str
@@ -139,11 +133,7 @@ def is_spreadsheet(path: str) -> bool:
 
 
 def sheet_headers(path: str) -> dict[str, list[str]]:
-  """{sheet name: header row} of every sheet of a workbook, in workbook order.
-
-  Raises:
-    DataError: the file is not a readable workbook.
-  """
+  """{sheet name: header row} of every sheet of a workbook, in workbook order."""
   import pandas as pd  # Only spreadsheets need pandas (openpyxl behind it).
 
   try:
@@ -186,14 +176,9 @@ def _read_spreadsheet(path: str, sheet: str | int = 0
 
 def read_table(path: str, sheet: str | int = 0
                ) -> tuple[list[str], list[tuple[int, list[str]]], bool, str]:
-  """Reads a CSV/TSV or .xlsx table (`sheet`: the workbook's sheet name or index).
+  """Reads a CSV/TSV or .xlsx table: (header, [(line, fields), ...], bom_stripped, encoding).
 
-  Returns:
-    (header, [(line, fields), ...], bom_stripped, encoding); `line` is the first physical
-    line of a CSV record or the spreadsheet row number.
-
-  Raises:
-    DataError: the file is missing, empty or unparseable.
+  `line` is the first physical line of a CSV record or the spreadsheet row number.
   """
   if not os.path.isfile(path):
     raise DataError(f'Annotation file {path} does not exist. Fix the path in the config.')
@@ -271,19 +256,12 @@ def _annotation_sheet(path: str, kind: str) -> str | int:
 
 
 def read_annotations(path: str, kind: str) -> AnnotationFile:
-  """Parses a text or CoT annotation file into entries keyed by sample id.
+  """Parses a text or CoT annotation file (.csv with ',', ';' or tab, or .xlsx) by sample id.
 
   Ids are image stems ('x.jpg' and 'x' are both id 'x'). Values are stripped and CRLF inside
   them becomes LF. Duplicated ids keep the first entry; empty values are not entries. Both
-  are reported, as are garbled values and CoTs lacking some of the four parts.
-
-  Args:
-    path: a .csv (any of ',', ';', tab) or .xlsx file (its first sheet with the columns).
-    kind: 'text' | 'cot_mask' | 'cot_no_mask' (selects the accepted column names).
-
-  Raises:
-    DataError: unreadable file or missing required columns (the message lists the
-      columns found).
+  are reported, as are garbled values and CoTs lacking some of the four parts. A DataError
+  for missing columns lists the columns found.
   """
   if kind not in KIND_COLUMNS:
     raise DataError(f'Unknown annotation kind {kind!r}; expected one of {list(KIND_COLUMNS)}.')
@@ -328,11 +306,7 @@ def read_annotations(path: str, kind: str) -> AnnotationFile:
 
 
 def read_label_column(path: str, column: str) -> dict[str, str]:
-  """{id: value} of one column of a table keyed by image name (retrieval-report labels).
-
-  Raises:
-    DataError: the file is missing or unparseable, or lacks an image or `column` column.
-  """
+  """{id: value} of one column of a table keyed by image name (retrieval-report labels)."""
   header, records, _, _ = read_table(path)
   key = _find_column(header, KIND_COLUMNS['text'][0], path, 'image')
   value = _find_column(header, (column.lower(),), path, f'label ({column!r})')

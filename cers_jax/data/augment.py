@@ -1,20 +1,16 @@
 """The authors' training-time preprocessing, on the host in numpy (DESIGN.md section 4).
 
-CERS applies to every training image a random zoom (factor in 0.95-1.2, probability 0.1)
-before the per-image per-channel z-score; validation and test images get only the z-score.
-The images arrive already resized to S x S and replicated to 3 channels by the cache, so
-the zoom here keeps the size S: it scales about the image centre, as a `RandomZoom` that
-resizes the image by the factor and then centre-crops (zoom in) or zero-pads (zoom out)
-back to S does. We compute that map in one step, as separable per-axis resampling taps,
-instead of resize-then-crop, so no rounding of the intermediate size enters (the tests
-check it against Pillow's resize + crop/pad).
+Every training image gets a random zoom (factor in 0.95-1.2, probability 0.1) before the
+per-image per-channel z-score; validation and test images get only the z-score. Images
+arrive already S x S, so the zoom keeps the size, like a `RandomZoom` that resizes by the
+factor and then centre-crops or zero-pads back to S. That map is computed in one step, as
+separable per-axis resampling taps, so no rounding of the intermediate size enters (the
+tests check it against Pillow's resize + crop/pad).
 
-The image uses bicubic interpolation (Keys kernel with a = -0.5, Pillow's BICUBIC, the
-filter the cache was resized with) with Pillow's antialiasing support widening when the
-factor shrinks the image; the mask uses nearest neighbour, so it stays binary. Pixels whose
-source falls outside the image (zoom out) are zero in both.
-
-Pure numpy; no JAX, so the functions run inside grain worker processes.
+The image uses bicubic (Keys, a = -0.5: Pillow's BICUBIC, which the cache was resized with)
+with Pillow's antialiasing support widening when the image shrinks; the mask uses nearest
+neighbour, so it stays binary. Pixels whose source is outside the image are zero in both.
+No JAX here, so the functions run inside grain worker processes.
 """
 
 from collections.abc import Sequence
@@ -41,17 +37,10 @@ def _source_coords(size: int, zoom: float) -> np.ndarray:
 
 
 def bicubic_zoom_taps(size: int, zoom: float) -> tuple[np.ndarray, np.ndarray]:
-  """Source pixels and weights of a centred bicubic zoom along one axis.
+  """(cols, weights), each (S, T), of a centred bicubic zoom along one axis of size S.
 
-  Output pixel i is sum_t weights[i, t] * x[cols[i, t]]; out-of-image output pixels (zoom
-  out) have all-zero weights.
-
-  Args:
-    size: side length S (input and output).
-    zoom: scale factor; > 1 magnifies (the border is cropped), < 1 shrinks (zero border).
-
-  Returns:
-    (cols (S, T) int, weights (S, T) float32).
+  Output pixel i is sum_t weights[i, t] * x[cols[i, t]]; zoom > 1 magnifies (the border is
+  cropped), < 1 shrinks, and out-of-image output pixels then have all-zero weights.
   """
   if zoom <= 0:
     raise ValueError(f'zoom must be positive, got {zoom}.')
@@ -80,15 +69,7 @@ def nearest_zoom_indices(size: int, zoom: float) -> np.ndarray:
 
 
 def zoom_image(image: np.ndarray, zoom: float) -> np.ndarray:
-  """Zooms an (S, S, C) image about its centre keeping its size; bicubic, clipped to [0, 255].
-
-  Args:
-    image: (S, S, C) array (uint8 or float), values in [0, 255].
-    zoom: scale factor.
-
-  Returns:
-    float32 (S, S, C).
-  """
+  """Zooms an (S, S, C) image in [0, 255] about its centre keeping its size; float32."""
   size = image.shape[0]
   if image.ndim != 3 or image.shape[1] != size:
     raise ValueError(f'zoom_image expects a square (S, S, C) image, got {image.shape}.')
@@ -123,17 +104,9 @@ def random_zoom(
     prob: float,
     zoom_range: Sequence[float],
 ) -> tuple[np.ndarray, np.ndarray]:
-  """With probability `prob`, zooms image and mask by one factor drawn from zoom_range.
+  """With probability `prob`, zooms image (S, S, C) and mask (S, S) by one factor.
 
-  Args:
-    image: (S, S, C) image, values in [0, 255].
-    mask: (S, S) mask.
-    rng: numpy generator (the pipeline passes a per-batch seeded one).
-    prob: probability of zooming.
-    zoom_range: (low, high) of the uniform zoom factor.
-
-  Returns:
-    (image float32 (S, S, C), mask (S, S) of mask's dtype).
+  The factor is uniform in `zoom_range`. Returns a float32 image and a mask of mask's dtype.
   """
   if rng.random() < prob:
     zoom = float(rng.uniform(zoom_range[0], zoom_range[1]))
@@ -142,13 +115,9 @@ def random_zoom(
 
 
 def zscore(images: np.ndarray) -> np.ndarray:
-  """Per-image, per-channel z-score over H and W (population std, eps 1e-8), in float32.
+  """Per-image, per-channel z-score over H and W of (..., H, W, C), in float32.
 
-  Args:
-    images: (..., H, W, C) array.
-
-  Returns:
-    float32 array of the same shape; a constant channel becomes all zeros.
+  Population std, eps 1e-8: a constant channel becomes all zeros.
   """
   x = images.astype(np.float32)
   # Flatten H, W into one contiguous axis: reductions over it are several times faster

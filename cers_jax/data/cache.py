@@ -28,15 +28,9 @@ _PREPARE_HINT = ('Run the data preparation first (cers_jax.data.prepare.prepare(
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-  """A prepared dataset.
+  """A prepared dataset; `images` (N, S, S, 3) and `masks` (N, S, S) are memory-mapped uint8.
 
-  Attributes:
-    cache_dir: where it lives.
-    images: (N, S, S, 3) uint8, memory-mapped.
-    masks: (N, S, S) uint8 {0, 1}, memory-mapped; all zero where has_mask is False.
-    has_mask: (N,) bool.
-    samples: one Sample per row.
-    manifest: the split.json content.
+  Masks are {0, 1} and all zero where `has_mask` is False; `manifest` is split.json.
   """
 
   cache_dir: str
@@ -58,11 +52,7 @@ class Cache:
     return int(self.images.shape[1])
 
   def rows_of(self, ids: Sequence[str]) -> np.ndarray:
-    """Cache rows (int32) of sample ids, in the given order.
-
-    Raises:
-      DataError: an id is not in the cache (names split.json and the fix).
-    """
+    """Cache rows (int32) of sample ids, in the given order."""
     row = self._row
     missing = [i for i in ids if i not in row]
     if missing:
@@ -81,11 +71,7 @@ class Cache:
 
 
 def read_samples(path: str) -> list[Sample]:
-  """samples.json as Samples in row order.
-
-  Raises:
-    DataError: unreadable, or rows not numbered 0..N-1 in order.
-  """
+  """samples.json as Samples in row order (rows must be numbered 0..N-1)."""
   try:
     with open(path, encoding='utf-8') as f:
       entries = json.load(f)
@@ -99,11 +85,7 @@ def read_samples(path: str) -> list[Sample]:
 
 
 def load_cache(cache_dir: str) -> Cache:
-  """Opens a prepared cache (arrays memory-mapped).
-
-  Raises:
-    DataError: files missing or inconsistent, naming the cache directory and the fix.
-  """
+  """Opens a prepared cache, its arrays memory-mapped."""
   missing = [f for f in CACHE_FILES if not os.path.isfile(os.path.join(cache_dir, f))]
   if missing:
     raise DataError(f'Cache {cache_dir} lacks {missing}. {_PREPARE_HINT}')

@@ -1,17 +1,15 @@
 """Decode, binarise and resize images and masks with Pillow (DESIGN.md section 4).
 
-The authors resize to 224 with bicubic interpolation for images and nearest for masks and
-replicate gray to three channels; masks are binarised (BRISC 2025's PNG masks hold noisy
-values such as 0-7 and 249-255, so the threshold is >= 128). Any Pillow mode is accepted:
-16-bit and float images are min-max scaled to uint8, which loses nothing the model sees
-because every image is z-scored per channel later.
+The authors resize to 224, bicubic for images and nearest for masks, and replicate gray to
+three channels. Masks are binarised at >= 128 (BRISC 2025's PNG masks hold noisy values
+such as 0-7 and 249-255). Any Pillow mode is accepted: 16-bit and float images are min-max
+scaled to uint8, which loses nothing the model sees since every image is z-scored later.
 
-Colour masks (RGB, RGBA, palettes with colours) are read by their brightest channel, not by
-luminance: a lesion drawn in pure red (255, 0, 0) has luminance 76, under the threshold, and
-would become an empty label. A pixel is lesion when any of its channels is >= 128. A mask
-whose brightest pixels are clearly above the noise but all under 128 (a lesion drawn in a
-dark shade, or labels stored as 0/100) is refused, naming the file, rather than read as
-empty.
+Colour masks are read by their brightest channel, not by luminance: a lesion drawn in pure
+red (255, 0, 0) has luminance 76, under the threshold, and would become an empty label. A
+mask whose brightest pixels are clearly above the noise but all under 128 (a lesion drawn
+in a dark shade, or labels stored as 0/100) is refused, naming the file, rather than read
+as empty.
 """
 
 from __future__ import annotations
@@ -87,22 +85,15 @@ def _to_l_or_rgb(im: Image.Image) -> np.ndarray:
 
 
 def read_image(path: str) -> np.ndarray:
-  """Decodes an image of any mode to uint8 (H, W) gray or (H, W, 3) RGB.
-
-  Raises:
-    DataError: the file is unreadable or corrupt.
-  """
+  """Decodes an image of any mode to uint8 (H, W) gray or (H, W, 3) RGB."""
   with _open_pixels(path) as im:
     return _to_l_or_rgb(im)
 
 
 def binarize_mask(values: np.ndarray, path: str = '<array>') -> np.ndarray:
-  """Binarises a uint8 gray mask to {0, 1}.
+  """Binarises a uint8 gray mask to {0, 1}: {0, 1} masks are kept, others thresholded at 128.
 
-  Masks already stored as {0, 1} are kept; anything else is thresholded at >= 128.
-
-  Raises:
-    DataError: the array is not binary-like (see the module constants), naming `path`.
+  Raises DataError, naming `path`, when the array is not binary-like (module constants).
   """
   levels = np.unique(values)
   if levels.size and levels.max() <= 1:
@@ -125,13 +116,10 @@ def binarize_mask(values: np.ndarray, path: str = '<array>') -> np.ndarray:
 
 
 def read_mask_values(path: str) -> np.ndarray:
-  """Decodes a mask file to its raw uint8 (H, W) values (not yet binarised).
+  """The raw uint8 (H, W) values of a mask file, not yet binarised.
 
-  Palette masks give their indices when those are {0, 1}; colour masks give their
-  brightest channel per pixel (a lesion drawn in any pure colour stays bright).
-
-  Raises:
-    DataError: unreadable or corrupt.
+  Palette masks give their indices when those are {0, 1}; colour masks their brightest
+  channel per pixel (a lesion drawn in any pure colour stays bright).
   """
   with _open_pixels(path) as im:
     if im.mode == 'P':
@@ -145,11 +133,7 @@ def read_mask_values(path: str) -> np.ndarray:
 
 
 def read_mask(path: str) -> np.ndarray:
-  """Decodes a mask file to uint8 (H, W) with values {0, 1}.
-
-  Raises:
-    DataError: unreadable, corrupt or not binary-like.
-  """
+  """Decodes a mask file to uint8 (H, W) in {0, 1}; refuses one that is not binary-like."""
   return binarize_mask(read_mask_values(path), path)
 
 
@@ -176,12 +160,9 @@ def decode_pair(image_path: str, mask_path: str | None, size: int
                 ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, str | int | bool]]:
   """Decodes, checks and resizes one image and its optional mask (a pool worker's task).
 
-  Errors are returned rather than raised so that `prepare` can report every bad file of a
-  dataset at once.
-
-  Returns:
-    (image (S, S, 3) uint8 or None, mask (S, S) uint8 or None, info) where info holds
-    'error_kind'/'error' ('' when fine), 'file' of the error and 'empty_mask'.
+  Returns (image (S, S, 3) uint8 or None, mask (S, S) uint8 or None, info); errors go into
+  info ('error_kind', 'error', 'file'), not raised, so that `prepare` can report every bad
+  file of a dataset at once. info also says 'empty_mask'.
   """
   info: dict[str, str | int | bool] = {'error_kind': '', 'error': '', 'file': '',
                                        'empty_mask': False}

@@ -47,16 +47,11 @@ _WORKBOOK_EXTENSIONS = ('.xlsx', '.xlsm')
 
 @dataclasses.dataclass
 class DatasetScan:
-  """What a layout reader found.
+  """What a layout reader found: samples sorted by id and every problem.
 
-  Attributes:
-    layout: the layout name.
-    root: the dataset folder (absolute).
-    samples: sorted by id.
-    problems: every finding.
-    annotation_files: summary per file read: path, kind, rows, how it was found ('config' |
-      'default' | 'content') and what its rows became (matched, duplicates, unknown).
-    annotation_search: per kind, what was looked for (for messages and report.json).
+  `annotation_files` summarises each file read: path, kind, rows, how it was found ('config'
+  | 'default' | 'content') and what its rows became (matched, duplicates, unknown);
+  `annotation_search` says per kind what was looked for.
   """
 
   layout: str
@@ -146,11 +141,7 @@ def _matches(item: str, root: str) -> tuple[list[str], list[str]]:
 
 
 def _configured(configured: str, root: str, kind: str) -> list[str]:
-  """The files a config value names: one path, or a comma-separated list of paths and globs.
-
-  Raises:
-    DataError: an item names no file.
-  """
+  """The files a config value names: one path, or a comma-separated list of paths and globs."""
   whole, _ = _matches(configured.strip(), root)
   # A single existing path wins, so a file name holding a comma still works.
   items = [configured.strip()] if whole else [i.strip() for i in configured.split(',')]
@@ -185,9 +176,8 @@ def _merge(files: Iterable[AnnotationFile], key_map: Callable[[str], str], known
            problems: list[Problem]) -> tuple[dict[str, Entry], list[dict[str, int]]]:
   """Entries of several files of one kind by sample id (the first file wins).
 
-  Returns:
-    The merged entries, and per file how many of its entries gave an image its value
-    ('matched'), repeated an id given before ('duplicates'), or named no image ('unknown').
+  Also returns per file how many entries gave an image its value ('matched'), repeated an id
+  given before ('duplicates'), or named no image ('unknown').
   """
   merged: dict[str, Entry] = {}
   counts = []
@@ -278,11 +268,7 @@ def _configured_files(root: str, text_csv: str, cot_mask_csv: str,
 
 def read_cers(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
               cot_no_mask_csv: str = '') -> DatasetScan:
-  """Reads the CERS flat layout: `frames/`, `masks/`, `text.csv` and CoT CSVs in root.
-
-  Raises:
-    DataError: no frames/ folder, no images, unreadable annotation files or columns.
-  """
+  """Reads the CERS flat layout: `frames/`, `masks/`, `text.csv` and CoT CSVs in root."""
   problems: list[Problem] = []
   frames, masks_dir = os.path.join(root, 'frames'), os.path.join(root, 'masks')
   _require_dir(frames, 'frames/ (images), masks/ and text.csv', 'cers')
@@ -347,14 +333,10 @@ def read_lvit(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
               cot_no_mask_csv: str = '') -> DatasetScan:
   """Reads LViT's layout (QaTa-COV19, MosMedData+).
 
-  Texts come from `text_csv` when given (e.g. the CERS authors' text.csv, keyed by image
-  name, or LViT's workbooks as a list or glob), else from every workbook in the root and the
-  split folders that has an image-name and a text column (e.g. `Train_text.xlsx`,
-  `Test_text_for_Covid19.xlsx`), else from text.csv in the root. Workbook rows are keyed by
+  Texts come from `text_csv` when given (e.g. the CERS authors' text.csv, or LViT's workbooks
+  as a list or glob), else from every workbook in the root and the split folders with an
+  image-name and a text column, else from text.csv in the root. Workbook rows are keyed by
   the mask file name ('mask_covid_1.png' for image 'covid_1.png') or the image name.
-
-  Raises:
-    DataError: none of Train/Val/Test_Folder exists, no images, bad annotation files.
   """
   problems: list[Problem] = []
   pairs: list[_Pair] = []
@@ -397,11 +379,7 @@ def _brisc_task_dir(root: str) -> str:
 
 def read_brisc(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
                cot_no_mask_csv: str = '') -> DatasetScan:
-  """Reads BRISC 2025's Kaggle layout (`root` may be the dataset or segmentation_task).
-
-  Raises:
-    DataError: no segmentation_task/{train,test}/images, no images, bad annotation files.
-  """
+  """Reads BRISC 2025's Kaggle layout (`root` may be the dataset or segmentation_task)."""
   problems: list[Problem] = []
   task = _brisc_task_dir(root)
   pairs: list[_Pair] = []
@@ -422,11 +400,7 @@ LAYOUTS: dict[str, LayoutReader] = {'cers': read_cers, 'lvit': read_lvit,
 
 
 def read_dataset(data_config: Any) -> DatasetScan:
-  """Reads the dataset that `config.data` describes with the registered layout reader.
-
-  Raises:
-    DataError: unknown layout, missing root, or whatever the reader raises.
-  """
+  """Reads the dataset that `config.data` describes with its registered layout reader."""
   reader = LAYOUTS.get(data_config.layout)
   if reader is None:
     raise DataError(f'Unknown data.layout {data_config.layout!r}; choices: {sorted(LAYOUTS)}.')

@@ -1,22 +1,18 @@
 """The grain input pipeline: cached uint8 arrays -> fixed-shape dict batches (DESIGN.md s. 4).
 
-Images were decoded and resized once into the uint8 cache (`images.npy`, `masks.npy`,
-usually memory-mapped) and texts tokenized once into (N, L) arrays (`tokenize.py`); a split
-is a list of cache rows. Each step therefore only gathers rows, applies the authors'
-training augmentation (random zoom, `augment.py`) and the per-image z-score, and stacks.
+Images were decoded once into the uint8 cache and texts tokenized once into (N, L) arrays;
+a split is a list of cache rows. A step only gathers rows, applies the authors' random zoom
+(`augment.py`) and the per-image z-score, and stacks.
 
-Training loaders are grain `MapDataset` pipelines over the rows:
-`source(rows).shuffle(s).batch(B, drop_remainder=True).repeat()` then one `random_map`
-that loads and augments a whole batch. grain's shuffle uses a different permutation for
-every epoch and its batch never straddles two epochs, so each epoch is a fresh shuffle with
-the remainder dropped; the zoom's randomness is a generator grain derives from (seed,
-batch index). Every batch is thus a pure function of (seed, step): any worker count gives
-the same batches, and the iterator state is just positions (one, or one per worker), which
-`get_state()` / `set_state()` restore exactly (the training checkpoint stores it; restore
-it into a loader made with the same arguments, worker_count included).
+Training loaders are `source(rows).shuffle(s).batch(B, drop_remainder=True).repeat()` then
+one `random_map` over the whole batch. grain reshuffles every epoch and never lets a batch
+straddle two, and the zoom draws from a generator grain derives from (seed, batch index):
+every batch is a pure function of (seed, step) whatever the worker count, and the iterator
+state is just positions, which `get_state()` / `set_state()` restore exactly (into a loader
+made with the same arguments, worker_count included).
 
-Unlabeled loaders zero the mask: rows in the unlabeled split may have a mask in the cache
-(the labeled fraction hides it), and it must never reach the model.
+Unlabeled loaders zero the mask: rows of the unlabeled split may have one in the cache (the
+labeled fraction hides it), and it must never reach the model.
 
 Batches (STYLE habit 7): image (B,S,S,3) float32; mask (B,S,S,1) float32 {0,1};
 text_ids, text_mask (B,L) int32; index (B,) int32 cache rows; is_labeled, valid (B,) bool;
@@ -43,15 +39,10 @@ _BATCH_KEYS = ('image', 'mask', 'text_ids', 'text_mask', 'index', 'is_labeled', 
 class PipelineArrays:
   """Every per-row array a batch is gathered from; row i is cache row i.
 
-  Attributes:
-    images: (N, S, S, 3) uint8, possibly an np.memmap (then only its path travels to
-      worker processes).
-    masks: (N, S, S) uint8 ({0, 1} or {0, 255}; anything > 0 is lesion).
-    text_ids: (N, L) int32 report-text token ids.
-    text_mask: (N, L) int32 attention mask.
-    has_mask: optional (N,) bool; rows without a mask are is_labeled=False in eval batches
-      and are refused by a labeled training loader.
-    extra: optional per-row arrays (N, ...) copied into batches under their keys.
+  `images` (N, S, S, 3) uint8 may be an np.memmap (then only its path travels to worker
+  processes); `masks` (N, S, S) uint8, anything > 0 lesion; `text_ids`, `text_mask` (N, L)
+  int32. Rows without `has_mask` are is_labeled=False in eval batches and refused by a
+  labeled training loader. `extra` arrays (N, ...) are copied into batches under their keys.
   """
   images: np.ndarray
   masks: np.ndarray
@@ -210,26 +201,13 @@ def make_train_loader(
     worker_count: int = 0,
     prefetch: int = 2,
 ) -> grain.DatasetIterator:
-  """An infinite, checkpointable iterator of training batches over `rows`.
+  """An infinite, checkpointable grain iterator of training batches over cache `rows`.
 
-  Args:
-    arrays: the per-row arrays.
-    rows: cache rows of the split (e.g. `cache.rows_of(split['train_labeled'])`).
-    batch_size: B; each epoch is reshuffled and its last partial batch dropped.
-    seed: same seed -> identical batches; the labeled and unlabeled loaders of one run
-      draw independent orders from the same seed.
-    is_labeled: True for the labeled split (masks kept; every row must have one), False
-      for the unlabeled split (masks zeroed).
-    augment: apply the random zoom (config.data.zoom_prob / zoom_range).
-    augment_prob: probability of zooming an image.
-    zoom_range: (low, high) zoom factor.
-    worker_count: grain worker processes (`mp_prefetch`); 0 = a background thread of
-      this process.
-    prefetch: batches prepared ahead (per worker when worker_count > 0); 0 = synchronous.
-
-  Returns:
-    A grain `DatasetIterator` with `get_state()` / `set_state()`; call `close()` when
-    done if worker_count > 0.
+  Each epoch is reshuffled and its last partial batch dropped; the same seed gives identical
+  batches, and the labeled and unlabeled loaders of one run draw independent orders from it.
+  `is_labeled` keeps the masks (every row must have one); False zeroes them. `augment`
+  applies the random zoom. `worker_count` 0 uses a background thread of this process,
+  `prefetch` 0 is synchronous. Call `close()` when done if worker_count > 0.
   """
   rows = _check_rows(arrays, rows, 'make_train_loader')
   if len(rows) < batch_size:
@@ -277,16 +255,8 @@ def make_eval_batches(
   """Deterministic batches over `rows` in order, without augmentation.
 
   The last batch is padded to batch_size by repeating the last row with valid=False (and
-  is_labeled=False), so every batch has the same shape and the jitted eval step compiles
-  once; metrics must mask with `valid`.
-
-  Args:
-    arrays: the per-row arrays.
-    rows: cache rows of the split, in the order wanted.
-    batch_size: B.
-
-  Yields:
-    Batch dicts; is_labeled = has_mask of the row (True when arrays.has_mask is None).
+  is_labeled=False), so the jitted eval step compiles once; metrics must mask with `valid`.
+  is_labeled is has_mask of the row (True when arrays.has_mask is None).
   """
   rows = _check_rows(arrays, rows, 'make_eval_batches')
   has_mask = (np.ones(arrays.num_rows, bool) if arrays.has_mask is None

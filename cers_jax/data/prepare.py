@@ -1,22 +1,18 @@
-"""Validate a dataset once, write its report, split manifest and uint8 cache (DESIGN.md 4, 6).
+"""Validate a dataset once; write its report, split manifest and uint8 cache (DESIGN.md 4, 6).
 
 `prepare(config, workdir)` reads the dataset with the configured layout, decodes every
-image and mask once (checking each file), and writes into the cache directory:
-report.json (counts and every problem found), split.json (the split every later run
-reuses) and the decoded, resized arrays (see `cers_jax.data.cache`). A second call with the
-same config reuses split.json (after checking that it was made with the same protocol,
-seed and fractions) and the arrays.
-The arrays are reused row by row: sources.json records each row's image and mask files
-(path, size, mtime and SHA-1). A file whose size or mtime changed is hashed again, and the
-rows whose content changed (an edited mask, a replaced image; same paths) are decoded again
-and named in the log and report.json; a file only touched or copied keeps its row. A cache
-without that record, of another size or other images, is built anew. Changed pixels never
-change split.json.
-Files that make the dataset unusable (unreadable images, mask/image size mismatches, masks
-that are not binary-like) are all listed in report.json, then a `DataError` names them. So
-is a dataset without report texts (every CERS model reads one per image), or whose training
-images have none, before any image is decoded; with data.require_text, a single image
-without one is an error too, and with data.require_cot, one without the CoT its split role
+image and mask once (checking each file) and writes report.json, split.json (the split
+every later run reuses) and the resized arrays (`cers_jax.data.cache`). A second call with
+the same config reuses split.json (after checking protocol, seed and fractions) and the
+arrays row by row: sources.json records each row's files (path, size, mtime, SHA-1), a file
+whose size or mtime changed is hashed again, and rows whose content changed are decoded
+again and reported; a touched or copied file keeps its row. A cache without that record,
+of another size or other images, is built anew. Changed pixels never change split.json.
+
+Every file that makes the dataset unusable is listed in report.json before a `DataError`
+names them. A dataset without report texts in its training images (every CERS model reads
+one per image) is refused before any image is decoded; so is, with data.require_text, a
+single image without one, and with data.require_cot, one without the CoT its split role
 queries with. A split without labeled training images is refused before split.json is
 written.
 """
@@ -50,14 +46,8 @@ _LISTED = 5  # File names or ids quoted in a log line or error.
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
-  """The result of `prepare`.
-
-  Attributes:
-    cache_dir: the cache directory.
-    cache: the opened cache (arrays memory-mapped).
-    manifest: split.json content.
-    report: report.json content.
-    rows: cache rows (int32) of each split, keyed by SPLIT_NAMES.
+  """The result of `prepare`: the opened cache, split.json and report.json contents, and the
+  cache rows (int32) of each split keyed by SPLIT_NAMES.
   """
 
   cache_dir: str
@@ -394,20 +384,11 @@ def _remove_tmp(cache_dir: str) -> None:
 def prepare(config: Any, workdir: str, *, processes: int | None = None) -> PreparedData:
   """Validates the configured dataset and writes report, split manifest and cache.
 
-  Args:
-    config: the full config (uses config.seed and config.data.*).
-    workdir: the run's folder; the cache goes to <workdir>/data unless data.cache_dir is set.
-    processes: decoding processes (> 1 uses a spawn pool); None = config.data's
-      'prepare_workers' if the config has that field, else 0.
-
-  Returns:
-    PreparedData with the opened cache, the manifest, the report and each split's rows.
-
-  Raises:
-    DataError: an unusable dataset (after writing report.json where possible), one
-      without report texts in its train split (any image without one when
-      data.require_text), a stored split
-      that does not fit the config or the dataset, or a bad config value.
+  The cache goes to <workdir>/data unless data.cache_dir is set. `processes` > 1 decodes in a
+  spawn pool; None takes config.data.prepare_workers if the config has it, else 0. Raises
+  DataError for an unusable dataset (after writing report.json where possible), missing
+  report texts (any at all with data.require_text), a stored split that does not fit the
+  config or the dataset, or a bad config value.
   """
   data = config.data
   size = int(data.image_size)

@@ -1,8 +1,8 @@
-"""Plain records shared by the dataset readers, `prepare` and the input pipeline.
+"""Plain records shared by the dataset readers, `prepare` and the pipeline (DESIGN.md s. 4).
 
-DESIGN.md section 4 (Data). A `Sample` is one image with whatever annotations the layout
-found for it; a `Problem` is one thing wrong with the data, kept for report.json rather than
-silently dropped. `DataError` is the single exception type of `cers_jax.data`.
+A `Sample` is one image with whatever annotations the layout found; a `Problem` is one
+thing wrong with the data, kept for report.json rather than silently dropped. `DataError`
+is the single exception type of `cers_jax.data`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ SPLIT_NAMES = ('train_labeled', 'train_unlabeled', 'val', 'test')
 class DataError(ValueError):
   """A dataset, annotation file, split manifest or cache that cannot be used as is.
 
-  The message always names the file (or folder) at fault and what to do about it.
+  The message names the file (or folder) at fault and what to do about it.
   """
 
 
@@ -51,13 +51,9 @@ def sample_from_dict(entry: dict[str, Any]) -> Sample:
 class Problem:
   """One finding about the data, reported in report.json.
 
-  Attributes:
-    kind: what is wrong, e.g. 'missing_mask', 'truncated_cot', 'duplicate_id'.
-    file: the file the finding is about (annotation file, image or mask).
-    line: 1-based line of a CSV record (its first physical line), spreadsheet row number, or
-      0 when it is not about a line.
-    id: the sample id (image stem) concerned, '' when unknown.
-    detail: a short human explanation.
+  `kind` is e.g. 'missing_mask', 'truncated_cot', 'duplicate_id'; `line` is the 1-based line
+  of a CSV record (its first physical line) or spreadsheet row, 0 when not about a line; `id`
+  is '' when unknown.
   """
 
   kind: str

@@ -80,11 +80,7 @@ def _split_official(ids: list[str], samples: dict[str, Sample], *, seed: int,
 
 
 def group_of(sample: Sample, group_regex: str) -> str:
-  """The group of a sample: group_regex's first group on its id, else Sample.group or id.
-
-  Raises:
-    DataError: the regex does not match the id.
-  """
+  """The group of a sample: group_regex's first group on its id, else Sample.group or id."""
   if group_regex:
     match = re.search(group_regex, sample.id)
     if match is None:
@@ -126,19 +122,9 @@ def make_split(samples: Sequence[Sample], *, protocol: str, seed: int,
                ) -> dict[str, list[str]]:
   """Splits samples into train_labeled, train_unlabeled, val and test ids (each sorted).
 
-  Args:
-    samples: the dataset.
-    protocol: 'paper' | 'official' | 'grouped'.
-    seed: config.seed.
-    ratios: train/val/test fractions ('paper', 'grouped').
-    val_fraction: share of the official train set carved off as val ('official').
-    labeled_fraction: fraction of train (images with masks) that stays labeled, in [0, 1];
-      at least one image when > 0.
-    group_regex: 'grouped': regex whose first group names an id's case.
-    layout: named in error messages only.
-
-  Raises:
-    DataError: unknown protocol, bad fractions, or a protocol the dataset cannot serve.
+  `ratios` serve 'paper' and 'grouped', `val_fraction` 'official'. `labeled_fraction` of
+  train (images with masks) stays labeled, at least one image when > 0. `layout` is only
+  named in error messages.
   """
   split_fn = PROTOCOLS.get(protocol)
   if split_fn is None:
@@ -189,11 +175,7 @@ def _relevant(settings: dict[str, Any]) -> dict[str, Any]:
 
 def check_manifest(manifest: dict[str, Any], settings: dict[str, Any], path: str,
                    known_ids: set[str]) -> None:
-  """Checks a stored split against the config and the dataset.
-
-  Raises:
-    DataError: the split was made with other settings, or names ids the dataset lacks.
-  """
+  """Checks a stored split against the config and the dataset (settings and ids)."""
   stored, wanted = _relevant(manifest), _relevant(settings)
   if stored['protocol'] == wanted['protocol']:
     differ = {k: (stored[k], wanted[k]) for k in wanted
@@ -234,11 +216,7 @@ def build_manifest(ids: dict[str, list[str]], settings: dict[str, Any], *,
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-  """Loads split.json.
-
-  Raises:
-    DataError: unreadable or missing keys.
-  """
+  """Loads split.json, checking its keys."""
   try:
     with open(path, encoding='utf-8') as f:
       manifest = json.load(f)

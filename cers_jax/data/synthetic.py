@@ -342,22 +342,10 @@ def generate_synthetic(
 ) -> dict:
   """Writes the synthetic CERS-layout dataset described in the module docstring.
 
-  Args:
-    out_dir: folder to write into (created; an earlier synthetic dataset there is replaced).
-    num_images: number of images.
-    image_size: side S of the square images (geometry scales with it; >= 32 advised).
-    seed: the same seed gives byte-identical files.
-    empty_fraction: share of images without a lesion (empty mask).
-    two_lesion_fraction: share of lesion images with two lesions (else one).
-    distractor_fraction: share of lesion images with a bright non-lesion focus (doubled
-      for lesion-free images).
-    rim_cue: 0..1 weight of the class-specific rim profile in the image (0 = the two classes
-      are identically distributed in the image).
-    cot_error_rate: probability that the no-mask CoT states the wrong class.
-
-  Returns:
-    Summary dict: out_dir, num_images, image_size, seed, class counts, empty masks,
-    two-lesion images, no-mask CoT errors.
+  An earlier synthetic dataset in `out_dir` is replaced. Geometry scales with `image_size`
+  (>= 32 advised). `distractor_fraction` is doubled for lesion-free images. `rim_cue` 0 makes
+  the two classes identically distributed in the image. Returns a summary dict (class counts,
+  empty masks, two-lesion images, no-mask CoT errors...).
   """
   if num_images < 1 or image_size < 16:
     raise ValueError(f'generate_synthetic needs num_images >= 1 and image_size >= 16, got '

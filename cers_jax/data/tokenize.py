@@ -25,17 +25,8 @@ _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt')
 def load_tokenizer(directory: str) -> transformers.PreTrainedTokenizerFast:
   """Loads a fast tokenizer from a local Hugging Face format directory (never the hub).
 
-  A directory with `tokenizer.json` or `tokenizer_config.json` is loaded with
-  `AutoTokenizer`; one with only a BERT `vocab.txt` as a BERT WordPiece tokenizer.
-
-  Args:
-    directory: local folder holding tokenizer files (e.g. a BERT checkpoint folder).
-
-  Returns:
-    The tokenizer.
-
-  Raises:
-    FileNotFoundError: the folder does not exist or has none of the tokenizer files.
+  A directory with `tokenizer.json` or `tokenizer_config.json` goes through `AutoTokenizer`;
+  one with only a BERT `vocab.txt` becomes a BERT WordPiece tokenizer.
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(
@@ -93,18 +84,11 @@ def _wordpiece_vocab(texts, vocab_size, normalizer, pre_tokenizer) -> dict[str, 
 def train_wordpiece(
     texts: Sequence[str], *, vocab_size: int, out_dir: str
 ) -> transformers.PreTrainedTokenizerFast:
-  """Trains a lowercase BERT WordPiece tokenizer on texts and saves it in HF format.
+  """Trains a lowercase BERT WordPiece tokenizer on texts and saves it in HF format to out_dir.
 
-  The vocabulary starts with [PAD] (id 0), [UNK], [CLS], [SEP], [MASK]; encodings are
-  `[CLS] text [SEP]` like BERT's. `load_tokenizer(out_dir)` reloads it identically.
-
-  Args:
-    texts: training texts (None entries are skipped).
-    vocab_size: target vocabulary size (smaller if the texts hold fewer pieces).
-    out_dir: folder to write `tokenizer.json` and `tokenizer_config.json` into.
-
-  Returns:
-    The trained tokenizer.
+  The vocabulary starts with [PAD] (id 0), [UNK], [CLS], [SEP], [MASK] and may be smaller
+  than `vocab_size`; encodings are `[CLS] text [SEP]`; None texts are skipped.
+  `load_tokenizer(out_dir)` reloads it identically.
   """
   texts = [t for t in texts if t]
   if not texts:
@@ -136,16 +120,10 @@ def encode_texts(
     texts: Sequence[str | None],
     max_len: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Tokenizes texts into fixed-length id and attention-mask arrays.
+  """(ids, mask), each (N, L) int32, of one text per cache row padded/truncated to `max_len`.
 
-  Args:
-    tokenizer: a tokenizer from `load_tokenizer` or `train_wordpiece`.
-    texts: one entry per cache row; None (no text for that row) becomes all padding with
-      an all-zero mask (not even [CLS]).
-    max_len: L, the padded/truncated length (truncation keeps the final [SEP]).
-
-  Returns:
-    (ids (N, L) int32, mask (N, L) int32).
+  Truncation keeps the final [SEP]. A None text becomes all padding with an all-zero mask
+  (not even [CLS]).
   """
   if max_len < 2:
     raise ValueError(f'max_len must be >= 2 ([CLS] and [SEP]), got {max_len}.')

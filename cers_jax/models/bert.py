@@ -1,10 +1,9 @@
 """BERT text encoder with HF `BertModel` semantics, without the pooler (DESIGN.md section 1).
 
-Used twice in CERS: for the report text (CXR-BERT in the paper; token features feed the
-text cross-attention) and for the chain-of-thought (Bio_ClinicalBERT; its [CLS] token
-feeds the CoT projection). Post-LayerNorm encoder, LayerNorm eps 1e-12, exact GELU,
-absolute position embeddings 0..L-1, padding keys masked. Attribute names are relied on
-by `cers_jax.convert.bert`.
+Used twice in CERS: for the report text (CXR-BERT in the paper; its tokens feed the text
+cross-attention) and for the chain-of-thought (Bio_ClinicalBERT; pooled for the CoT
+projection). Post-LayerNorm, LayerNorm eps 1e-12, exact GELU, absolute positions, padding
+keys masked. Attribute names are relied on by `cers_jax.convert.bert`.
 """
 
 from __future__ import annotations
@@ -31,16 +30,6 @@ class BertLayer(nnx.Module):
 
   def __init__(self, *, hidden_size: int, num_heads: int, intermediate_size: int,
                dropout: float, dtype: Any = None, rngs: nnx.Rngs):
-    """Builds one layer.
-
-    Args:
-      hidden_size: H.
-      num_heads: attention heads (H must divide evenly).
-      intermediate_size: feed-forward width.
-      dropout: rate for attention probabilities and hidden states.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter and dropout streams.
-    """
     init = trunc_normal(0.02)
     # HF drops attention probabilities elementwise, so broadcast_dropout=False.
     self.attention = nnx.MultiHeadAttention(
@@ -68,20 +57,8 @@ class BertEncoder(nnx.Module):
   def __init__(self, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
                intermediate_size: int, max_position: int = 512, type_vocab_size: int = 2,
                dropout: float = 0.1, dtype: Any = None, rngs: nnx.Rngs):
-    """Builds the encoder (HF `BertConfig` names in brackets).
-
-    Args:
-      vocab_size: token vocabulary [vocab_size].
-      hidden_size: H [hidden_size].
-      num_layers: transformer layers [num_hidden_layers].
-      num_heads: attention heads [num_attention_heads].
-      intermediate_size: feed-forward width [intermediate_size].
-      max_position: longest sequence [max_position_embeddings].
-      type_vocab_size: token types [type_vocab_size].
-      dropout: hidden and attention-probability dropout
-        [hidden_dropout_prob = attention_probs_dropout_prob].
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter and dropout streams.
+    """Arguments follow HF `BertConfig` (`num_layers` is `num_hidden_layers`, `max_position`
+    `max_position_embeddings`; `dropout` is both hidden and attention-probability dropout).
     """
     if hidden_size % num_heads:
       raise ValueError(f'hidden_size {hidden_size} is not divisible by num_heads {num_heads}.')
@@ -103,17 +80,7 @@ class BertEncoder(nnx.Module):
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, *, dtype: Any = None,
                   rngs: nnx.Rngs) -> BertEncoder:
-    """Builds from `config.model.text` or `config.model.cot` (configs/base.py).
-
-    Args:
-      cfg: section with vocab_size, hidden_size, num_layers, num_heads, intermediate_size,
-        max_position, type_vocab_size and dropout.
-      dtype: computation dtype.
-      rngs: parameter and dropout streams.
-
-    Returns:
-      A freshly initialised BertEncoder.
-    """
+    """A fresh encoder from `config.model.text` or `config.model.cot`."""
     return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                intermediate_size=cfg.intermediate_size, max_position=cfg.max_position,
@@ -122,16 +89,10 @@ class BertEncoder(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                token_type_ids: jax.Array | None = None) -> jax.Array:
-    """Encodes token sequences.
+    """(B, L) token ids and mask (nonzero = real token) -> (B, L, H) last hidden state.
 
-    Args:
-      input_ids: (B, L) int token ids.
-      attention_mask: (B, L) int or bool, nonzero for real tokens, 0 for padding.
-      token_type_ids: (B, L) int segment ids; None = all zeros.
-
-    Returns:
-      (B, L, H) last hidden state. Padding positions hold values too (they attend to the
-      real tokens, as in HF) but no real position attends to them.
+    Padding positions hold values too (they attend to the real tokens, as in HF), but no real
+    position attends to them. `token_type_ids` default to zeros.
     """
     length = input_ids.shape[1]
     if length > self.max_position:

@@ -3,15 +3,12 @@
     image --ConvNeXt--> f1..f4 --TextCrossAttention(text BERT tokens)--> a1..a4
     f4, retrieved f4 maps --RetrievalFusion (paper Eq. 3)--> r
     D_r = MCAMDecoder(a1..a4, r) -> logits_r      D_s = ResUNetDecoder(a1..a4) -> logits_s
-    mean(f4) -> image_proj -> image embedding;  CoT BERT [CLS] -> cot_proj -> CoT embedding
+    mean(f4) -> image_proj -> image embedding;  CoT BERT pooled -> cot_proj -> CoT embedding
 
-Retrieval itself is not a module: it is a pure function of the knowledge pool
-(`cers_jax.retrieval.pool`). `encode` and `decode` are separate so that one encoder pass
-serves both the retrieval query (f4) and the decoders in the same jitted step.
-
-Modes come from the module structure: `nnx.view(model, deterministic=True,
-use_running_average=True)` is eval mode (dropout, stochastic depth off; BatchNorm uses its
-running statistics).
+Retrieval is not a module but a pure function of the knowledge pool
+(`cers_jax.retrieval`). `encode` and `decode` are separate so that one encoder pass serves
+both the retrieval query (f4) and the decoders in the same jitted step. Eval mode is
+`nnx.view(model, deterministic=True, use_running_average=True)`.
 """
 
 from __future__ import annotations
@@ -43,24 +40,16 @@ AUTHORS_EXCLUDED = ('text_encoder', 'cot_encoder', 'alignment')
 class Encoded(NamedTuple):
   """Encoder outputs shared by retrieval and both decoders.
 
-  Attributes:
-    features: (f1, f2, f3, f4) raw ConvNeXt stage outputs, (B, H/4, W/4, C1) ...
-      (B, H/32, W/32, C4); f4 is the retrieval query and the pool's value.
-    attended: (a1, a2, a3, a4) text-aware features, same shapes.
+  `features` are the raw ConvNeXt stages f1..f4, (B, H/4, W/4, C1) ... (B, H/32, W/32, C4);
+  f4 is the retrieval query and the pool's value. `attended` are the text-aware a1..a4, same
+  shapes.
   """
   features: tuple[Array, Array, Array, Array]
   attended: tuple[Array, Array, Array, Array]
 
 
 def compute_dtype(name: str) -> Any:
-  """Maps `config.model.compute_dtype` to a jnp dtype.
-
-  Args:
-    name: 'float32' or 'bfloat16'.
-
-  Returns:
-    The dtype every layer computes in (parameters stay float32).
-  """
+  """The jnp dtype of `config.model.compute_dtype` (parameters stay float32)."""
   if name not in _COMPUTE_DTYPES:
     raise ValueError(f'config.model.compute_dtype={name!r} is not one of '
                      f'{sorted(_COMPUTE_DTYPES)}.')
@@ -99,20 +88,10 @@ def unit_rows(x: Array) -> Array:
 
 
 class Alignment(nnx.Module):
-  """CLIP-style projections of image and CoT features (DESIGN.md: projections for the pool)."""
+  """CLIP-style projections of image (C4) and CoT (H_cot) features, and the logit scale."""
 
   def __init__(self, image_dim: int, cot_dim: int, embed_dim: int, logit_scale_init: float,
                *, dtype: Any = None, rngs: nnx.Rngs):
-    """Builds the projections.
-
-    Args:
-      image_dim: C4, channels of f4.
-      cot_dim: H_cot, width of the CoT BERT.
-      embed_dim: width of the shared embedding space.
-      logit_scale_init: initial log of the CLIP logit scale.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
     self.image_proj = nnx.Linear(image_dim, embed_dim, use_bias=False, dtype=dtype,
                                  kernel_init=xavier_uniform(), rngs=rngs)
     self.cot_proj = nnx.Linear(cot_dim, embed_dim, use_bias=False, dtype=dtype,
@@ -123,24 +102,11 @@ class Alignment(nnx.Module):
 class CERS(nnx.Module):
   """CERS: ConvNeXt + text BERT + cross-attention, retrieval fusion, two decoders.
 
-  Attributes:
-    encoder: ConvNeXt image encoder.
-    text_encoder: report-text BERT (config.model.text).
-    cross_attns: four TextCrossAttention, one per stage.
-    fusion: RetrievalFusion on f4 (paper Eq. 3).
-    decoder_r: MCAMDecoder, the retrieval-aware decoder.
-    decoder_s: ResUNetDecoder, the standard decoder.
-    alignment: image/CoT projections and the CLIP logit scale.
-    cot_encoder: CoT BERT (config.model.cot).
+  `decoder_r` is the retrieval-aware D_r, `decoder_s` the standard D_s.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    """Builds the network.
-
-    Args:
-      cfg: `config.model` of configs/base.py.
-      rngs: 'params' and 'dropout' streams.
-    """
+    """Builds the network from `config.model` (configs/base.py)."""
     dtype = compute_dtype(cfg.compute_dtype)
     dims = tuple(cfg.encoder_dims)
     self.text_trainable = bool(cfg.text.trainable)
@@ -169,21 +135,16 @@ class CERS(nnx.Module):
   def f4_shape(self, image_size: int) -> tuple[int, int, int]:
     """(h, w, C4) of f4 for square images of `image_size`: a pool row's map shape.
 
-    Computed abstractly (jax.eval_shape): nothing is allocated or run.
+    Computed with jax.eval_shape: nothing is allocated or run.
     """
     zeros = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return tuple(jax.eval_shape(lambda m, x: m.encoder(x)[-1], self, zeros).shape[1:])
 
   def encode(self, image: Array, text_ids: Array, text_mask: Array) -> Encoded:
-    """Runs the image and text encoders and the per-stage text cross-attention.
+    """Image and text encoders plus the per-stage text cross-attention.
 
-    Args:
-      image: (B, H, W, 3) normalised images; H and W divisible by 32.
-      text_ids: (B, L) report-text token ids.
-      text_mask: (B, L) 1 for real tokens, 0 for padding.
-
-    Returns:
-      Encoded(features=(f1..f4), attended=(a1..a4)).
+    `image` is (B, H, W, 3), normalised, with H and W divisible by 32; `text_ids` and
+    `text_mask` are (B, L), the mask 1 for real tokens.
     """
     if image.ndim != 4 or image.shape[1] % 32 or image.shape[2] % 32:
       raise ValueError(f'image must be (B, H, W, 3) with H, W divisible by 32, got '
@@ -196,15 +157,10 @@ class CERS(nnx.Module):
     return Encoded(features=tuple(features), attended=attended)
 
   def decode(self, encoded: Encoded, retrieved: Array | None = None) -> tuple[Array, Array]:
-    """Runs both decoders.
+    """(logits_r, logits_s), each (B, H, W, 1) float32.
 
-    Args:
-      encoded: output of `encode`.
-      retrieved: (B, k, h, w, C4) raw f4 maps of the k reference cases, or None (warm-up,
-        pool mode 'none'): then D_r's deepest block gets no retrieval stream.
-
-    Returns:
-      (logits_r, logits_s), each (B, H, W, 1) float32: D_r's and D_s's logits.
+    `retrieved` is (B, k, h, w, C4), the raw f4 maps of the k reference cases, or None
+    (warm-up, pool mode 'none'): then D_r's deepest block gets no retrieval stream.
     """
     rag = None if retrieved is None else self.fusion(encoded.features[3], retrieved)
     logits_r = self.decoder_r(encoded.attended, rag)
@@ -213,17 +169,7 @@ class CERS(nnx.Module):
 
   def __call__(self, image: Array, text_ids: Array, text_mask: Array,
                retrieved: Array | None = None) -> tuple[Array, Array, Array]:
-    """Encodes and decodes in one call.
-
-    Args:
-      image: (B, H, W, 3) images.
-      text_ids: (B, L) report-text token ids.
-      text_mask: (B, L) 1 for real tokens.
-      retrieved: (B, k, h, w, C4) reference f4 maps, or None.
-
-    Returns:
-      (logits_r, logits_s, f4): logits (B, H, W, 1) float32 and f4 (B, H/32, W/32, C4).
-    """
+    """`encode` then `decode`: (logits_r, logits_s, f4), f4 being (B, H/32, W/32, C4)."""
     encoded = self.encode(image, text_ids, text_mask)
     logits_r, logits_s = self.decode(encoded, retrieved)
     return logits_r, logits_s, encoded.features[3]
@@ -249,14 +195,8 @@ class CERS(nnx.Module):
 def count_params(model: nnx.Module, *, exclude: tuple[str, ...] = AUTHORS_EXCLUDED) -> int:
   """Number of trainable parameter scalars (nnx.Param; BatchNorm statistics excluded).
 
-  Args:
-    model: any module (an `nnx.eval_shape` abstract one works too).
-    exclude: top-level attribute names whose parameters are not counted. The default
-      leaves out what the authors' 48,728,354 count leaves out: both BERTs and the
-      alignment projections.
-
-  Returns:
-    The count.
+  Works on an `nnx.eval_shape` abstract model too. The default `exclude` leaves out what the
+  authors' 48,728,354 count leaves out: both BERTs and the alignment projections.
   """
   total = 0
   for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -1,8 +1,7 @@
-"""ConvNeXt image encoder, torchvision `convnext_tiny` semantics (DESIGN.md section 1).
+"""ConvNeXt image encoder with torchvision `convnext_tiny` semantics (DESIGN.md section 1).
 
-NHWC throughout. The stem and the downsampling layers normalise channels with
-`nnx.LayerNorm` over the last axis, which is what torchvision's `LayerNorm2d` computes on
-NCHW. Attribute names are relied on by `cers_jax.convert.convnext`.
+NHWC throughout: the channels `LayerNorm2d` of torchvision is a plain `nnx.LayerNorm` over
+the last axis here. Attribute names are relied on by `cers_jax.convert.convnext`.
 """
 
 from __future__ import annotations
@@ -31,15 +30,6 @@ class ConvNeXtBlock(nnx.Module):
 
   def __init__(self, dim: int, *, drop_path: float, layer_scale_init: float,
                dtype: Any = None, rngs: nnx.Rngs):
-    """Builds one block.
-
-    Args:
-      dim: channels C.
-      drop_path: stochastic-depth rate of this block.
-      layer_scale_init: initial value of every layer-scale entry.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter and dropout streams.
-    """
     init = trunc_normal(0.02)
     self.dwconv = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)),
                            feature_group_count=dim, kernel_init=init, dtype=dtype, rngs=rngs)
@@ -65,18 +55,7 @@ class ConvNeXt(nnx.Module):
                dims: Sequence[int] = (96, 192, 384, 768), drop_path_rate: float = 0.1,
                layer_scale_init: float = 1e-6, in_channels: int = 3, dtype: Any = None,
                rngs: nnx.Rngs):
-    """Builds the encoder.
-
-    Args:
-      depths: blocks per stage.
-      dims: channels per stage.
-      drop_path_rate: stochastic depth of the last block; block i of n gets
-        drop_path_rate * i / (n - 1), as in torchvision.
-      layer_scale_init: initial layer-scale value.
-      in_channels: image channels.
-      dtype: computation dtype passed to every layer (parameters stay float32).
-      rngs: parameter and dropout streams.
-    """
+    """Block i of n gets stochastic depth `drop_path_rate * i / (n - 1)`, as in torchvision."""
     if len(depths) != 4 or len(dims) != 4:
       raise ValueError(f'ConvNeXt needs 4 stages, got depths={depths}, dims={dims}.')
     init = trunc_normal(0.02)
@@ -103,14 +82,7 @@ class ConvNeXt(nnx.Module):
     self.stages = nnx.List(stages)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Encodes images.
-
-    Args:
-      x: (B, H, W, in_channels) images.
-
-    Returns:
-      (f1, f2, f3, f4): (B, H/4, W/4, dims[0]) ... (B, H/32, W/32, dims[3]).
-    """
+    """(B, H, W, C) -> (f1, f2, f3, f4): (B, H/4, W/4, dims[0]) ... (B, H/32, W/32, dims[3])."""
     x = self.stem_norm(self.stem_conv(x))
     features = []
     for i, stage in enumerate(self.stages):

@@ -1,23 +1,18 @@
-"""The two CERS decoders (DESIGN.md section 1).
+"""The two CERS decoders (DESIGN.md section 1), each returning one logit per input pixel.
 
-* `MCAMDecoder` — the retrieval-aware decoder D_r: four MCAM blocks, each carrying a main
-  stream (image + text features) and a retrieval stream, joined by a coordinate-attention
-  gate (`CoordAttGatedFusion`) and refined by multi-scale depthwise branches (golden
-  fixtures `mcam_decoder_block`, `coord_att_gated_fusion`).
-* `ResUNetDecoder` — the standard decoder D_s: residual U-Net blocks on a1..a4 only
-  (golden fixture `resunet_decoder_block`).
+`MCAMDecoder` is the retrieval-aware D_r: MCAM blocks carry a main stream and a retrieval
+stream, joined by a coordinate-attention gate (golden fixtures `mcam_decoder_block`,
+`coord_att_gated_fusion`). `ResUNetDecoder` is the standard D_s: residual U-Net blocks on
+a1..a4 only (fixture `resunet_decoder_block`). Blocks are ordered deepest first
+(`blocks[0]` is the authors' `decoder_left4` / `decoder_right4`), as
+`config.model.decoder_dims`.
 
-Both return one logit per pixel at the input resolution. Arrays are NHWC; BatchNorm follows
-PyTorch (momentum 0.1 there is flax momentum 0.9, eps 1e-5) and reads its mode from the
-module structure: `nnx.view(model, use_running_average=True)` is eval mode. One known
-difference from PyTorch: flax moves `running_var` towards the biased batch variance,
-PyTorch towards the unbiased one (a factor n / (n - 1), n = values per channel in the
-batch: at least B * (H + W) = 16 * 28 = 448 in the deepest coordinate gate at 224 px and
-batch 16, so under 0.25%).
-Normalisation itself (batch or running statistics) matches PyTorch exactly.
-
-Blocks are ordered deepest first (`blocks[0]` is the authors' `decoder_left4` /
-`decoder_right4`), the order of `config.model.decoder_dims`.
+BatchNorm follows PyTorch (momentum 0.1 there is flax momentum 0.9, eps 1e-5); eval mode
+is `nnx.view(model, use_running_average=True)`. One known difference: flax moves
+`running_var` towards the biased batch variance, PyTorch towards the unbiased one (a factor
+n / (n - 1), n = values per channel in the batch: at least B * (H + W) = 16 * 28 = 448 in
+the deepest coordinate gate at 224 px and batch 16, so under 0.25%). Normalisation itself
+matches PyTorch exactly.
 """
 
 from __future__ import annotations
@@ -85,14 +80,7 @@ class CoordAttGatedFusion(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds the gate.
-
-    Args:
-      channels: C, channels of each stream.
-      reduction: mip = max(8, C // reduction) channels in the shared bottleneck.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
+    """mip = max(8, channels // reduction) channels in the shared bottleneck."""
     mip = max(8, channels // reduction)
     self.conv1 = conv(2 * channels, mip, 1, dtype=dtype, rngs=rngs)
     self.bn1 = batch_norm(mip, dtype=dtype, rngs=rngs)
@@ -102,15 +90,7 @@ class CoordAttGatedFusion(nnx.Module):
     self.out_bn = batch_norm(channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, main: Array, rag: Array) -> tuple[Array, Array]:
-    """Gates the retrieval stream and merges it into the main stream.
-
-    Args:
-      main: (B, H, W, C) main stream.
-      rag: (B, H, W, C) retrieval stream.
-
-    Returns:
-      (main', rag'), each (B, H, W, C).
-    """
+    """(main, rag), each (B, H, W, C) -> (main', rag'), same shapes."""
     h, w = main.shape[1], main.shape[2]
     z = jnp.concatenate([main, rag], axis=-1)
     zh = jnp.mean(z, axis=2, keepdims=True)  # (B, H, 1, 2C)
@@ -125,7 +105,7 @@ class CoordAttGatedFusion(nnx.Module):
 
 
 class MCAMBlock(nnx.Module):
-  """One block of the retrieval-aware decoder D_r (DESIGN.md: MCAM blocks).
+  """One block of the retrieval-aware decoder D_r.
 
   s = [x ; skip]; main = GELU(conv1x1(up(s))), rag = GELU(conv1x1(up(rag or x))) (up:
   bilinear x2, align_corners=True); coordinate gate; then per stream t: own branch
@@ -143,16 +123,7 @@ class MCAMBlock(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds the block.
-
-    Args:
-      in_channels: channels of x and of the retrieval input.
-      skip_channels: channels of the encoder skip (0: no skip).
-      out_channels: C, channels of both output streams.
-      reduction: coordinate-gate bottleneck reduction.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
+    """skip_channels=0 builds a block without an encoder skip (the deepest)."""
     c, hidden = out_channels, 4 * out_channels
     self.skip_channels = skip_channels
     self.conv_main = conv(in_channels + skip_channels, c, 1, dtype=dtype, rngs=rngs)
@@ -176,15 +147,9 @@ class MCAMBlock(nnx.Module):
   def __call__(
       self, x: Array, skip: Array | None = None, rag: Array | None = None
   ) -> tuple[Array, Array]:
-    """Upsamples x2 and fuses the two streams.
+    """(B, H, W, C_in) x [+ skip] [+ rag] -> (main, rag), each (B, 2H, 2W, out_channels).
 
-    Args:
-      x: (B, H, W, in_channels) previous decoder output (or a4).
-      skip: (B, H, W, skip_channels) encoder skip, or None when skip_channels == 0.
-      rag: (B, H, W, in_channels) retrieval stream, or None: then up(x) feeds it (warm-up).
-
-    Returns:
-      (main, rag), each (B, 2H, 2W, out_channels).
+    Without `rag` (warm-up), up(x) feeds the retrieval stream.
     """
     if (skip is None) != (self.skip_channels == 0):
       raise ValueError(
@@ -208,14 +173,6 @@ class SegmentationHead(nnx.Module):
   def __init__(
       self, in_channels: int, hidden: int, *, dtype: Dtype | None = None, rngs: nnx.Rngs
   ):
-    """Builds the head.
-
-    Args:
-      in_channels: channels entering the head.
-      hidden: channels after the 3x3 conv.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
     self.conv = conv(in_channels, hidden, 3, use_bias=False, dtype=dtype, rngs=rngs)
     self.bn = batch_norm(hidden, dtype=dtype, rngs=rngs)
     self.out = conv(hidden, 1, 1, dtype=dtype, rngs=rngs)
@@ -245,15 +202,7 @@ class MCAMDecoder(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds D_r.
-
-    Args:
-      encoder_dims: channels of a1..a4 (shallowest first, as the encoder returns them).
-      decoder_dims: outputs of the four blocks, deepest first.
-      reduction: coordinate-gate bottleneck reduction.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
+    """`encoder_dims` are a1..a4's channels, shallowest first; `decoder_dims` deepest first."""
     _check_dims(encoder_dims, decoder_dims)
     skips = (0, *reversed(encoder_dims[:3]))
     ins = (encoder_dims[3], *decoder_dims[:3])
@@ -265,14 +214,9 @@ class MCAMDecoder(nnx.Module):
                                  rngs=rngs)
 
   def __call__(self, attended: Sequence[Array], rag: Array | None = None) -> Array:
-    """Decodes with retrieval.
+    """(a1, a2, a3, a4) and r, (B, h, w, C4) or None (warm-up) -> (B, H, W, 1) logits.
 
-    Args:
-      attended: (a1, a2, a3, a4) text-aware encoder features, strides 4..32.
-      rag: (B, h, w, C4) retrieval-fused map r at a4's resolution, or None (warm-up).
-
-    Returns:
-      (B, H, W, 1) logits at the input image resolution (4x a1's).
+    The logits are at the input image resolution, 4x a1's.
     """
     skips = (None, attended[2], attended[1], attended[0])
     main = attended[3]
@@ -282,7 +226,7 @@ class MCAMDecoder(nnx.Module):
 
 
 class ResUNetBlock(nnx.Module):
-  """Residual U-Net decoder block (DESIGN.md: standard decoder D_s).
+  """Residual U-Net decoder block of the standard decoder D_s.
 
   u = up([x ; skip]) (bilinear x2, align_corners=True);
   out = ReLU(BN(conv3x3(ReLU(BN(conv3x3(u))))) + BN(conv1x1(u))), convs without bias.
@@ -297,15 +241,6 @@ class ResUNetBlock(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds the block.
-
-    Args:
-      in_channels: channels of x.
-      skip_channels: channels of the encoder skip (0: no skip).
-      out_channels: output channels.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
     cin = in_channels + skip_channels
     self.skip_channels = skip_channels
     self.conv1 = conv(cin, out_channels, 3, use_bias=False, dtype=dtype, rngs=rngs)
@@ -340,14 +275,7 @@ class ResUNetDecoder(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds D_s.
-
-    Args:
-      encoder_dims: channels of a1..a4 (shallowest first).
-      decoder_dims: outputs of the four blocks, deepest first.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
+    """`encoder_dims` are a1..a4's channels, shallowest first; `decoder_dims` deepest first."""
     _check_dims(encoder_dims, decoder_dims)
     skips = (0, *reversed(encoder_dims[:3]))
     ins = (encoder_dims[3], *decoder_dims[:3])

@@ -1,14 +1,11 @@
 """Cross-attention fusion modules of CERS (DESIGN.md section 1).
 
-* `TextCrossAttention` — "Text cross-attention at every stage": each encoder feature map
-  f_i attends to the report-text tokens; the result a_i feeds both decoders (golden
-  fixture `cross_attention_block`).
-* `RetrievalFusion` — paper Eq. 3, "Retrieval cross-attention": the raw f4 tokens attend
-  to the k retrieved f4 maps of the reference cases; a sigmoid gate decides how much of the
-  attended evidence enters (golden fixture `spatial_rag_fusion`).
-
-Arrays are NHWC. Both modules use `nnx.MultiHeadAttention` with their own input and output
-projections, as the authors' `nn.MultiheadAttention` has.
+`TextCrossAttention` lets each encoder map f_i attend to the report-text tokens; the result
+a_i feeds both decoders (golden fixture `cross_attention_block`). `RetrievalFusion` is paper
+Eq. 3: the raw f4 tokens attend to the k retrieved f4 maps and a sigmoid gate decides how
+much of that evidence enters (golden fixture `spatial_rag_fusion`). Both use
+`nnx.MultiHeadAttention` with their own in- and out-projections, as torch's
+`nn.MultiheadAttention` has.
 """
 
 from __future__ import annotations
@@ -39,20 +36,8 @@ def multi_head_attention(
 ) -> nnx.MultiHeadAttention:
   """`nnx.MultiHeadAttention` laid out like torch `nn.MultiheadAttention(E, heads)`.
 
-  Queries, keys and values all have width E, each with its own in-projection and bias,
-  followed by an out-projection E -> E. Dropout on the attention weights is per element
-  (torch does not share the mask across batch and heads) and active until
-  `nnx.view(..., deterministic=True)` turns it off.
-
-  Args:
-    embed_dim: E; must be divisible by `num_heads`.
-    num_heads: attention heads.
-    dropout: attention-weight dropout rate in training.
-    dtype: computation dtype (parameters stay float32).
-    rngs: parameter and dropout streams.
-
-  Returns:
-    The attention module.
+  Attention-weight dropout is per element (torch shares no mask across batch and heads) and
+  active until `nnx.view(..., deterministic=True)` turns it off.
   """
   if embed_dim % num_heads:
     raise ValueError(
@@ -84,7 +69,7 @@ def _conv1x1(
 
 
 class TextCrossAttention(nnx.Module):
-  """Image tokens attend to report-text tokens (DESIGN.md: text cross-attention).
+  """Image tokens attend to report-text tokens.
 
   q = conv1x1(C -> A)(f) as H*W tokens, k = Linear(H_t -> A)(text), v = Linear(H_t -> A)
   (text); multi-head attention with its own projections, padding tokens masked; back to
@@ -102,16 +87,6 @@ class TextCrossAttention(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds the block.
-
-    Args:
-      in_channels: C, channels of the image feature map.
-      text_dim: H_t, width of the text-token features.
-      attn_dim: A, attention width.
-      num_heads: attention heads (A must be divisible by it).
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter stream.
-    """
     self.q_proj = _conv1x1(in_channels, attn_dim, dtype=dtype, rngs=rngs)
     self.k_proj = nnx.Linear(text_dim, attn_dim, dtype=dtype,
                              kernel_init=xavier_uniform(), rngs=rngs)
@@ -124,16 +99,7 @@ class TextCrossAttention(nnx.Module):
     self.norm = nnx.LayerNorm(in_channels, epsilon=_LN_EPS, dtype=dtype, rngs=rngs)
 
   def __call__(self, feat: Array, text: Array, text_mask: Array) -> Array:
-    """Attends `feat` to the text.
-
-    Args:
-      feat: (B, H, W, C) image features.
-      text: (B, L, H_t) text-token features.
-      text_mask: (B, L), 1 (or True) for real tokens, 0 for padding.
-
-    Returns:
-      (B, H, W, C) text-aware features.
-    """
+    """(B, H, W, C) features, (B, L, H_t) text tokens, (B, L) mask -> (B, H, W, C)."""
     b, h, w, _ = feat.shape
     q = self.q_proj(feat)
     q = q.reshape(b, h * w, q.shape[-1])
@@ -148,7 +114,7 @@ class TextCrossAttention(nnx.Module):
 
 
 class RetrievalFusion(nnx.Module):
-  """Retrieval cross-attention, paper Eq. 3 (DESIGN.md: retrieval cross-attention).
+  """Retrieval cross-attention, paper Eq. 3.
 
   q = LN_q(f4), kv = LN_kv(retrieved) as k*h*w tokens, att = MHA(q, kv, kv);
   gate = sigmoid(Linear(2C -> C)([f4 ; att])) with the un-normalised f4;
@@ -164,15 +130,6 @@ class RetrievalFusion(nnx.Module):
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """Builds the module.
-
-    Args:
-      channels: C, channels of f4 and of the retrieved maps.
-      num_heads: attention heads (C must be divisible by it).
-      dropout: attention-weight dropout in training.
-      dtype: computation dtype (parameters stay float32).
-      rngs: parameter and dropout streams.
-    """
     self.norm_q = nnx.LayerNorm(channels, epsilon=_LN_EPS, dtype=dtype, rngs=rngs)
     self.norm_kv = nnx.LayerNorm(channels, epsilon=_LN_EPS, dtype=dtype, rngs=rngs)
     self.cross_attn = multi_head_attention(channels, num_heads, dropout=dropout,
@@ -182,15 +139,9 @@ class RetrievalFusion(nnx.Module):
     self.out_proj = _conv1x1(channels, channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, f4: Array, retrieved: Array) -> Array:
-    """Fuses the reference cases into f4.
+    """(B, h, w, C) f4 and (B, k, h', w', C) retrieved maps -> r, (B, h, w, C).
 
-    Args:
-      f4: (B, h, w, C) raw deepest encoder features of the query images.
-      retrieved: (B, k, h', w', C) raw f4 maps of the k reference cases (h', w' may differ
-        from h, w: they are only keys and values).
-
-    Returns:
-      r: (B, h, w, C), the input of the retrieval-aware decoder.
+    h', w' may differ from h, w: the retrieved maps are only keys and values.
     """
     if retrieved.ndim != 5 or retrieved.shape[-1] != f4.shape[-1]:
       raise ValueError(

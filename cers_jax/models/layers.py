@@ -1,10 +1,8 @@
-"""Small layers and initializers shared by every model file (DESIGN.md section 1).
+"""Small layers and initializers shared by the model files (DESIGN.md section 1).
 
-Arrays are NHWC, so the channels LayerNorm of ConvNeXt and the decoders is plain
-`nnx.LayerNorm` over the last axis; no `LayerNorm2d` is needed. What lives here is what
-PyTorch has and Flax does not spell the same way: per-sample stochastic depth, exact GELU,
-`F.interpolate(mode='bilinear')` with both `align_corners` conventions, and xavier-uniform
-initializers whose fans match `torch.nn.init.xavier_uniform_`.
+What PyTorch has and Flax does not spell the same way: per-sample stochastic depth, exact
+GELU, `F.interpolate(mode='bilinear')` with both `align_corners` conventions, and
+xavier-uniform initializers whose fans match `torch.nn.init.xavier_uniform_`.
 """
 
 from __future__ import annotations
@@ -19,28 +17,15 @@ from flax import nnx
 
 
 class DropPath(nnx.Module):
-  """Stochastic depth: drops the whole residual branch of a sample with prob `rate`.
+  """Stochastic depth: drops a sample's whole residual branch with probability `rate`.
 
-  torchvision `StochasticDepth(mode='row')` semantics: one Bernoulli draw per sample
-  (broadcast over every other axis), survivors scaled by 1 / (1 - rate), so the expected
-  output equals the input. `nnx.view(model, deterministic=True)` turns it into the
-  identity, like `nnx.Dropout`.
-
-  Attributes:
-    rate: probability of dropping a sample's branch.
-    deterministic: when True the layer is the identity.
+  torchvision `StochasticDepth(mode='row')`: one Bernoulli draw per sample, survivors scaled
+  by 1 / (1 - rate). `nnx.view(model, deterministic=True)` makes it the identity. `rngs` is
+  only needed when `rate > 0` and the layer is trained.
   """
 
   def __init__(self, rate: float, *, deterministic: bool = False,
                rng_collection: str = 'dropout', rngs: nnx.Rngs | None = None):
-    """Builds the layer.
-
-    Args:
-      rate: drop probability in [0, 1).
-      deterministic: start in eval mode when True.
-      rng_collection: the `nnx.Rngs` stream the masks are drawn from.
-      rngs: random streams; only needed when `rate > 0` and the layer is trained.
-    """
     if not 0.0 <= rate < 1.0:
       raise ValueError(f'DropPath rate must be in [0, 1), got {rate}.')
     self.rate = float(rate)
@@ -52,7 +37,6 @@ class DropPath(nnx.Module):
       self.rngs = nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Returns `x` with whole samples zeroed with probability `rate`, the rest rescaled."""
     if self.deterministic or self.rate == 0.0:
       return x
     if self.rngs is None:
@@ -65,11 +49,7 @@ class DropPath(nnx.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
   def set_view(self, deterministic: bool | None = None):
-    """Used by `nnx.view`.
-
-    Args:
-      deterministic: if True, the layer becomes the identity.
-    """
+    """Used by `nnx.view`; deterministic=True makes the layer the identity."""
     if deterministic is not None:
       self.deterministic = deterministic
 
@@ -99,17 +79,9 @@ def _bilinear_source(in_size: int, out_size: int, scale: float,
 def upsample_bilinear(x: jax.Array, scale: float = 2, *, align_corners: bool) -> jax.Array:
   """`F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=...)` for NHWC.
 
-  Written as two static gathers and a linear blend per spatial axis, so it reproduces
-  torch's sampling grid exactly (jax.image.resize follows the align_corners=False rule
-  only and antialiases on downscaling).
-
-  Args:
-    x: (B, H, W, C) array.
-    scale: output size is floor(H * scale) x floor(W * scale).
-    align_corners: torch's flag: True maps the corner pixels onto each other.
-
-  Returns:
-    (B, floor(H * scale), floor(W * scale), C) array of x's dtype.
+  Two static gathers and a linear blend per spatial axis reproduce torch's sampling grid
+  exactly (jax.image.resize follows the align_corners=False rule only and antialiases on
+  downscaling). The output is (B, floor(H * scale), floor(W * scale), C).
   """
   if x.ndim != 4:
     raise ValueError(f'upsample_bilinear expects NHWC (4 dims), got shape {x.shape}.')
@@ -130,16 +102,8 @@ def xavier_uniform(fan_in_axes: Sequence[int] | int = -2,
   """`torch.nn.init.xavier_uniform_` for a kernel in JAX layout.
 
   For an HWIO conv kernel or an (in, out) linear kernel the defaults already give torch's
-  fans (fan_in = in*kh*kw, fan_out = out*kh*kw: jax multiplies both by the receptive
-  field, the product of the remaining axes). For multi-head kernels name the axes, e.g.
-  a query kernel (in, heads, head_dim) uses fan_in_axes=0, fan_out_axes=(1, 2).
-
-  Args:
-    fan_in_axes: kernel axes that are the input features.
-    fan_out_axes: kernel axes that are the output features.
-
-  Returns:
-    An initializer(key, shape, dtype).
+  fans (jax multiplies both by the receptive field). For multi-head kernels name the axes,
+  e.g. a query kernel (in, heads, head_dim) uses fan_in_axes=0, fan_out_axes=(1, 2).
   """
   return nnx.initializers.variance_scaling(
       1.0, 'fan_avg', 'uniform', in_axis=fan_in_axes, out_axis=fan_out_axes)
@@ -149,15 +113,8 @@ def xavier_uniform_fans(fan_in: int, fan_out: int) -> nnx.Initializer:
   """Uniform(-b, b), b = sqrt(6 / (fan_in + fan_out)), whatever the kernel shape.
 
   Needed where torch's fans do not follow from the JAX kernel: `nn.MultiheadAttention`
-  initialises its packed in_proj_weight (3E, E) as one matrix, so each of the q/k/v
-  kernels gets fan_in = E, fan_out = 3E.
-
-  Args:
-    fan_in: torch's fan_in of the tensor being imitated.
-    fan_out: torch's fan_out of the tensor being imitated.
-
-  Returns:
-    An initializer(key, shape, dtype).
+  initialises its packed in_proj_weight (3E, E) as one matrix, so each of the q/k/v kernels
+  gets fan_in = E, fan_out = 3E.
   """
   bound = math.sqrt(6.0 / (fan_in + fan_out))
 
@@ -170,14 +127,7 @@ def xavier_uniform_fans(fan_in: int, fan_out: int) -> nnx.Initializer:
 def trunc_normal(std: float = 0.02) -> nnx.Initializer:
   """`torch.nn.init.trunc_normal_(std=std)` with its default absolute bounds [-2, 2].
 
-  torch's bounds are absolute, i.e. +-100 std at std 0.02, so the draw is effectively an
-  untruncated normal of that std; jax's `truncated_normal` would cut at +-2 std and
-  shrink the std by 12%.
-
-  Args:
-    std: standard deviation.
-
-  Returns:
-    An initializer(key, shape, dtype).
+  torch's bounds are absolute (+-100 std at std 0.02), so the draw is effectively an
+  untruncated normal; jax's `truncated_normal` would cut at +-2 std and shrink the std by 12%.
   """
   return jax.nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
