@@ -26,10 +26,10 @@ from absl import flags
 from absl import logging
 
 from cers_jax import cli
-from cers_jax.training import loop as train
 from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data.records import DataError
 from cers_jax.errors import ConfigError, WorkdirError
+from cers_jax.training import loop as train
 
 _CONFIG = cli.define_config_file('config', 'configs/synthetic.py',
                                  'Config file (configs/*.py).')

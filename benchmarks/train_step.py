@@ -32,10 +32,10 @@ sys.path.insert(0, '.')  # configs/ lives at the repository root.
 from configs import base as base_config  # noqa: E402
 from configs import synthetic as synthetic_config  # noqa: E402
 from cers_jax import cli  # noqa: E402
+from cers_jax.models.cers import CERS  # noqa: E402
 from cers_jax.retrieval import pool as kp  # noqa: E402
 from cers_jax.training import steps as ts  # noqa: E402
 from cers_jax.training.experiment import make_optimizer  # noqa: E402
-from cers_jax.models.cers import CERS  # noqa: E402
 from cers_jax.training.state import create_train_state, empty_tables  # noqa: E402
 
 _SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny'], 'Model size.')

@@ -28,8 +28,8 @@ from typing import Any
 
 from absl import logging
 
-from cers_jax.training import checkpoints as checkpointing
 from cers_jax.errors import WorkdirError
+from cers_jax.training import checkpoints as checkpointing
 
 # Refused whenever they differ from the checkpoint's: they decide the split, the cache,
 # the token ids, the parameter shapes or the pool's shape.

@@ -274,6 +274,51 @@ def test_retrieval_report_after_warmup_and_from_the_best_checkpoint(cli, uninter
   assert list(summary) == list(report['modes'])
 
 
+_EXAMPLES = """
+import json, runpy, sys
+sys.path.insert(0, {repo!r})
+from tests.run_configs import tiny_run
+workdir, image, report, cot, scratch = sys.argv[1:]
+summary = runpy.run_path('examples/evaluate_checkpoint.py')['main'](workdir, 'test')
+references = runpy.run_path('examples/retrieve_references.py')['main'](workdir, image, report,
+                                                                       cot)
+history = runpy.run_path('examples/custom_loop.py')['main'](scratch, '2',
+                                                            config=tiny_run.get_config())
+print('RESULT', json.dumps(dict(summary=summary, references=references, history=history)))
+"""
+
+
+def test_examples_restore_evaluate_retrieve_and_train(cli, uninterrupted, tmp_path):
+  """The scripts in examples/ (the README's research-API snippets) run as written."""
+  with open(os.path.join(uninterrupted, 'data', 'split.json')) as f:
+    split = json.load(f)['ids']
+  query = split['test'][0]
+  synthetic = os.path.join(uninterrupted, 'synthetic')
+  with open(os.path.join(synthetic, 'text.csv'), newline='') as f:
+    report = {r['image']: r['text'] for r in csv.DictReader(f)}[f'{query}.png']
+  with open(os.path.join(synthetic, 'cot_output_no_mask.csv'), newline='') as f:
+    cot = {r['image']: r['cot'] for r in csv.DictReader(f)}[query]
+  image = os.path.join(synthetic, 'frames', f'{query}.png')
+  result = subprocess.run(
+      [sys.executable, '-c', _EXAMPLES.format(repo=REPO), uninterrupted, image, report, cot,
+       str(tmp_path / 'custom_loop')], cwd=REPO, env=cli.env, capture_output=True, text=True,
+      timeout=900)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+  out = json.loads(result.stdout.split('RESULT ', 1)[1])
+  with open(os.path.join(uninterrupted, 'eval', 'test_summary.json')) as f:
+    scored = json.load(f)
+  # The best checkpoint, restored by the example, scores the test split as --mode=eval did.
+  assert out['summary']['count'] == scored['count']
+  assert np.isclose(out['summary']['dice_r_mean'], scored['dice_r_mean'], atol=1e-6)
+  # A test image retrieves k labeled training images, as in the model.
+  assert len(out['references']) == 3
+  assert {ref for ref, _ in out['references']} <= set(split['train_labeled'])
+  stages = [h['stage'] for h in out['history']]
+  assert stages == ['warmup', 'warmup', 'semi', 'semi']
+  assert all(np.isfinite(h['loss']) for h in out['history'])
+  assert 'consistency_weighted' in out['history'][-1]
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

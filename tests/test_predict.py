@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from cers_jax import sharding
-from cers_jax.inference import predict
 from cers_jax.data import augment
 from cers_jax.data import tokenize
 from cers_jax.data.cache import Cache
 from cers_jax.data.records import DataError, Sample
+from cers_jax.inference import predict
 from cers_jax.training.experiment import Data
 from configs import base
 

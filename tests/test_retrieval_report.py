@@ -7,12 +7,12 @@ import pytest
 import jax.numpy as jnp
 from flax import nnx
 
-from cers_jax.retrieval import pool as kp
-from cers_jax.retrieval import search
-from cers_jax.retrieval import report as rr
 from cers_jax.data import tokenize
 from cers_jax.data.records import DataError
 from cers_jax.models.cers import CERS, unit_rows
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import report as rr
+from cers_jax.retrieval import search
 from tests import train_helpers
 
 MAP = (2, 2, 3)

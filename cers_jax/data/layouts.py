@@ -86,7 +86,7 @@ class _Pair:
   official_split: str
 
 
-def _list_images(folder: str, problems: list[Problem]) -> dict[str, str]:
+def list_images(folder: str, problems: list[Problem]) -> dict[str, str]:
   """{id: path} of the image files in `folder` (sorted; a repeated stem keeps the first)."""
   found: dict[str, str] = {}
   for name in sorted(os.listdir(folder)):
@@ -272,8 +272,8 @@ def read_cers(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
   problems: list[Problem] = []
   frames, masks_dir = os.path.join(root, 'frames'), os.path.join(root, 'masks')
   _require_dir(frames, 'frames/ (images), masks/ and text.csv', 'cers')
-  images = _list_images(frames, problems)
-  masks = _list_images(masks_dir, problems) if os.path.isdir(masks_dir) else None
+  images = list_images(frames, problems)
+  masks = list_images(masks_dir, problems) if os.path.isdir(masks_dir) else None
   pairs = _pair_folder(images, masks, '', problems, masks_dir)
   files = _configured_files(root, text_csv, cot_mask_csv, cot_no_mask_csv)
   return _assemble('cers', root, pairs, files, problems)
@@ -350,8 +350,8 @@ def read_lvit(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
     img_dir = os.path.join(folder, 'img')
     _require_dir(img_dir, 'img/ and labelcol/', 'lvit')
     mask_dir = os.path.join(folder, 'labelcol')
-    masks = _list_images(mask_dir, problems) if os.path.isdir(mask_dir) else None
-    folder_pairs = _pair_folder(_list_images(img_dir, problems), masks, split, problems,
+    masks = list_images(mask_dir, problems) if os.path.isdir(mask_dir) else None
+    folder_pairs = _pair_folder(list_images(img_dir, problems), masks, split, problems,
                                 mask_dir)
     for pair in folder_pairs:
       if pair.mask_path:
@@ -388,8 +388,8 @@ def read_brisc(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
     if not os.path.isdir(img_dir):
       continue
     mask_dir = os.path.join(task, split, 'masks')
-    masks = _list_images(mask_dir, problems) if os.path.isdir(mask_dir) else None
-    pairs.extend(_pair_folder(_list_images(img_dir, problems), masks, split, problems,
+    masks = list_images(mask_dir, problems) if os.path.isdir(mask_dir) else None
+    pairs.extend(_pair_folder(list_images(img_dir, problems), masks, split, problems,
                               mask_dir))
   files = _configured_files(root, text_csv, cot_mask_csv, cot_no_mask_csv)
   return _assemble('brisc', root, pairs, files, problems)

@@ -46,13 +46,13 @@ from cers_jax import sharding
 from cers_jax.data import annotations
 from cers_jax.data import augment
 from cers_jax.data import images as images_lib
+from cers_jax.data import layouts
 from cers_jax.data import tokenize
 from cers_jax.data.records import DataError
 from cers_jax.inference import pages
 from cers_jax.retrieval import embed
 from cers_jax.retrieval import search
 
-PREDICT_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 IMAGE_SUBFOLDERS = ('frames', 'images')  # Looked up in this order before the folder itself.
 MASK_SUBFOLDER = 'masks'
 TEXT_CSV = 'text.csv'
@@ -91,21 +91,13 @@ def _image_folder(root: str) -> str:
 
 
 def _list_files(folder: str) -> dict[str, str]:
-  """{id: path} of the image files in `folder`; a repeated stem keeps the first name."""
-  found: dict[str, str] = {}
+  """{id: path} of the image files in `folder`, listed as dataset folders are."""
   if not os.path.isdir(folder):
-    return found
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if (os.path.splitext(name)[1].lower() not in PREDICT_EXTENSIONS or name.startswith('.')
-        or not os.path.isfile(path)):
-      continue
-    sample_id = images_lib.id_from_name(name)
-    if sample_id in found:
-      logging.warning('predict: %s has the same id as %s; using the latter.', path,
-                      found[sample_id])
-      continue
-    found[sample_id] = path
+    return {}
+  problems: list = []
+  found = layouts.list_images(folder, problems)
+  for problem in problems:
+    logging.warning('predict: %s: %s', problem.file, problem.detail)
   return found
 
 
@@ -141,7 +133,7 @@ def read_predict_folder(root: str, mode: str) -> list[PredictItem]:
   files = _list_files(image_dir)
   if not files:
     raise DataError(
-        f'No images ({", ".join(PREDICT_EXTENSIONS)}) in {image_dir}: put the images in '
+        f'No images ({", ".join(images_lib.IMAGE_EXTENSIONS)}) in {image_dir}: put the images in '
         f'{root} or its {"/ or ".join(IMAGE_SUBFOLDERS)}/ subfolder.')
   ids = sorted(files)
   masks = _list_files(os.path.join(root, MASK_SUBFOLDER))

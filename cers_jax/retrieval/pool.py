@@ -42,9 +42,7 @@ class KnowledgePool:
 
   @property
   def size(self) -> int:
-    """Number of rows N ."""
     return self.feat.shape[0]
-
 
 
 def empty_pool(num_rows: int, feature_shape: tuple[int, int, int], embed_dim: int,
@@ -81,23 +79,10 @@ def _table(x: Any, n: int, name: str) -> Array | None:
 def build_pool(feat: Any, cot: Any, text: Any, ids: Any, *,
                feat_dtype: Any = jnp.float32,
                key_dtype: Any = jnp.float32) -> KnowledgePool:
-  """Builds a pool from labeled rows; normalises key, cot and text.
+  """A pool of labeled rows: (N, h, w, C) maps, optional (N, E) CoT and text embeddings
+  (normalised here) and (N,) unique ids >= 0; raises ValueError on anything else.
 
-  Args:
-    feat: (N, h, w, C) raw f4 maps of the labeled training images.
-    cot: (N, E) CoT embeddings (need not be unit-norm), or None (modes 'cot' and
-      'image+cot' then raise).
-    text: (N, E') report-text embeddings, or None (mode 'text' then raises).
-    ids: (N,) global sample ids, unique and >= 0.
-    feat_dtype: storage dtype of `feat`.
-    key_dtype: storage dtype of `key` (bfloat16 halves the memory traffic of retrieval;
-      scores are always accumulated in float32).
-
-  Returns:
-    A KnowledgePool on the default device.
-
-  Raises:
-    ValueError: an empty pool, mismatched shapes, or duplicate/negative ids.
+  `key_dtype=bfloat16` halves retrieval's memory traffic; scores still accumulate in float32.
   """
   feat = jnp.asarray(feat)
   if feat.ndim != 4:
@@ -128,24 +113,12 @@ def collect_pool(batches: Iterable[Mapping[str, Any]],
                  desc: str = 'building knowledge pool',
                  feat_dtype: Any = jnp.float32,
                  key_dtype: Any = jnp.float32) -> KnowledgePool:
-  """Runs `features_fn` over batches and builds the pool from the labeled rows only.
+  """The pool of every valid labeled row of `batches`, in the order seen.
 
-  Args:
-    batches: dicts with 'index' (B,) int, 'is_labeled' (B,) bool, 'valid' (B,) bool
-      (False on padding) plus whatever `features_fn` needs.
-    features_fn: batch -> (B, h, w, C) raw f4 maps (numpy or jax).
-    cot_table: (N_total, E) CoT embeddings indexed by global sample id, or None.
-    text_table: (N_total, E') report-text embeddings indexed by global id, or None.
-    desc: progress-bar label.
-    feat_dtype: storage dtype of `feat`.
-    key_dtype: storage dtype of `key`.
-
-  Returns:
-    The KnowledgePool of every valid labeled row, in the order seen.
-
-  Raises:
-    ValueError: a batch lacks a required key, a labeled sample appears twice, an id is
-      outside the tables, or no labeled row was seen.
+  Batches carry 'index', 'is_labeled' and 'valid' (False on padding) besides what
+  `features_fn` (batch -> (B, h, w, C) f4 maps) reads; `cot_table`/`text_table` are indexed
+  by global sample id. A labeled row seen twice, an id outside the tables or no labeled row
+  at all raise ValueError.
   """
   feats, ids = [], []
   for batch in tqdm(batches, desc=desc, unit='batch'):
@@ -223,21 +196,10 @@ def _write_rows(pool: KnowledgePool, rows: Array, feat: Array, key: Array) -> Kn
 
 def ema_update(pool: KnowledgePool, rows: Array, new_feat: Array,
                momentum: float | Array) -> KnowledgePool:
-  """Paper Eq. 5 for the given rows: feat <- m*feat + (1-m)*sg(new); key = normalise(feat).
+  """Paper Eq. 5 for `rows`: feat <- m*feat + (1-m)*sg(new); key = normalise(feat).
 
-  Functional (`.at[].set`), so it runs inside the jitted train step, which returns the new
-  pool. Gradients are stopped on everything written.
-
-  Args:
-    pool: the knowledge pool.
-    rows: (B,) pool rows (from `pool_rows`); -1 (unlabeled samples in a mixed batch) and
-      any row outside [0, N) are skipped. When a row appears more than once, the last
-      occurrence in the batch wins (deterministically).
-    new_feat: (B, h, w, C) the batch's raw f4 maps.
-    momentum: m (0.99 in the paper); a Python float or a traced scalar.
-
-  Returns:
-    The updated pool (cot, text and ids unchanged).
+  `rows` come from `pool_rows`: -1 (unlabeled samples of a mixed batch) and rows outside
+  [0, N) are skipped, and of a repeated row the last occurrence wins.
   """
   rows = jnp.asarray(rows, jnp.int32)
   old = _take_rows(pool.feat, rows).astype(jnp.float32)
@@ -250,24 +212,12 @@ def refresh_rows(pool: KnowledgePool, rows: Array, new_feat: Array, beta: float 
                  values: str = 'raw') -> KnowledgePool:
   """The authors' once-an-epoch refresh: key <- rownorm(beta*key + (1-beta)*flatten(new)).
 
-  Matches `hybrid_retrieval`'s `out/ema_pool_img` (eps 1e-8). Call it with every labeled
-  row after recomputing their f4 maps. Rows follow `ema_update`'s rules (-1 skipped, the
-  last duplicate wins).
-
-  Args:
-    pool: the knowledge pool.
-    rows: (B,) pool rows.
-    new_feat: (B, h, w, C) freshly computed raw f4 maps.
-    beta: the authors' ema_beta (0.99).
-    values: what `feat` (the retrieved values) becomes: 'raw' = `new_feat` (the fresh map,
-      which the blend is nearly equal to anyway), or 'key' = the new unit-norm key reshaped
-      to (h, w, C), which is exactly what the authors' code hands to the fusion module.
-
-  Returns:
-    The refreshed pool.
+  Matches `hybrid_retrieval`'s `out/ema_pool_img` (eps 1e-8); rows as in `ema_update`.
+  `values`: what `feat` becomes, 'raw' (the fresh map, nearly the blend anyway) or 'key'
+  (the unit-norm key as a map: what the authors' code hands to the fusion module).
   """
   if values not in ('raw', 'key'):
-    raise ValueError(f"knowledge_pool.refresh_rows: values={values!r}; use 'raw' or 'key'.")
+    raise ValueError(f"refresh_rows: values={values!r}; use 'raw' or 'key'.")
   rows = jnp.asarray(rows, jnp.int32)
   old_key = _take_rows(pool.key, rows).astype(jnp.float32)
   new = jax.lax.stop_gradient(new_feat).astype(jnp.float32)

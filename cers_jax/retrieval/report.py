@@ -1,7 +1,7 @@
 """The retrieval report: do the retrieved reference cases resemble the query? (DESIGN.md 2)
 
 For every image of a split (val by default) it retrieves k reference cases from the
-knowledge pool under every mode of `knowledge_pool.MODE_TABLE` — the model's modes plus two
+knowledge pool under every mode of `search.MODE_TABLE` — the model's modes plus two
 reference rows, `random` and `oracle` (the k pool masks closest to the query's own mask: the
 headroom) — and measures, per mode:
 
@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cers_jax.retrieval import pool as kp
-from cers_jax.retrieval import search
 from cers_jax import sharding
 from cers_jax.data import annotations
 from cers_jax.data import pipeline
 from cers_jax.data.records import DataError
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
 
 REPORT_MODES = ('random', 'image', 'cot', 'text', 'image+cot', 'oracle')
 MAX_TIE_SHARE = 0.01  # Above this, a mode's ranking is called tied.
@@ -120,7 +120,7 @@ def rank_references(mode: str, *, pool: kp.KnowledgePool, query_feat: np.ndarray
                     centre: bool = False) -> Ranking:
   """Ranks the pool for every query under `mode` (MODE_TABLE), `count` references deep.
 
-  Model modes run `knowledge_pool.retrieve`, exactly as the model retrieves; `random`
+  Model modes run `search.retrieve`, exactly as the model retrieves; `random`
   draws uniform scores and `oracle` ranks by `dice` (the query's own mask).
 
   Args:

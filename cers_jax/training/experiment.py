@@ -25,9 +25,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from cers_jax.training import checkpoints as checkpointing
 from cers_jax import sharding
-from cers_jax.training import steps as ts
 from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data import cache as cache_lib
 from cers_jax.data import pipeline
@@ -37,6 +35,8 @@ from cers_jax.errors import ConfigError, WorkdirError
 from cers_jax.models import cers as cers_model
 from cers_jax.retrieval import embed
 from cers_jax.retrieval import pool as kp
+from cers_jax.training import checkpoints as checkpointing
+from cers_jax.training import steps as ts
 from cers_jax.training.state import TrainState, create_train_state, empty_tables
 
 SPLITS = ('train_labeled', 'train_unlabeled', 'val', 'test')

@@ -14,13 +14,13 @@ import jax
 import optax
 from flax import nnx
 
-from cers_jax.retrieval import pool as kp
-from cers_jax.retrieval import search
-from cers_jax.training import losses
 from cers_jax import metrics as metrics_lib
 from cers_jax import sharding
 from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
+from cers_jax.training import losses
 from cers_jax.training.state import EmbeddingTables, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
@@ -32,7 +32,7 @@ COT_SPACES = ('projection', 'features')
 class StepConfig:
   """The static (compile-time) settings of the steps; hashable, never mutated."""
 
-  mode: str = 'image+cot'  # Retrieval mode (knowledge_pool.MODES).
+  mode: str = 'image+cot'  # Retrieval mode (retrieval.search.MODES).
   k_coarse: int = 50
   k: int = 5
   exclude_self: bool = True
