@@ -19,6 +19,8 @@ import pytest
 from tests import cli_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow  # Every test starts run.py processes.
 CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
 
 
@@ -117,7 +119,6 @@ def _sigterm_once_training(cli, workdir, log_path, *flags):
   return returncode, log_path.read_text()
 
 
-@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_path):
   """Resumes after `stop_after_epochs` and after a real SIGTERM mid-epoch; a resumed config
   that changes the data, the model or (once used) retrieval is refused; evaluation and
