@@ -8,10 +8,13 @@ ml_collections reads a config file at two more moments: when the flag is defined
 `--config` is given, the default file and the overrides are parsed right then) and when
 `.value` is first read (a file that failed to load); `define_config_file` and
 `config_value` cover those.
+
+`enable_compilation_cache` turns on JAX's persistent compilation cache.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -100,3 +103,44 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(USAGE_ERROR)
+
+
+def default_compilation_cache() -> str:
+  """$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/cers_jax/jax (~/.cache/...)."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return os.path.join(cache_home, 'cers_jax', 'jax')
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory`; call before compiling.
+
+  A later process that compiles the same programs (same shapes, config, JAX version and
+  devices) reads the executables from disk instead of compiling them again. JAX caches
+  only programs that took >= 1 s to compile by default; on CPU the train step takes
+  longer, but evaluation, the pool build and prediction compile many programs below that,
+  so every program is cached (the entries are small).
+
+  Args:
+    directory: the cache folder (created if needed); None: `default_compilation_cache()`;
+      '': leave the cache off.
+
+  Returns:
+    The folder in use, or None when off.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if directory == '':
+    return None
+  directory = os.path.abspath(os.path.expanduser(directory or default_compilation_cache()))
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as error:
+    _fail(f'--compilation_cache={directory}: cannot create it ({error.strerror}). Give a '
+          'writable folder, or --compilation_cache= to run without the cache.')
+  jax.config.update('jax_compilation_cache_dir', directory)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  return directory

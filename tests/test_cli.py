@@ -196,3 +196,9 @@ def test_evaluating_an_empty_workdir_refuses_before_any_work(tmp_path, mode):
   assert "No 'best' checkpoint in" in line and 'train first (--mode=train)' in line
   # Refused before the synthetic data, the split or the tokenizers were made.
   assert not workdir.exists()
+
+
+def test_the_compilation_cache_can_be_turned_off(tmp_path):
+  result = _run_py(tmp_path / 'w', '--mode=prepare', '--compilation_cache=')
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'Compilation cache: off (--compilation_cache=)' in result.stderr
