@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+# First of ours: quiets library start-up lines before the data code imports transformers.
 from cers_jax import cli
 from cers_jax.training import loop as train
 from cers_jax.convert.assign import WeightLoadError

@@ -9,11 +9,14 @@ ml_collections reads a config file at two more moments: when the flag is defined
 `.value` is first read (a file that failed to load); `define_config_file` and
 `config_value` cover those.
 
-`enable_compilation_cache` turns on JAX's persistent compilation cache.
+Importing this module also quiets two libraries' start-up lines that say nothing about the
+run (`quiet_library_start_up`); `enable_compilation_cache` turns on JAX's persistent
+compilation cache.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -21,6 +24,28 @@ import sys
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
+
+
+def quiet_library_start_up() -> None:
+  """Silences start-up lines of libraries that are not about this run; warnings stay.
+
+  - transformers prints "PyTorch was not found. Models won't be available ..." when
+    imported without torch: we use it for tokenizers only. That line is its one
+    "advisory" warning, which TRANSFORMERS_NO_ADVISORY_WARNINGS turns off; its other
+    warnings still show. Read when transformers is first imported, hence on this
+    module's import, which every entry point makes before it imports the data code.
+  - JAX logs at INFO "Unable to initialize backend 'tpu': ..." for every platform it
+    probes and does not find (run.py logs at INFO). That is xla_bridge's only INFO line;
+    its warnings, e.g. a GPU that a CPU-only jaxlib cannot use, still show.
+
+  A variable already set in the environment wins.
+  """
+  os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+
+
+quiet_library_start_up()
+
 
 _HELP_FLAGS = frozenset(('help', '?', 'helpshort', 'helpfull', 'helpxml'))
 USAGE_ERROR = 2  # Exit status of a command-line mistake.
