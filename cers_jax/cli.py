@@ -32,13 +32,14 @@ def quiet_library_start_up() -> None:
   - transformers prints "PyTorch was not found. Models won't be available ..." when
     imported without torch: we use it for tokenizers only. That line is its one
     "advisory" warning, which TRANSFORMERS_NO_ADVISORY_WARNINGS turns off; its other
-    warnings still show. Read when transformers is first imported, hence on this
-    module's import, which every entry point makes before it imports the data code.
+    warnings still show. transformers reads the switch when first imported, hence this
+    runs on this module's import, which run.py and the benchmarks make before they
+    import the data code (cers_jax.data.tokenize imports transformers).
   - JAX logs at INFO "Unable to initialize backend 'tpu': ..." for every platform it
     probes and does not find (run.py logs at INFO). That is xla_bridge's only INFO line;
     its warnings, e.g. a GPU that a CPU-only jaxlib cannot use, still show.
 
-  A variable already set in the environment wins.
+  A TRANSFORMERS_NO_ADVISORY_WARNINGS already set in the environment wins.
   """
   os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
@@ -144,9 +145,10 @@ def enable_compilation_cache(directory: str | None) -> str | None:
 
   A later process that compiles the same programs (same shapes, config, JAX version and
   devices) reads the executables from disk instead of compiling them again. JAX caches
-  only programs that took >= 1 s to compile by default; on CPU the train step takes
-  longer, but evaluation, the pool build and prediction compile many programs below that,
-  so every program is cached (the entries are small).
+  only programs that took >= 1 s to compile by default; a run also compiles many small
+  programs (evaluation, the pool build, prediction, eager array operations), so every
+  program is cached: a 1 + 1 epoch run of configs/synthetic.py writes 263 entries, 6.9 MB,
+  and a second run of it took 83 s instead of 317 s on a loaded 2-core CPU.
 
   Args:
     directory: the cache folder (created if needed); None: `default_compilation_cache()`;
