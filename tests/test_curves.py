@@ -179,3 +179,20 @@ def test_tensorboard_writer_step_defaults_to_the_record_step(tmp_path):
   writer.close()
   writer.close()  # Closing twice is harmless (a finally after an early close).
   assert _read_events(str(tmp_path))['warmup/loss'] == [(6, pytest.approx(3.8))]
+
+
+def test_run_curves_draws_at_the_first_record_then_when_due_and_at_close(tmp_path):
+  records = _records()
+  path = tmp_path / 'curves.png'
+  with curves.RunCurves(str(tmp_path), min_interval_s=3600) as run:
+    _write_jsonl(tmp_path, records[:1])
+    run.write(records[0])
+    first = path.stat().st_mtime_ns
+    _write_jsonl(tmp_path, records)
+    for record in records[1:]:
+      run.write(record)
+    assert path.stat().st_mtime_ns == first  # Not due yet.
+  with Image.open(path) as image:
+    pixels = np.asarray(image.convert('RGB'))
+  assert _pixels_near(pixels, '#3b73b9') > 50  # Redrawn at close: the semi records' Dice.
+  assert len(_read_events(str(tmp_path / 'tensorboard'))['warmup/loss']) == 3

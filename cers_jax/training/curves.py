@@ -10,9 +10,10 @@ Dice/IoU of both decoders). This module turns them into
   tensorboard/  the same records as TensorBoard scalars, `<stage>/<key>` at the optimizer
                 step (tensorboardX: no TensorFlow, no torch).
 
-Records written before a key existed (`learning_rate`, `consistency_weight`,
-`consistency_weighted`) and NaN values are drawn as gaps. To (re)draw the figure of an
-existing run:
+`RunCurves(workdir)` is what the loop holds: `.write(record)` after each record is
+appended, `.close()` at the end. Records written before a key existed (`learning_rate`,
+`consistency_weight`, `consistency_weighted`) and NaN values are drawn as gaps. To
+(re)draw the figure of an existing run:
 
   python -m cers_jax.training.curves runs/synthetic
 """
@@ -24,6 +25,7 @@ import math
 import numbers
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from absl import logging
@@ -231,6 +233,47 @@ class TensorBoardWriter:
       self._writer = None
 
   def __enter__(self) -> TensorBoardWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class RunCurves:
+  """What the training loop calls with each epoch record, after appending it to
+  metrics.jsonl: the TensorBoard scalars at every record; curves.png (drawn from the whole
+  metrics.jsonl, earlier invocations included) at the first record, then at most every
+  `min_interval_s` seconds (a redraw costs 1-2 s on a CPU, about one synthetic epoch), and
+  at `close()`. Other processes than the main one write nothing.
+  """
+
+  def __init__(self, workdir: str, *, min_interval_s: float = 60.0):
+    self._workdir = workdir
+    self._main = sharding.is_main_process()
+    self._board = TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    self._min_interval_s = min_interval_s
+    self._drawn_at = -math.inf
+    self._undrawn = False
+
+  def write(self, record: dict) -> None:
+    self._board.write(record)
+    self._undrawn = True
+    if time.monotonic() - self._drawn_at >= self._min_interval_s:
+      self.draw()
+
+  def draw(self) -> None:
+    """Redraws curves.png now if a record came since the last drawing."""
+    if not (self._main and self._undrawn):
+      return
+    write_curves(read_records(self._workdir), os.path.join(self._workdir, CURVES_FILE))
+    self._drawn_at = time.monotonic()
+    self._undrawn = False
+
+  def close(self) -> None:
+    self.draw()
+    self._board.close()
+
+  def __enter__(self) -> RunCurves:
     return self
 
   def __exit__(self, *exc) -> None:
