@@ -16,6 +16,9 @@ A mistake in the flags, the config, the workdir or the dataset ends with one lin
 `error: <what is wrong and what to do>`, and a non-zero exit status (README "Failure
 modes"). SIGTERM during training saves a checkpoint at the next step and exits with
 status 143; the same command resumes.
+
+Compiled programs are kept in a persistent cache (--compilation_cache, by default
+~/.cache/cers_jax/jax), so a second run of the same config starts without compiling.
 """
 
 import sys
@@ -25,6 +28,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+# First of ours: quiets library start-up lines before the data code imports transformers.
 from cers_jax import cli
 from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data.records import DataError
@@ -49,6 +53,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'With --distributed: this process\'s index, 0 on the host that '
     'writes the files (default: detected).')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', cli.default_compilation_cache(),
+    'JAX persistent compilation cache: a later run with the same config reads the '
+    'compiled steps from this folder instead of compiling them again. '
+    '--compilation_cache= turns it off.')
 
 
 def _quiet_library_info(record) -> bool:
@@ -68,6 +77,8 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
     logging.info('Process %d of %d; %d of %d devices are local.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+  cache = cli.enable_compilation_cache(_COMPILATION_CACHE.value)
+  logging.info('Compilation cache: %s', cache or 'off (--compilation_cache=)')
   config = cli.config_value(_CONFIG)
   workdir = train.default_workdir(_WORKDIR.value, flags.FLAGS['config'].config_filename)
   try:

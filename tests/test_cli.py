@@ -196,3 +196,43 @@ def test_evaluating_an_empty_workdir_refuses_before_any_work(tmp_path, mode):
   assert "No 'best' checkpoint in" in line and 'train first (--mode=train)' in line
   # Refused before the synthetic data, the split or the tokenizers were made.
   assert not workdir.exists()
+
+
+# Start-up lines of libraries that say nothing about the run (cers_jax/cli.py
+# quiet_library_start_up; the orbax save warning is gone with synchronous saves).
+_LIBRARY_NOISE = ("PyTorch was not found", "Unable to initialize backend",
+                  'Waiting for previous save to complete')
+# run.py as a user without torch runs it (the test extra installs torch, and transformers
+# prints its line only without it), letting JAX probe every platform (no JAX_PLATFORMS).
+_WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                  "runpy.run_path('run.py', run_name='__main__')")
+
+
+def test_a_run_prints_our_lines_and_no_library_start_up_noise(tmp_path):
+  env = {k: v for k, v in ENV.items()
+         if k not in ('JAX_PLATFORMS', 'TRANSFORMERS_NO_ADVISORY_WARNINGS')}
+  # The control: without run.py, the same interpreter set-up does print transformers' line.
+  control = subprocess.run(
+      [sys.executable, '-c', "import sys; sys.modules['torch'] = None; import transformers"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert 'PyTorch was not found' in control.stderr, control.stderr[-2000:]
+
+  workdir, cache = tmp_path / 'w', tmp_path / 'cache'
+  result = subprocess.run(
+      [sys.executable, '-c', _WITHOUT_TORCH, 'run.py', f'--config={CONFIG}',
+       f'--workdir={workdir}', '--mode=prepare', f'--compilation_cache={cache}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  output = result.stdout + result.stderr
+  for noise in _LIBRARY_NOISE:
+    assert noise not in output, output[-4000:]
+  for ours in (f'Compilation cache: {cache}', 'Split: train_labeled', 'WordPiece tokenizer',
+               'Data problems'):
+    assert ours in output, (ours, output[-4000:])
+  assert cache.is_dir()
+
+
+def test_the_compilation_cache_can_be_turned_off(tmp_path):
+  result = _run_py(tmp_path / 'w', '--mode=prepare', '--compilation_cache=')
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'Compilation cache: off (--compilation_cache=)' in result.stderr

@@ -57,21 +57,24 @@ class Checkpoints:
   """The latest/best checkpoint pair of one workdir."""
 
   def __init__(self, workdir: str, *, keep: int = 2):
-    self._managers = {
-        LATEST: ocp.CheckpointManager(
-            _directory(workdir, LATEST), options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True)),
-        BEST: ocp.CheckpointManager(
-            _directory(workdir, BEST), options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True)),
-    }
+    # Synchronous saves: the loop needs every checkpoint on disk before it goes on (a
+    # checkpoint still being written cannot be resumed from), so a background save gains
+    # nothing. Async saves followed by wait_until_finished() also made orbax count that
+    # wait towards the next save and warn "Waiting for previous save to complete took
+    # N seconds" at every save after the first.
+    def manager(which: str, max_to_keep: int) -> ocp.CheckpointManager:
+      return ocp.CheckpointManager(
+          _directory(workdir, which), options=ocp.CheckpointManagerOptions(
+              max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False))
+
+    self._managers = {LATEST: manager(LATEST, keep), BEST: manager(BEST, 1)}
 
   def latest_step(self, which: str = LATEST) -> int | None:
     return self._managers[which].latest_step()
 
   def save(self, which: str, step: int, state: TrainState, meta: dict[str, Any],
            config_json: str) -> None:
-    """Saves and waits: a checkpoint that is not on disk cannot be resumed from.
+    """Saves synchronously: a checkpoint that is not on disk cannot be resumed from.
 
     Saving again at a step that already has a checkpoint replaces it (the end of warm-up
     saves once more after the pool build, at the same optimizer step).
@@ -83,7 +86,6 @@ class Checkpoints:
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave(meta),
         config=ocp.args.JsonSave(json.loads(config_json))), force=True)
-    manager.wait_until_finished()
 
   def restore(self, which: str, target: TrainState, step: int | None = None):
     """Restores (state, meta) into the shape/dtype structure of `target`.

@@ -1,0 +1,298 @@
+"""Training curves of a run: `curves.png` and TensorBoard events from its epoch records.
+
+The loop appends one JSON record per epoch to `<workdir>/metrics.jsonl` (warm-up records:
+the warm-up loss terms; semi-supervised records: the semi loss terms and validation
+Dice/IoU of both decoders). This module turns them into
+
+  curves.png    four panels on one epoch axis, warm-up then semi-supervised (the boundary
+                marked): the loss terms (log scale), val Dice of D_r (retrieval-aware, the
+                CERS result) and D_s (standard), the learning rate, the consistency weight;
+  tensorboard/  the same records as TensorBoard scalars, `<stage>/<key>` at the optimizer
+                step (tensorboardX: no TensorFlow, no torch).
+
+`RunCurves(workdir)` is what the loop holds: `.write(record)` after each record is
+appended, `.close()` at the end. Records written before a key existed (`learning_rate`,
+`consistency_weight`, `consistency_weighted`) and NaN values are drawn as gaps. To
+(re)draw the figure of an existing run:
+
+  python -m cers_jax.training.curves runs/synthetic
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import logging
+
+from cers_jax import sharding
+
+METRICS_FILE = 'metrics.jsonl'
+CURVES_FILE = 'curves.png'
+TENSORBOARD_DIR = 'tensorboard'
+_STAGES = ('warmup', 'semi')
+# Numeric record keys that are not loss terms; every other numeric key is one.
+_NOT_LOSSES = frozenset(('epoch', 'step', 'seconds', 'images_per_s', 'learning_rate',
+                         'consistency_weight'))
+_DICE = (('val_dice_r_mean', 'D_r (retrieval-aware)', '#3b73b9'),
+         ('val_dice_s_mean', 'D_s (standard)', '#e08a2c'))
+
+
+def read_records(workdir: str) -> list[dict]:
+  """The epoch records of `<workdir>/metrics.jsonl`, in the order they were written.
+
+  A last line cut short (a process killed while writing it) is skipped with a warning; a
+  broken line anywhere else is an error.
+
+  Raises:
+    FileNotFoundError: when the workdir has no metrics.jsonl.
+    ValueError: when a line other than the last is not JSON.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'No {METRICS_FILE} in {workdir}: give the --workdir of a run that has trained at '
+        'least one epoch.')
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      if number < len(lines):
+        raise ValueError(f'{path} line {number} is not JSON ({error}): the file is damaged; '
+                         'remove that line.') from error
+      logging.warning('%s: skipped its last line, which is cut short (%s).', path, error)
+  return records
+
+
+def _number(value) -> float:
+  """A record value as a float; NaN when missing or not a number."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return math.nan
+  return float(value)
+
+
+def epoch_axis(records: Sequence[dict]) -> tuple[list[dict], list[int], int]:
+  """The records on one epoch axis: warm-up epochs 1..W, then semi epochs W+1...
+
+  A (stage, epoch) written twice (a run stopped between writing a record and saving its
+  checkpoint repeats that epoch when resumed) keeps its last record.
+
+  Returns:
+    (records, x, W): the records sorted by position, their 1-based positions, and the
+    number of warm-up epochs (the stage boundary lies at W + 0.5).
+  """
+  last = {}
+  for record in records:
+    if record.get('stage') in _STAGES and isinstance(record.get('epoch'), int):
+      last[(record['stage'], record['epoch'])] = record
+  warmup = 1 + max((epoch for stage, epoch in last if stage == 'warmup'), default=-1)
+  placed = sorted(((epoch + 1 + (warmup if stage == 'semi' else 0)), record)
+                  for (stage, epoch), record in last.items())
+  return [r for _, r in placed], [x for x, _ in placed], warmup
+
+
+def _loss_keys(records: Sequence[dict]) -> list[str]:
+  keys = []
+  for record in records:
+    for key, value in record.items():
+      if (key not in keys and key not in _NOT_LOSSES and not key.startswith(('val_', 'best_'))
+          and isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        keys.append(key)
+  return keys
+
+
+def write_curves(records: Sequence[dict], path: str) -> None:
+  """Draws the run's curves (losses, val Dice, learning rate, consistency weight) to `path`.
+
+  Args:
+    records: epoch records as in metrics.jsonl (`read_records`), in any order.
+    path: the PNG to write (replaced atomically, so a viewer never reads half a file).
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records, x, warmup = epoch_axis(records)
+  both_stages = bool(warmup) and bool(x) and x[-1] > warmup
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+  (losses_ax, dice_ax), (lr_ax, weight_ax) = axes
+  # A gap at the boundary: the two stages' losses are different objectives.
+  xs = x[:warmup] + [warmup + 0.5] + x[warmup:] if both_stages else x
+
+  def series(key):
+    values = [_number(r.get(key)) for r in records]
+    return values[:warmup] + [math.nan] + values[warmup:] if both_stages else values
+
+  def has(key):
+    return any(math.isfinite(v) for v in series(key))
+
+  def missing(ax, text):
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha='center', va='center',
+            fontsize=9, color='#757575')
+
+  cmap = plt.get_cmap('tab10')
+  for i, key in enumerate(_loss_keys(records)):
+    values = series(key)
+    if key == 'consistency':
+      key = 'consistency (raw)'
+    losses_ax.plot(xs, [v if v > 0 else math.nan for v in values], marker='.', ms=4,
+                   lw=1.2, color=cmap(i % 10), label=key)
+  if losses_ax.lines:
+    losses_ax.set_yscale('log')
+    losses_ax.legend(fontsize=7, ncol=2)
+  else:
+    missing(losses_ax, 'no loss recorded')
+  losses_ax.set_title('loss terms (epoch means)', fontsize=10)
+
+  for key, label, colour in _DICE:
+    if has(key):
+      dice_ax.plot(xs, series(key), marker='.', ms=4, lw=1.2, color=colour, label=label)
+  dice = [_number(r.get('val_dice_r_mean')) for r in records]
+  if any(math.isfinite(v) for v in dice):
+    best = max((i for i, v in enumerate(dice) if math.isfinite(v)), key=lambda i: dice[i])
+    dice_ax.plot([x[best]], [dice[best]], '*', ms=11, color='#3b73b9',
+                 label=f'best D_r {dice[best]:.3f} (semi epoch {x[best] - warmup})')
+    dice_ax.set_ylim(-0.02, 1.02)
+    dice_ax.legend(fontsize=7, loc='lower right')
+  else:
+    missing(dice_ax, 'no validation yet (validation runs after each semi-supervised epoch)')
+  dice_ax.set_title('val Dice', fontsize=10)
+
+  if has('learning_rate'):
+    lr_ax.plot(xs, series('learning_rate'), marker='.', ms=4, lw=1.2, color='#455a64')
+  else:
+    missing(lr_ax, 'learning_rate not in these records')
+  lr_ax.set_title('learning rate', fontsize=10)
+
+  if has('consistency_weight'):
+    weight_ax.plot(xs, series('consistency_weight'), marker='.', ms=4, lw=1.2,
+                   color='#6a1b9a')
+  else:
+    missing(weight_ax, 'consistency_weight not in these records')
+  weight_ax.set_title('consistency weight (ramp-up)', fontsize=10)
+
+  for ax in axes.flat:
+    if both_stages:
+      ax.axvline(warmup + 0.5, color='#9e9e9e', ls='--', lw=1)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+  if both_stages:
+    dice_ax.text(warmup + 0.5, 1.0, ' semi-supervised', fontsize=7, color='#616161',
+                 va='top', transform=dice_ax.get_xaxis_transform())
+  for ax in axes[1]:
+    ax.set_xlabel(f'epoch (1-{warmup}: warm-up, then semi-supervised)' if warmup
+                  else 'epoch', fontsize=9)
+  fig.suptitle(f'{len(records)} epochs: {warmup} warm-up, {len(records) - warmup} '
+               'semi-supervised', fontsize=10)
+  fig.tight_layout()
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  temporary = os.path.join(directory, f'.{os.path.basename(path)}.tmp.png')
+  fig.savefig(temporary, dpi=100)
+  plt.close(fig)
+  os.replace(temporary, path)
+
+
+class TensorBoardWriter:
+  """Writes epoch records as TensorBoard scalars `<stage>/<key>` (main process only).
+
+  Every numeric value of a record but `step` (the x axis) becomes one scalar, e.g.
+  `warmup/loss`, `semi/val_dice_r_mean`. Other processes construct it too and write
+  nothing, so the loop needs no branch.
+  """
+
+  def __init__(self, logdir: str):
+    self._writer = None
+    if sharding.is_main_process():
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(logdir)
+
+  def write(self, record: dict, step: int | None = None) -> None:
+    """Writes `record`'s numeric values at `step` (default: `record['step']`) and flushes."""
+    if self._writer is None:
+      return
+    step = int(record['step']) if step is None else int(step)
+    stage = record.get('stage', 'train')
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        self._writer.add_scalar(f'{stage}/{key}', float(value), step)
+    # One record per epoch: flushing each makes it visible to a running TensorBoard now.
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+  def __enter__(self) -> TensorBoardWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class RunCurves:
+  """What the training loop calls with each epoch record, after appending it to
+  metrics.jsonl: the TensorBoard scalars at every record; curves.png (drawn from the whole
+  metrics.jsonl, earlier invocations included) at the first record, then at most every
+  `min_interval_s` seconds (a redraw costs 1-2 s on a CPU, about one synthetic epoch), and
+  at `close()`. Other processes than the main one write nothing.
+  """
+
+  def __init__(self, workdir: str, *, min_interval_s: float = 60.0):
+    self._workdir = workdir
+    self._main = sharding.is_main_process()
+    self._board = TensorBoardWriter(os.path.join(workdir, TENSORBOARD_DIR))
+    self._min_interval_s = min_interval_s
+    self._drawn_at = -math.inf
+    self._undrawn = False
+
+  def write(self, record: dict) -> None:
+    self._board.write(record)
+    self._undrawn = True
+    if time.monotonic() - self._drawn_at >= self._min_interval_s:
+      self.draw()
+
+  def draw(self) -> None:
+    """Redraws curves.png now if a record came since the last drawing."""
+    if not (self._main and self._undrawn):
+      return
+    write_curves(read_records(self._workdir), os.path.join(self._workdir, CURVES_FILE))
+    self._drawn_at = time.monotonic()
+    self._undrawn = False
+
+  def close(self) -> None:
+    self.draw()
+    self._board.close()
+
+  def __enter__(self) -> RunCurves:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 2 or argv[1].startswith('-'):
+    sys.exit('usage: python -m cers_jax.training.curves WORKDIR  (draws '
+             f'WORKDIR/{CURVES_FILE} from WORKDIR/{METRICS_FILE})')
+  workdir = argv[1]
+  try:
+    records = read_records(workdir)
+  except (FileNotFoundError, ValueError) as error:
+    sys.exit(f'error: {error}')
+  path = os.path.join(workdir, CURVES_FILE)
+  write_curves(records, path)
+  print(f'Wrote {path} ({len(records)} records).')
+
+
+if __name__ == '__main__':
+  main(sys.argv)
