@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.cot.type_vocab_size = 2  # Token-type embeddings.
   model.cot.dropout = 0.1  # Dropout (unused while frozen).
   model.cot.weights = ''  # Pretrained BERT for CoTs.
-  model.cot.trainable = False  # Frozen: CoT features are computed once.
+  model.cot.trainable = False  # Frozen: CoT features are computed once (True is refused).
   model.cot.pooling = 'cls'  # CoT feature: 'cls' token (authors) | 'mean' of real tokens.
 
   model.attn_dim = 256  # Text cross-attention width.

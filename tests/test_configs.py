@@ -7,8 +7,11 @@ import re
 import ml_collections
 import pytest
 
+from cers_jax.errors import ConfigError
 from cers_jax.retrieval import search
+from cers_jax.training import experiment
 from cers_jax.training import steps as ts
+from configs import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ('base', 'synthetic', 'brisc', 'qata', 'mosmed')
@@ -69,3 +72,11 @@ def test_unknown_step_settings_fail():
   config.pool.cot_space = 'raw'
   with pytest.raises(ValueError, match='cot_space'):
     ts.StepConfig.from_config(config)
+
+
+def test_a_trainable_cot_bert_is_refused_before_any_work(tmp_path):
+  config = synthetic.get_config()
+  config.model.cot.trainable = True
+  with pytest.raises(ConfigError, match='model.cot.trainable'):
+    experiment.create(config, str(tmp_path / 'work'))
+  assert not os.path.exists(tmp_path / 'work')

@@ -25,9 +25,8 @@ CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
 
 
 @pytest.fixture(scope='module')
-def cli(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp('jax_cache'))
-  env = cli_helpers.run_env(cache)
+def cli(compilation_cache):
+  env = cli_helpers.run_env(compilation_cache)
 
   def run(workdir, *flags, expect_ok=True):
     result = subprocess.run(
@@ -63,12 +62,24 @@ def test_all_mode_writes_every_artifact(uninterrupted):
   for path in ('synthetic/text.csv', 'data/split.json', 'data/report.json',
                'tokenizers/text/tokenizer.json', 'metrics.jsonl', 'summary.json',
                'eval/test_per_image.csv', 'eval/test_summary.json',
-               'predictions/index.html', 'predictions/predictions.csv', 'config.json'):
+               'predictions/index.html', 'predictions/predictions.csv', 'config.json',
+               'curves.png'):
     assert os.path.exists(os.path.join(w, path)), path
+  assert any(name.startswith('events.out.tfevents')
+             for name in os.listdir(os.path.join(w, 'tensorboard')))
+  with open(os.path.join(w, 'predictions', 'index.html'), encoding='utf-8') as f:
+    assert 'href="../curves.png"' in f.read()
   records = _metrics(w)
   assert [(r['stage'], r['epoch']) for r in records] == [
       ('warmup', 0), ('warmup', 1), ('semi', 0), ('semi', 1)]
   assert all(np.isfinite(r['loss']) for r in records)
+  # The cosine schedule over both stages, and the consistency term beside its weight.
+  rates = [r['learning_rate'] for r in records]
+  assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] >= 0
+  for r in records[2:]:
+    assert 0 < r['consistency_weight'] and np.isfinite(r['consistency_raw'])
+    assert np.isclose(r['consistency_weighted'], r['consistency_weight'] * r['consistency_raw'],
+                      rtol=1e-4)
   assert 0.0 <= records[-1]['val_dice_r_mean'] <= 1.0
   with open(os.path.join(w, 'eval', 'test_summary.json')) as f:
     summary = json.load(f)

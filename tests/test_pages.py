@@ -37,3 +37,11 @@ def test_page_escapes_texts_and_lists_references_in_rank_order():
   assert 'No ground-truth mask given' in page
   none_page = pages.render_page(item, record, [], mode='none', samples=samples)
   assert 'Retrieval is off' in none_page
+
+
+def test_index_links_the_training_curves_when_given():
+  record = dict(id='a', mean_prob=0.5, dice_r='', retrieved_ids='r1;r2')
+  assert 'curves.png' not in pages.render_index([record], 'title')
+  page = pages.render_index([record], 'title', curves_href='../../curves.png')
+  assert '<a href="../../curves.png">Training curves</a>' in page
+  assert 'href="pages/a.html"' in page

@@ -287,7 +287,7 @@ def _without_query_cot(samples: list[Sample], manifest: dict[str, Any]) -> dict[
   """Per split, the ids without the CoT that split queries with (training with it too).
 
   Labeled training images align with and query by the CoT written with the mask; every
-  other image queries by the one written without (`train.compute_cls_tables`).
+  other image queries by the one written without (`retrieval.embed.with_text_features`).
   """
   by_id = {s.id: s for s in samples}
   missing = {}

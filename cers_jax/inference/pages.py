@@ -143,8 +143,9 @@ def render_page(item, record: dict, refs: list[Reference], *, mode: str,
 """
 
 
-def render_index(records: list[dict], title: str) -> str:
-  """index.html: one table row per image, linking its page."""
+def render_index(records: list[dict], title: str, curves_href: str | None = None) -> str:
+  """index.html: one table row per image, linking its page; `curves_href` links the
+  training curves (curves.png) above the table."""
   rows = []
   for r in records:
     dice = '' if r['dice_r'] == '' else f'{r["dice_r"]:.4f} / {r["dice_s"]:.4f}'
@@ -158,6 +159,8 @@ def render_index(records: list[dict], title: str) -> str:
 <html><head><meta charset="utf-8"><title>{_esc(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{_esc(title)}</h1>
+{f'<p><a href="{_esc(curves_href)}">Training curves</a> of the model that predicted these '
+ f'masks.</p>' if curves_href else ''}
 <table><tr><th>id</th><th>overlay</th><th>mean prob</th><th>Dice D_r / D_s</th>
 <th>retrieved ids (best first)</th></tr>
 {''.join(rows)}

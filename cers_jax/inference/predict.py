@@ -52,6 +52,7 @@ from cers_jax.data.records import DataError
 from cers_jax.inference import pages
 from cers_jax.retrieval import embed
 from cers_jax.retrieval import search
+from cers_jax.training import curves
 
 IMAGE_SUBFOLDERS = ('frames', 'images')  # Looked up in this order before the folder itself.
 MASK_SUBFOLDER = 'masks'
@@ -356,7 +357,10 @@ def predict(state, steps, data, config, workdir: str) -> str:
   title = (f'CERS predictions: {config.eval.predict_dir}' if from_folder
            else f'CERS predictions: first {len(items)} test images')
   with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:
-    f.write(pages.render_index(records, title))
+    curves_png = os.path.join(workdir, curves.CURVES_FILE)
+    curves_href = (os.path.relpath(curves_png, out_dir).replace(os.sep, '/')
+                   if os.path.isfile(curves_png) else None)
+    f.write(pages.render_index(records, title, curves_href))
   with open(os.path.join(out_dir, 'predictions.csv'), 'w', newline='',
             encoding='utf-8') as f:
     writer = csv.DictWriter(f, fieldnames=list(_CSV_FIELDS))

@@ -91,7 +91,7 @@ class CoordAttGatedFusion(nnx.Module):
 
   def __call__(self, main: Array, rag: Array) -> tuple[Array, Array]:
     """(main, rag), each (B, H, W, C) -> (main', rag'), same shapes."""
-    h, w = main.shape[1], main.shape[2]
+    h = main.shape[1]
     z = jnp.concatenate([main, rag], axis=-1)
     zh = jnp.mean(z, axis=2, keepdims=True)  # (B, H, 1, 2C)
     zw = jnp.mean(z, axis=1, keepdims=True).transpose(0, 2, 1, 3)  # (B, W, 1, 2C)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -216,6 +217,11 @@ class Experiment:
 def create(config, workdir: str) -> tuple[Experiment, TrainState]:
   """Prepares data, builds the model and returns (experiment, fresh state); restore is
   separate (`exp.checkpoints.restore`)."""
+  if config.model.cot.trainable:
+    raise ConfigError(
+        '--config.model.cot.trainable=True: training computes the CoT BERT features once, '
+        'before warm-up (the CoT BERT is frozen), so they would never be trained; leave it '
+        'False.')
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = resolve_config(config, workdir)
@@ -230,6 +236,10 @@ def create(config, workdir: str) -> tuple[Experiment, TrainState]:
   warmup_spe, semi_spe = steps_per_epoch(config, data)
   total = (config.train.warmup_epochs * warmup_spe + config.train.epochs * semi_spe)
   tx = make_optimizer(config, total)
+  logging.info('Building the model (%d px input; its first build on a machine compiles many '
+               'small programs, later ones read them from the compilation cache)...',
+               config.data.image_size)
+  start = time.perf_counter()
   try:
     model = build_model(config.model, seed=config.seed)
   except WeightLoadError as error:
@@ -239,6 +249,8 @@ def create(config, workdir: str) -> tuple[Experiment, TrainState]:
           f'{error} The report-text BERT of the checkpoint reads the token ids of its own '
           'tokenizer: give its folder with --config.tokenizer.text_dir.') from error
     raise
+  logging.info('Model built in %.1f s: %s parameters.', time.perf_counter() - start,
+               f'{cers_model.count_params(model, exclude=()):,}')
   f4_shape = model.f4_shape(config.data.image_size)
   pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, embed.embed_dim(config))
   tables = empty_tables(data.num_samples, config.model.cot.hidden_size,

@@ -38,6 +38,7 @@ from cers_jax.retrieval import embed
 from cers_jax.retrieval import report as retrieval_report
 from cers_jax.retrieval import search
 from cers_jax.training import checkpoints as checkpointing
+from cers_jax.training import curves
 from cers_jax.training import experiment as experiment_lib
 from cers_jax.training import losses
 from cers_jax.training.state import TrainState
@@ -138,8 +139,6 @@ def _train_loaders(exp, meta: dict) -> dict:
   loaders = {'labeled': loader(rows['train_labeled'], config.seed, True),
              'unlabeled': loader(unlabeled_rows, config.seed + 1, unlabeled_is_labeled)}
   for name, states in meta.get('iterators', {}).items():
-    if isinstance(states, dict):  # Written before positions were kept per process.
-      states = [states]
     if len(states) != jax.process_count():
       raise RuntimeError(
           f'This checkpoint was written by {len(states)} processes and is resumed by '
@@ -150,16 +149,24 @@ def _train_loaders(exp, meta: dict) -> dict:
 
 
 class _MetricLog:
-  """Appends one JSON object per line to <workdir>/metrics.jsonl."""
+  """Each epoch's record: a line of <workdir>/metrics.jsonl, TensorBoard scalars and
+  curves.png (`curves.RunCurves`)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.curves = curves.RunCurves(workdir)
 
   def write(self, record: dict) -> None:
-    if not sharding.is_main_process():
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    if sharding.is_main_process():
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    self.curves.write(record)  # Drawn from metrics.jsonl: after the line is written.
+
+  def __enter__(self) -> '_MetricLog':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.curves.close()
 
 
 def _check_finite(history: list[tuple[int, dict]], stage: str) -> None:
@@ -325,8 +332,13 @@ def run_training(exp, state: TrainState, *, until: str = SEMI,
   `stop` (a `StopOnSigterm`) is asked after every step; when it says so, the loop saves a
   checkpoint of that step and raises `Preempted`. Returns (state, meta).
   """
+  with _MetricLog(exp.workdir) as log:
+    return _train(exp, state, log, until=until, stop=stop)
+
+
+def _train(exp, state: TrainState, log: _MetricLog, *, until: str,
+           stop) -> tuple[TrainState, dict]:
   config, steps, mesh = exp.config, exp.steps, exp.steps.mesh
-  log = _MetricLog(exp.workdir)
   meta = _fresh_meta()
   if exp.checkpoints.latest_step() is not None:
     state, meta = exp.checkpoints.restore('latest', state)
@@ -351,6 +363,8 @@ def run_training(exp, state: TrainState, *, until: str = SEMI,
   def warmup_fn(state):
     return steps.warmup(state, sharding.shard_batch(next(loaders['labeled']), mesh))
 
+  if meta['stage'] == WARMUP and meta['epoch'] < config.train.warmup_epochs:
+    logging.info('Compiling the warm-up step at its first call (cached for later runs)...')
   while meta['stage'] == WARMUP and meta['epoch'] < config.train.warmup_epochs:
     state, record = _epoch(exp, state, meta, WARMUP, warmup_fn, stop, loaders)
     log.write(record)
@@ -370,6 +384,9 @@ def run_training(exp, state: TrainState, *, until: str = SEMI,
   if until == WARMUP:
     return state, meta
 
+  if meta['stage'] == SEMI and meta['epoch'] < config.train.epochs:
+    logging.info('Compiling the semi-supervised step at its first call (cached for later '
+                 'runs)...')
   while meta['stage'] == SEMI and meta['epoch'] < config.train.epochs:
     weight = float(losses.consistency_weight(
         meta['epoch'], consistency=config.train.consistency,

@@ -1,0 +1,32 @@
+"""One persistent JAX compilation cache for the whole test session and its run.py processes.
+
+Tests that build the same model compile the same programs; with the cache, only the first
+pays. It is run.py's default folder (`cli.default_compilation_cache`), so a second run of the
+suite on a machine starts warm; CERS_TEST_COMPILATION_CACHE names another folder, or turns
+it off when empty.
+"""
+
+import os
+
+import pytest
+
+from cers_jax import cli
+
+
+def _cache_dir() -> str | None:
+  directory = cli.enable_compilation_cache(
+      os.environ.get('CERS_TEST_COMPILATION_CACHE', cli.default_compilation_cache()))
+  if directory:  # Subprocesses that are not run.py (several-device workers) read these.
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  return directory
+
+
+_CACHE = _cache_dir()
+
+
+@pytest.fixture(scope='session')
+def compilation_cache() -> str:
+  """The cache folder (for run.py subprocesses); '' when the cache is off."""
+  return _CACHE or ''
