@@ -86,6 +86,7 @@ def _assert_close(got, want, where):
   assert rel < 1e-5, rel
 
 
+@pytest.mark.slow
 def test_matches_hf_bert_via_safetensors(hf_model, hf_sd, tmp_path):
   path = tmp_path / 'bert.safetensors'
   save_file(hf_sd, str(path))
@@ -177,6 +178,7 @@ def test_wrong_size_fails_strict(hf_sd):
   assert len(report.missing) > 0 and all(m.startswith('layers/2/') for m in report.missing)
 
 
+@pytest.mark.slow
 def test_safetensors_path_never_imports_torch(hf_sd, tmp_path):
   path = tmp_path / 'model.safetensors'
   save_file(hf_sd, str(path))
@@ -202,6 +204,7 @@ def test_safetensors_path_never_imports_torch(hf_sd, tmp_path):
   assert 'TORCH_FREE_OK' in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_from_config_and_dropout():
   spec = importlib.util.spec_from_file_location('base_config',
                                                 os.path.join(REPO, 'configs', 'base.py'))

@@ -10,6 +10,8 @@ from flax import nnx
 from cers_jax.models import cers
 from configs import base
 
+pytestmark = pytest.mark.slow  # Full-size and tiny cers models, compiled forward and backward passes.
+
 K = 3  # Reference cases per query in these tests.
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # Every test starts run.py or a benchmark as a process.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
 # PYTHONPATH: a benchmark run as a script must import this checkout's cers_jax too.

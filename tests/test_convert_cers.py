@@ -21,6 +21,8 @@ from cers_jax.convert.assign import WeightLoadError
 from cers_jax.models import cers
 from configs import base
 
+pytestmark = pytest.mark.slow  # The authors' full-size state dict.
+
 MANIFEST = os.path.join(os.path.dirname(__file__), 'fixtures', 'cers_torch_state_dict.json')
 
 

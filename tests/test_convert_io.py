@@ -120,6 +120,7 @@ def _full_weights():
           for path, shape in nnx_paths(_Net(nnx.Rngs(0))).items()}
 
 
+@pytest.mark.slow
 def test_nnx_paths_lists_params_and_stats_but_not_rngs():
   paths = nnx_paths(_Net(nnx.Rngs(0)))
   assert paths['conv/kernel'] == (3, 3, 3, 4)
@@ -179,6 +180,7 @@ def test_error_lists_are_capped():
 
 # --- layout -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_conv_and_linear_layouts_match_torch():
   x = np.random.RandomState(0).randn(2, 3, 9, 9).astype(np.float32)
   conv = torch.nn.Conv2d(3, 5, 3, padding=1)
@@ -204,6 +206,7 @@ def test_conv_and_linear_layouts_match_torch():
     layout.channel_vector(np.ones((7, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kdim', [None, 12])
 def test_mha_from_torch_matches_nn_multihead_attention(kdim):
   e, heads = 16, 4

@@ -104,6 +104,7 @@ def _to_timm(sd):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('height,width', [(64, 64), (64, 96)])
 def test_matches_transformers_convnext(hf_model, hf_sd, height, width):
   model = _tiny()
@@ -159,6 +160,7 @@ def test_converter_paths_and_layouts(hf_sd):
       w['stages/3/0/layer_scale'], hf_sd['encoder.stages.3.layers.0.layer_scale_parameter'])
 
 
+@pytest.mark.slow
 def test_unknown_or_missing_names_fail_strict(hf_sd):
   sd = dict(hf_sd)
   sd['encoder.stages.0.layers.0.extra.weight'] = np.zeros(3, np.float32)
@@ -174,6 +176,7 @@ def test_unknown_or_missing_names_fail_strict(hf_sd):
     load_convnext(ConvNeXt(depths=DEPTHS, dims=(8, 16, 24, 40), rngs=nnx.Rngs(0)), hf_sd)
 
 
+@pytest.mark.slow
 def test_full_size_convnext_t_shapes_and_schedule():
   model = nnx.eval_shape(lambda: ConvNeXt(rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
@@ -189,6 +192,7 @@ def test_full_size_convnext_t_shapes_and_schedule():
   np.testing.assert_allclose(rates, 0.1 * np.arange(18) / 17)
 
 
+@pytest.mark.slow
 def test_init_and_training_mode():
   model = _tiny()
   w = np.asarray(model.stages[2][0].pwconv1.kernel[...])
@@ -204,6 +208,7 @@ def test_init_and_training_mode():
   np.testing.assert_array_equal(ev(x)[-1], ev(x)[-1])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   model = ConvNeXt(depths=DEPTHS, dims=DIMS, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -86,6 +86,7 @@ def _pixels_near(image: np.ndarray, colour: str, tolerance: int = 12) -> int:
   return int((np.abs(image[..., :3].astype(int) - rgb).max(-1) <= tolerance).sum())
 
 
+@pytest.mark.slow
 def test_curves_png_from_a_workdir(tmp_path):
   _write_jsonl(tmp_path, _records())
   result = subprocess.run([sys.executable, '-m', 'cers_jax.training.curves', str(tmp_path)],

@@ -129,6 +129,7 @@ def _run_decoders(d_r, d_s, attended, rag):
   return d_r(attended, rag), d_r(attended, None), d_s(attended)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('height,width', [(64, 64), (64, 96)])
 def test_decoders_shapes(tiny_decoders, height, width):
   d_r, d_s = tiny_decoders

@@ -47,6 +47,7 @@ def test_text_cross_attention_ignores_padding_tokens():
   assert np.abs(module(feat, text, mask) - module(feat, data['in/text'], mask)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_text_cross_attention_starts_as_layer_norm():
   """gamma is initialised to 0, so a fresh block is LayerNorm(f)."""
   module = fusion.TextCrossAttention(8, 12, 16, 2, rngs=nnx.Rngs(1))

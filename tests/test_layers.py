@@ -111,6 +111,7 @@ def test_xavier_uniform_matches_torch_fans(torch_shape, jax_shape):
   assert abs(w.std() - bound / math.sqrt(3)) / (bound / math.sqrt(3)) < 0.05
 
 
+@pytest.mark.slow
 def test_xavier_for_attention_kernels():
   e, heads = 32, 4
   # A separate (E, in) projection viewed as an (in, heads, head_dim) kernel.

@@ -18,6 +18,8 @@ import openpyxl
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # Prepares datasets through run.py processes.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDERS = {'Train_Folder': 'train', 'Val_Folder': 'val', 'Test_Folder': 'test'}
 NAMES = {'Train_Folder': 6, 'Val_Folder': 2, 'Test_Folder': 2}  # Images per folder.

@@ -180,6 +180,7 @@ def test_resume_in_process(prefetch):
   _assert_batches_equal(_take(restored, 2), after)
 
 
+@pytest.mark.slow
 def test_resume_with_two_workers_matches_in_process(tmp_path):
   arrays = _arrays(tmp_path)  # Memory-mapped images: workers reopen the file.
   kwargs = dict(batch_size=8, seed=1, is_labeled=True, augment_prob=0.5)

@@ -334,6 +334,7 @@ def test_prepare_with_a_process_pool_matches_serial(tmp_path):
   np.testing.assert_array_equal(serial.cache.masks, pooled.cache.masks)
 
 
+@pytest.mark.slow
 def test_real_brisc(tmp_path):
   root = SHARED / 'data' / 'brisc2025_mini'
   cot = SHARED / 'data' / 'cers_cot' / 'brisc2025'

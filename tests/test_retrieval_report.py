@@ -137,6 +137,7 @@ def test_a_ranking_cot_space_passes():
   assert modes['image+cot']['changed_vs_image'] > 0
 
 
+@pytest.mark.slow
 def test_fine_stage_ranking_follows_the_cot_texts(tmp_path):
   """Text -> tokenizer -> CoT BERT (mean pooling) -> retrieval: editing a CoT moves ranks."""
   texts = [

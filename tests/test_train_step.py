@@ -21,6 +21,8 @@ from cers_jax.training import steps as ts
 from cers_jax.training.experiment import Data
 from tests import train_helpers as th
 
+pytestmark = pytest.mark.slow  # Compiles the train steps (several devices, bfloat16).
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
