@@ -54,10 +54,11 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'With --distributed: this process\'s index, 0 on the host that '
     'writes the files (default: detected).')
 _COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache', cli.default_compilation_cache(),
+    'compilation_cache', None,
     'JAX persistent compilation cache: a later run with the same config reads the '
-    'compiled steps from this folder instead of compiling them again. '
-    '--compilation_cache= turns it off.')
+    'compiled steps from this folder instead of compiling them again (default: '
+    f'{cli.default_compilation_cache()}, skipped if not writable). --compilation_cache= '
+    'turns it off.')
 
 
 def _quiet_library_info(record) -> bool:
@@ -78,7 +79,7 @@ def main(argv):
     logging.info('Process %d of %d; %d of %d devices are local.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
   cache = cli.enable_compilation_cache(_COMPILATION_CACHE.value)
-  logging.info('Compilation cache: %s', cache or 'off (--compilation_cache=)')
+  logging.info('Compilation cache: %s', cache or 'off')
   config = cli.config_value(_CONFIG)
   workdir = train.default_workdir(_WORKDIR.value, flags.FLAGS['config'].config_filename)
   try:

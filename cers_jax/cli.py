@@ -22,6 +22,7 @@ import re
 import sys
 
 from absl import flags
+from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -151,8 +152,8 @@ def enable_compilation_cache(directory: str | None) -> str | None:
   and a second run of it took 83 s instead of 317 s on a loaded 2-core CPU.
 
   Args:
-    directory: the cache folder (created if needed); None: `default_compilation_cache()`;
-      '': leave the cache off.
+    directory: the cache folder (created if needed); None: `default_compilation_cache()`,
+      or no cache if that folder cannot be written; '': leave the cache off.
 
   Returns:
     The folder in use, or None when off.
@@ -161,11 +162,19 @@ def enable_compilation_cache(directory: str | None) -> str | None:
 
   if directory == '':
     return None
+  chosen = directory is not None
   directory = os.path.abspath(os.path.expanduser(directory or default_compilation_cache()))
   try:
     os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+      raise PermissionError(13, 'not writable')
   except OSError as error:
-    _fail(f'--compilation_cache={directory}: cannot create it ({error.strerror}). Give a '
+    if not chosen:  # The default folder: a read-only home must not stop a run.
+      absl_logging.warning('No compilation cache: %s is not writable (%s); set '
+                           '--compilation_cache=DIR to keep compiled steps.', directory,
+                           error.strerror)
+      return None
+    _fail(f'--compilation_cache={directory}: cannot write there ({error.strerror}). Give a '
           'writable folder, or --compilation_cache= to run without the cache.')
   jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)

@@ -18,6 +18,11 @@ from cers_jax.training import losses
 from configs import synthetic
 
 
+def _floats(metrics: dict) -> dict[str, float]:
+  """A step's metrics as Python floats (one device-to-host copy)."""
+  return {name: float(value) for name, value in sharding.to_host(metrics).items()}
+
+
 def main(workdir: str, steps_per_stage: str = '3', config=None) -> list[dict]:
   config = config or synthetic.get_config()
   exp, state = experiment.create(config, workdir)
@@ -34,16 +39,16 @@ def main(workdir: str, steps_per_stage: str = '3', config=None) -> list[dict]:
   state = embed.with_text_features(state, steps, data, config)  # Frozen CoT BERT, once.
   for _ in range(int(steps_per_stage)):
     state, metrics = steps.warmup(state, sharding.shard_batch(next(labeled), mesh))
-    history.append(dict(stage='warmup', **sharding.to_host(metrics)))
+    history.append(dict(stage='warmup', **_floats(metrics)))
   state = embed.with_pool(state, steps, data, config)  # The knowledge pool, after warm-up.
   weight = sharding.replicate(np.float32(losses.consistency_weight(
       0, consistency=config.train.consistency, rampup=config.train.consistency_rampup)), mesh)
   for _ in range(int(steps_per_stage)):
     state, metrics = steps.semi(state, sharding.shard_batch(next(labeled), mesh),
                                 sharding.shard_batch(next(unlabeled), mesh), weight)
-    history.append(dict(stage='semi', **sharding.to_host(metrics)))
+    history.append(dict(stage='semi', **_floats(metrics)))
   for record in history:
-    print(' '.join(f'{k}={v:.4f}' if isinstance(v, (float, np.floating)) else f'{k}={v}'
+    print(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                    for k, v in record.items()))
   return history
 

@@ -13,9 +13,19 @@ import pytest
 from cers_jax import cli
 
 
+def _writable(directory: str) -> bool:
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError:
+    return False
+  return os.access(directory, os.W_OK)
+
+
 def _cache_dir() -> str | None:
-  directory = cli.enable_compilation_cache(
-      os.environ.get('CERS_TEST_COMPILATION_CACHE', cli.default_compilation_cache()))
+  directory = os.environ.get('CERS_TEST_COMPILATION_CACHE', cli.default_compilation_cache())
+  # Where the folder cannot be written (a read-only home), the tests run without the cache.
+  directory = cli.enable_compilation_cache(directory if directory and _writable(directory)
+                                           else '')
   if directory:  # Subprocesses that are not run.py (several-device workers) read these.
     os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
