@@ -7,7 +7,7 @@ in test_end_to_end.py.
 
 import pytest
 
-from cers_jax import workdir
+from cers_jax.training import workdir
 from cers_jax.errors import WorkdirError
 from configs import base
 

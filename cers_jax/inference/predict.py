@@ -52,7 +52,6 @@ from cers_jax.data.records import DataError
 from cers_jax.inference import pages
 from cers_jax.retrieval import embed
 from cers_jax.retrieval import search
-from cers_jax.training import curves
 
 IMAGE_SUBFOLDERS = ('frames', 'images')  # Looked up in this order before the folder itself.
 MASK_SUBFOLDER = 'masks'
@@ -293,8 +292,11 @@ def _items_and_output(data, config,
   return _cache_items(data, rows), predictions, False
 
 
-def predict(state, steps, data, config, workdir: str) -> str:
+def predict(state, steps, data, config, workdir: str, *,
+            curves_png: str | None = None) -> str:
   """Predicts masks with `state` and writes the evidence pages; returns the output folder.
+
+  `curves_png`: the training curves of the model, linked from index.html if the file exists.
 
   Raises:
     DataError: bad predict folder or a required report text/CoT missing (before any
@@ -357,9 +359,8 @@ def predict(state, steps, data, config, workdir: str) -> str:
   title = (f'CERS predictions: {config.eval.predict_dir}' if from_folder
            else f'CERS predictions: first {len(items)} test images')
   with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:
-    curves_png = os.path.join(workdir, curves.CURVES_FILE)
     curves_href = (os.path.relpath(curves_png, out_dir).replace(os.sep, '/')
-                   if os.path.isfile(curves_png) else None)
+                   if curves_png and os.path.isfile(curves_png) else None)
     f.write(pages.render_index(records, title, curves_href))
   with open(os.path.join(out_dir, 'predictions.csv'), 'w', newline='',
             encoding='utf-8') as f:

@@ -19,7 +19,6 @@ from cers_jax import sharding
 from cers_jax.data import pipeline
 from cers_jax.data import tokenize
 from cers_jax.retrieval import pool as kp
-from cers_jax.training.state import TrainState
 
 
 def embed_dim(config) -> int:
@@ -36,7 +35,7 @@ def _chunks(count: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
     yield sharding.pad_rows(chunk, batch_size), len(chunk)
 
 
-def cot_features(state: TrainState, steps, ids: np.ndarray, mask: np.ndarray,
+def cot_features(state, steps, ids: np.ndarray, mask: np.ndarray,
                  batch_size: int) -> np.ndarray:
   """Pooled CoT BERT features (n, H) of token rows (config model.cot.pooling)."""
   out = []
@@ -47,7 +46,7 @@ def cot_features(state: TrainState, steps, ids: np.ndarray, mask: np.ndarray,
   return np.concatenate(out)
 
 
-def retrieval_embeddings(state: TrainState, steps, features: np.ndarray,
+def retrieval_embeddings(state, steps, features: np.ndarray,
                          batch_size: int) -> np.ndarray:
   """Unit-norm retrieval embeddings (n, E) of pooled CoT BERT features."""
   out = []
@@ -57,7 +56,7 @@ def retrieval_embeddings(state: TrainState, steps, features: np.ndarray,
   return np.concatenate(out)
 
 
-def embed_texts(state: TrainState, steps, tokenizer, texts: Sequence[str | None],
+def embed_texts(state, steps, tokenizer, texts: Sequence[str | None],
                 config) -> np.ndarray:
   """Retrieval embeddings (n, E) of texts; zero rows where a text is None (not queried)."""
   out = np.zeros((len(texts), embed_dim(config)), np.float32)
@@ -72,7 +71,7 @@ def embed_texts(state: TrainState, steps, tokenizer, texts: Sequence[str | None]
   return out
 
 
-def with_text_features(state: TrainState, steps, data, config) -> TrainState:
+def with_text_features(state, steps, data, config):
   """The state with pooled CoT BERT features of every row (once per run, before warm-up).
 
   A labeled training image aligns with, and queries with, its mask-aware CoT; every other
@@ -102,7 +101,7 @@ def labeled_batches(data, rows: np.ndarray, batch_size: int):
     yield batch
 
 
-def with_pool(state: TrainState, steps, data, config) -> TrainState:
+def with_pool(state, steps, data, config):
   """After warm-up: fixed CoT/text retrieval embeddings of every row, then the labeled pool."""
   batch_size = config.train.eval_batch_size
   query_cot, query_text = (
@@ -125,7 +124,7 @@ def with_pool(state: TrainState, steps, data, config) -> TrainState:
                                                 shard_rows=config.pool.shard_rows))
 
 
-def with_refreshed_pool(state: TrainState, steps, data, config) -> TrainState:
+def with_refreshed_pool(state, steps, data, config):
   """The authors' once-an-epoch refresh of every labeled row (config pool.update_rule)."""
   pool = state.pool
   for batch in labeled_batches(data, data.rows['train_labeled'],

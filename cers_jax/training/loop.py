@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cers_jax import sharding
-from cers_jax import workdir as workdir_lib
+from cers_jax.training import workdir as workdir_lib
 from cers_jax.data import pipeline
 from cers_jax.errors import ConfigError, WorkdirError
 from cers_jax.inference import evaluate as evaluate_lib
@@ -575,6 +575,7 @@ def _run_mode(exp, state: TrainState, mode: str) -> dict:
           state, exp.steps, exp.data, exp.config, split=split, meta=meta,
           out_dir=os.path.join(exp.workdir, 'eval'))
     if mode in ('predict', 'all'):
-      summary['predict_dir'] = predict_lib.predict(state, exp.steps, exp.data, exp.config,
-                                                   exp.workdir)
+      summary['predict_dir'] = predict_lib.predict(
+          state, exp.steps, exp.data, exp.config, exp.workdir,
+          curves_png=os.path.join(exp.workdir, curves.CURVES_FILE))
   return summary
