@@ -282,6 +282,7 @@ def from_workdir(workdir: str, which: str = 'best') -> tuple[Experiment, TrainSt
     config = ml_collections.ConfigDict(json.load(f))
   exp, state = create(config, workdir)
   if exp.checkpoints.latest_step(which) is None:
+    exp.checkpoints.close()
     raise WorkdirError(f'No {which!r} checkpoint in {os.path.join(workdir, "checkpoints")}.')
   state, meta = exp.checkpoints.restore(which, state)
   return exp, state, meta
