@@ -8,8 +8,6 @@ it off when empty.
 
 import os
 
-import pytest
-
 from cers_jax import cli
 
 
@@ -21,22 +19,15 @@ def _writable(directory: str) -> bool:
   return os.access(directory, os.W_OK)
 
 
-def _cache_dir() -> str | None:
+def _enable_compilation_cache() -> None:
   directory = os.environ.get('CERS_TEST_COMPILATION_CACHE', cli.default_compilation_cache())
   # Where the folder cannot be written (a read-only home), the tests run without the cache.
   directory = cli.enable_compilation_cache(directory if directory and _writable(directory)
                                            else '')
-  if directory:  # Subprocesses that are not run.py (several-device workers) read these.
+  if directory:  # Every subprocess (run.py, several-device workers) inherits these.
     os.environ.update(JAX_COMPILATION_CACHE_DIR=directory,
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-  return directory
 
 
-_CACHE = _cache_dir()
-
-
-@pytest.fixture(scope='session')
-def compilation_cache() -> str:
-  """The cache folder (for run.py subprocesses); '' when the cache is off."""
-  return _CACHE or ''
+_enable_compilation_cache()

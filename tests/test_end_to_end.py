@@ -25,8 +25,8 @@ CONFIG = os.path.join('tests', 'run_configs', 'tiny_run.py')
 
 
 @pytest.fixture(scope='module')
-def cli(compilation_cache):
-  env = cli_helpers.run_env(compilation_cache)
+def cli():
+  env = cli_helpers.run_env()
 
   def run(workdir, *flags, expect_ok=True):
     result = subprocess.run(

@@ -74,9 +74,9 @@ def _authors_state_dict(vocab_size: int) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope='module')
-def imported(tmp_path_factory, compilation_cache):
+def imported(tmp_path_factory):
   """(cli, workdir, state dict path) after `--mode prepare` (data and tokenizers)."""
-  env = cli_helpers.run_env(compilation_cache)
+  env = cli_helpers.run_env()
   workdir = str(tmp_path_factory.mktemp('authors') / 'run')
   path = str(tmp_path_factory.mktemp('weights') / 'cers_authors.safetensors')
 
