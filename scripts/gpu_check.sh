@@ -8,7 +8,7 @@
 #   bash scripts/gpu_check.sh --quick     # tiny sizes: checks the script itself, on any machine
 #
 # grain and ml-collections are often missing on such images: put their wheels in .whl/
-# (see benchmarks/README.md) and they are installed into a temporary directory.
+# (see benchmarks/README.md) and scripts/_gpu_env.sh installs them into a temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests=(-k 'not four_devices')
@@ -26,25 +26,8 @@ if [ "${1:-}" = "--quick" ]; then
 elif [ -n "${1:-}" ]; then
   echo "usage: bash scripts/gpu_check.sh [--quick]" >&2; exit 2
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/cers_site .whl/*.whl
-  export PYTHONPATH="$PYTHONPATH:/tmp/cers_site"
-fi
-python3 - <<'PY'
-import importlib, sys
-missing = []
-for name in ('jax', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'chex', 'ml_collections',
-             'absl', 'transformers', 'safetensors', 'pytest'):
-  try:  # Import, not just find: a wheel whose own requirement is absent fails here.
-    importlib.import_module(name)
-  except ImportError as error:
-    missing.append(f'{name} ({error})')
-if missing:
-  sys.exit(f'cannot import: {missing}; bring the wheels in .whl/ (benchmarks/README.md)')
-import jax
-print('devices:', jax.devices(), 'jax', jax.__version__)
-PY
+source scripts/_gpu_env.sh
+gpu_env pytest
 echo '== GPU-relevant tests (steps, retrieval, mixed precision) =='
 timeout "${limits[0]}" python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_knowledge_pool.py tests/test_train_step.py "${tests[@]}" \

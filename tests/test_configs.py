@@ -80,3 +80,23 @@ def test_a_trainable_cot_bert_is_refused_before_any_work(tmp_path):
   with pytest.raises(ConfigError, match='model.cot.trainable'):
     experiment.create(config, str(tmp_path / 'work'))
   assert not os.path.exists(tmp_path / 'work')
+
+
+@pytest.mark.parametrize('variant', ['', 'quick'])
+def test_brisc_gpu_config_schedule(variant):
+  """configs/brisc_gpu.py (scripts/gpu_brisc.sh): the full-size bfloat16 run and its dry run."""
+  config = importlib.import_module('configs.brisc_gpu').get_config(variant)
+  train = config.train
+  assert train.warmup_epochs > 0 and train.epochs > 0 and train.batch_size > 0
+  assert train.eval_batch_size > 0 and train.steps_per_epoch >= 0
+  assert config.data.layout == 'brisc' and config.data.split_protocol == 'paper'
+  assert config.data.labeled_fraction == 0.25 and config.model.compute_dtype == 'bfloat16'
+  assert (config.model.cot.pooling, config.pool.cot_space) == ('mean', 'features')
+  if not variant:
+    base = importlib.import_module('configs.base').get_config()
+    assert config.data.image_size == 224
+    assert tuple(config.model.encoder_dims) == tuple(base.model.encoder_dims)
+    assert config.model.text.hidden_size == config.model.cot.hidden_size == 768
+  ts.StepConfig.from_config(config)
+  with pytest.raises(ValueError, match='variants'):
+    importlib.import_module('configs.brisc_gpu').get_config('huge')
