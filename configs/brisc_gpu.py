@@ -2,7 +2,7 @@
 
 The full network (ConvNeXt-T, two BERT-base encoders, 224x224, bfloat16 compute) on BRISC's
 official train split (3,933 images, packed by scripts/pack_brisc.py), protocol `paper` (8:1:1,
-25% of train labeled: 786 labeled, 2,360 unlabeled, 393 val, 394 test images):
+25% of train labeled: 787 labeled, 2,360 unlabeled, 393 val, 393 test images):
 
   bash scripts/gpu_brisc.sh                 # on the GPU machine, with .brisc_pack/ carried
   python run.py --config configs/brisc_gpu.py --workdir runs/brisc_gpu \
@@ -16,11 +16,11 @@ semi-supervised step at B = 16 runs at about 300 images/s in bfloat16 on an H200
 the authors' PyTorch float32 step ran at 66 images/s there) and a warm-up step, half its
 work, at about 0.06 s: about 25 s of warm-up and 65 s of semi-supervised steps. The rest of
 the ~6 minutes is start-up, prepare, the model build, compiling the warm-up, semi-supervised
-and eval programs (1-2 min expected), 13 checkpoint saves of the whole state (about 1.5 GB
-each), the retrieval report after warm-up, validation after each semi-supervised epoch and
-the test evaluation. At 150 images/s the run takes about 1 minute longer; gpu_brisc.sh stops
-training by SIGTERM (a checkpoint, then the summary of what finished) before the device
-call's 10-minute limit.
+and eval programs (1-2 min expected), up to 17 checkpoint saves of the whole state (about
+1.5 GB each), the retrieval report after warm-up, validation after each semi-supervised
+epoch and the test evaluation. At 150 images/s the run takes about 1 minute longer;
+gpu_brisc.sh stops training by SIGTERM (a checkpoint, then the summary of what finished)
+before the device call's 10-minute limit.
 
 No pretrained weights or tokenizers can be downloaded there, so the model is initialised at
 random and reads texts as configs/brisc_small.py does: word-piece tokenizers trained on the

@@ -41,7 +41,8 @@ source scripts/_gpu_env.sh
 gpu_env PIL tokenizers matplotlib tqdm
 mkdir -p "$workdir"
 log="$workdir/gpu_brisc.log"
-echo "== $config on $pack ($(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["images"], m["size"], "px, quality", m["quality"])' "$pack/pack.json")), workdir $workdir, limit ${limit} s =="
+echo "== $config on $pack (its pack.json: $(tr -d ' \n' <"$pack/pack.json" | cut -c1-300))," \
+     "workdir $workdir, limit ${limit} s =="
 start=$SECONDS
 status=0
 timeout -s TERM -k 60 "$limit" python3 run.py --config="$config" --workdir="$workdir" \

@@ -48,8 +48,10 @@ def speed_lines(records: list[dict]) -> list[str]:
     if len(epochs) > 1:
       rates = [r['images_per_s'] for r in epochs[1:]]
       seconds = [r['seconds'] for r in epochs[1:]]
-      text += (f'; epochs 2-{len(epochs)}: median {statistics.median(rates):.1f} images/s, '
-               f'{statistics.median(seconds):.1f} s an epoch')
+      later = 'epoch 2' if len(epochs) == 2 else f'epochs 2-{len(epochs)}'
+      text += (f'; {later}: median {statistics.median(rates):.1f} images/s, '
+               f'{statistics.median(seconds):.1f} s an epoch, so about '
+               f'{first["seconds"] - statistics.median(seconds):.0f} s of compiling')
     lines.append(text)
   return lines
 
