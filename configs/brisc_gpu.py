@@ -67,7 +67,6 @@ def get_config(variant: str = ''):
   if variant == 'quick':
     synthetic.small_cers(config)
     config.data.image_size = 64
-    train.eval_batch_size = 32
     train.warmup_epochs = 1
     train.epochs = 2
     train.steps_per_epoch = 5

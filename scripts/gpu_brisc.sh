@@ -45,10 +45,24 @@ echo "== $config on $pack (its pack.json: $(tr -d ' \n' <"$pack/pack.json" | cut
      "workdir $workdir, limit ${limit} s =="
 start=$SECONDS
 status=0
+sampler=''
+if command -v nvidia-smi >/dev/null; then
+  # GPU utilization once a second: low during training steps means the input pipeline or
+  # the host, not the GPU, sets the images/s.
+  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 \
+    >"$workdir/gpu_utilization.txt" 2>/dev/null &
+  sampler=$!
+fi
 timeout -s TERM -k 60 "$limit" python3 run.py --config="$config" --workdir="$workdir" \
   --config.data.root="$pack" 2>&1 | tee -a "$log" || status=$?
 echo "== run.py ended with status $status after $((SECONDS - start)) s" \
      "(143 or 124: stopped at the ${limit} s limit) ==" | tee -a "$log"
+if [ -n "$sampler" ]; then
+  kill "$sampler" 2>/dev/null || true
+  awk '{s += $1; n++} n == 20 {printf " %d", s / n; s = 0; n = 0}
+       END {if (n) printf " %d", s / n; print ""}' "$workdir/gpu_utilization.txt" \
+    | sed 's/^/== GPU utilization %, mean of each 20 s of the run:/' | tee -a "$log"
+fi
 python3 scripts/run_summary.py "$workdir" | tee "$workdir/run_summary.txt"
 if [ -n "${OUT:-}" ]; then
   cp "$log" "$workdir/run_summary.txt" "$OUT"/
