@@ -1,0 +1,67 @@
+"""Running a stack of identical blocks as one `jax.lax.scan` (config `model.scan_blocks`).
+
+XLA compiles an unrolled Python loop once per block: ConvNeXt-T's 18 blocks and BERT-base's
+12 layers, forward and backward, in every train-step program. A scan compiles one body per
+stack. The parameter tree stays as it is (`encoder/stages/<s>/<b>/...`,
+`text_encoder/layers/<i>/...`: converters, checkpoints and golden fixtures rely on it); the
+blocks' states are stacked at call time, which XLA turns into copies, and gradients flow
+back through the stacking to each block's own parameters.
+
+RNG streams: every block owns forked streams (nnx.Dropout, MultiHeadAttention and DropPath
+fork them), and `nnx.reseed` gives each stream its own key, so the scanned body draws from
+block i's key and count exactly as the loop does: the dropout masks are the same as the
+unrolled loop's, and the advanced counts are written back to each block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def scan_blocks(blocks: Sequence[nnx.Module], x: Array,
+                call: Callable[[nnx.Module, Array, Any], Array], *, xs: Any = None,
+                graphdef: Any = None) -> Array:
+  """`call(block_n, ... call(block_1, x, xs[0]) ..., xs[n-1])` as one lax.scan.
+
+  Args:
+    blocks: modules whose states have one structure (same paths, shapes and dtypes).
+    x: the carry, e.g. (B, H, W, C) features; every block must return its shape and dtype.
+    call: applies one block to the carry and that block's slice of `xs`.
+    xs: per-block data with a leading axis of len(blocks) (e.g. drop rates), or None.
+    graphdef: the graph definition every block runs under; default: the blocks' own, which
+      must then be identical (ValueError otherwise).
+
+  RNG counts advanced inside the body are written back to `blocks`; nothing is written
+  when the body consumes no randomness (eval mode), so a module closed over by a plain
+  jax.jit is left untouched.
+  """
+  graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+  if graphdef is None:
+    if any(g != graphdefs[0] for g in graphdefs[1:]):
+      raise ValueError('scan_blocks needs blocks with identical graph definitions (same '
+                       'structure and static attributes); run them in a loop instead.')
+    graphdef = graphdefs[0]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  rng_changed = []  # Filled while tracing the body: whether it consumed any RNG stream.
+
+  def body(carry, inputs):
+    state, extra = inputs
+    block = nnx.merge(graphdef, state)
+    before = jax.tree.leaves(nnx.state(block, nnx.RngState))
+    carry = call(block, carry, extra)
+    after = nnx.state(block, nnx.RngState)
+    rng_changed.append(any(a is not b for a, b in zip(before, jax.tree.leaves(after))))
+    return carry, after
+
+  x, rng_states = jax.lax.scan(body, x, (stacked, xs))
+  if any(rng_changed):
+    for i, block in enumerate(blocks):
+      nnx.update(block, jax.tree.map(lambda leaf, i=i: leaf[i], rng_states))
+  return x
