@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from cers_jax.models import cers
+from cers_jax.models import stack
 from cers_jax.models.bert import BertEncoder
 from cers_jax.models.convnext import ConvNeXt
 from configs import base
@@ -227,3 +228,27 @@ def test_base_config_scans_and_old_configs_do_not():
   assert not model.encoder.scan_blocks and not model.text_encoder.scan_blocks
   model = nnx.eval_shape(lambda: cers.CERS(cfg, rngs=nnx.Rngs(0)))
   assert model.encoder.scan_blocks and model.text_encoder.scan_blocks
+
+
+class _NormBlock(nnx.Module):
+
+  def __init__(self, width, rngs):
+    self.linear = nnx.Linear(4, width, rngs=rngs)
+    self.norm = nnx.BatchNorm(width, rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(self.linear(x))
+
+
+def test_scan_blocks_refuses_what_it_cannot_scan():
+  x = jnp.ones((2, 4))
+  with pytest.raises(ValueError, match='identical graph definitions'):
+    stack.scan_blocks([nnx.Linear(4, 4, rngs=nnx.Rngs(0)),
+                       nnx.Linear(4, 4, use_bias=False, rngs=nnx.Rngs(0))], x,
+                      lambda block, carry, _: block(carry))
+  blocks = [_NormBlock(4, nnx.Rngs(i)) for i in range(2)]
+  with pytest.raises(NotImplementedError, match='BatchNorm'):
+    stack.scan_blocks(blocks, x, lambda block, carry, _: block(carry))
+  eval_blocks = [nnx.view(b, use_running_average=True) for b in blocks]
+  out = stack.scan_blocks(eval_blocks, x, lambda block, carry, _: block(carry))
+  np.testing.assert_allclose(out, eval_blocks[1](eval_blocks[0](x)), atol=1e-6)

@@ -25,6 +25,15 @@ from flax import nnx
 Array = jax.Array
 
 
+# What a block's call may write: its RNG streams, and anything else but parameters.
+_MUTABLE = (nnx.RngState, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
+
+
+def _changed(before: list[Array], after: list[Array]) -> bool:
+  # Leaves the call did not touch are the very objects merged in (checked while tracing).
+  return any(a is not b for a, b in zip(before, after))
+
+
 def scan_blocks(blocks: Sequence[nnx.Module], x: Array,
                 call: Callable[[nnx.Module, Array, Any], Array], *, xs: Any = None,
                 graphdef: Any = None) -> Array:
@@ -40,7 +49,8 @@ def scan_blocks(blocks: Sequence[nnx.Module], x: Array,
 
   RNG counts advanced inside the body are written back to `blocks`; nothing is written
   when the body consumes no randomness (eval mode), so a module closed over by a plain
-  jax.jit is left untouched.
+  jax.jit is left untouched. Other state a block writes (BatchNorm statistics) is refused:
+  the stacks scanned here hold none, and silently dropping it would be wrong.
   """
   graphdefs, states = zip(*(nnx.split(block) for block in blocks))
   if graphdef is None:
@@ -54,11 +64,14 @@ def scan_blocks(blocks: Sequence[nnx.Module], x: Array,
   def body(carry, inputs):
     state, extra = inputs
     block = nnx.merge(graphdef, state)
-    before = jax.tree.leaves(nnx.state(block, nnx.RngState))
+    rngs_before, other_before = (jax.tree.leaves(nnx.state(block, f)) for f in _MUTABLE)
     carry = call(block, carry, extra)
-    after = nnx.state(block, nnx.RngState)
-    rng_changed.append(any(a is not b for a, b in zip(before, jax.tree.leaves(after))))
-    return carry, after
+    rngs, other = (nnx.state(block, f) for f in _MUTABLE)
+    if _changed(other_before, jax.tree.leaves(other)):
+      raise NotImplementedError('scan_blocks writes back RNG state only, but a block '
+                                'changed other state (e.g. BatchNorm statistics).')
+    rng_changed.append(_changed(rngs_before, jax.tree.leaves(rngs)))
+    return carry, rngs
 
   x, rng_states = jax.lax.scan(body, x, (stacked, xs))
   if any(rng_changed):
