@@ -46,8 +46,8 @@ _POOL = flags.DEFINE_integer('pool', 3700, 'Knowledge-pool rows (labeled images)
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 _TEXT_LEN = flags.DEFINE_integer('text_len', 64, 'Report-text tokens.')
 _SCAN_BLOCKS = flags.DEFINE_bool(
-    'scan_blocks', True, 'config.model.scan_blocks: ConvNeXt stages and BERT layers as '
-    'lax.scan (--noscan_blocks: unrolled, as before issue 14).')
+    'scan_blocks', False, 'config.model.scan_blocks: ConvNeXt stages and BERT layers as '
+    'lax.scan (default: unrolled loops).')
 
 
 def _config(dtype: str):
