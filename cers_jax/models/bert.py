@@ -62,7 +62,7 @@ class BertEncoder(nnx.Module):
     """Arguments follow HF `BertConfig` (`num_layers` is `num_hidden_layers`, `max_position`
     `max_position_embeddings`; `dropout` is both hidden and attention-probability dropout).
     `scan_blocks` runs the layers as one lax.scan (`cers_jax.models.stack`): the same
-    outputs and parameters, compiled once instead of once per layer.
+    outputs and parameters, one HLO body instead of one per layer.
     """
     if hidden_size % num_heads:
       raise ValueError(f'hidden_size {hidden_size} is not divisible by num_heads {num_heads}.')

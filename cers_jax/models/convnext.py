@@ -59,7 +59,7 @@ class ConvNeXt(nnx.Module):
     """Block i of n gets stochastic depth `drop_path_rate * i / (n - 1)`, as in torchvision.
 
     `scan_blocks` runs each stage's blocks as one lax.scan (`cers_jax.models.stack`): the
-    same outputs and parameters, compiled once per stage instead of once per block.
+    same outputs and parameters, one HLO body per stage instead of one per block.
     """
     if len(depths) != 4 or len(dims) != 4:
       raise ValueError(f'ConvNeXt needs 4 stages, got depths={depths}, dims={dims}.')

@@ -1,8 +1,9 @@
 """Running a stack of identical blocks as one `jax.lax.scan` (config `model.scan_blocks`).
 
-XLA compiles an unrolled Python loop once per block: ConvNeXt-T's 18 blocks and BERT-base's
-12 layers, forward and backward, in every train-step program. A scan compiles one body per
-stack. The parameter tree stays as it is (`encoder/stages/<s>/<b>/...`,
+An unrolled Python loop puts every block into the HLO: ConvNeXt-T's 18 blocks and
+BERT-base's 12 layers, forward and backward, in every train-step program. A scan holds one
+body per stack (2.4x less HLO), but XLA:CPU was measured to compile it no faster, at times
+slower (benchmarks/README.md, "Compile time"), so the switch is off by default. The parameter tree stays as it is (`encoder/stages/<s>/<b>/...`,
 `text_encoder/layers/<i>/...`: converters, checkpoints and golden fixtures rely on it); the
 blocks' states are stacked at call time, which XLA turns into copies, and gradients flow
 back through the stacking to each block's own parameters.
