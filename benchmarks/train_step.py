@@ -45,11 +45,15 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per function (median).')
 _POOL = flags.DEFINE_integer('pool', 3700, 'Knowledge-pool rows (labeled images).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 _TEXT_LEN = flags.DEFINE_integer('text_len', 64, 'Report-text tokens.')
+_SCAN_BLOCKS = flags.DEFINE_bool(
+    'scan_blocks', False, 'config.model.scan_blocks: ConvNeXt stages and BERT layers as '
+    'lax.scan (default: unrolled loops).')
 
 
 def _config(dtype: str):
   config = (base_config if _SIZE.value == 'full' else synthetic_config).get_config()
   config.model.compute_dtype = dtype
+  config.model.scan_blocks = _SCAN_BLOCKS.value
   return config
 
 
@@ -167,8 +171,8 @@ def main(argv):
                    flops / seconds / 1e12, memory, compile_s))
   device = jax.devices()[0]
   print(f'\nCERS {_SIZE.value} model, batch {batch}, {size}x{size}, pool {_POOL.value} rows, '
-        f'{_STEPS.value} timed steps, device: {device.platform} ({device.device_kind}), '
-        f'{jax.device_count()} device(s)\n')
+        f'{_STEPS.value} timed steps, scan_blocks={_SCAN_BLOCKS.value}, device: '
+        f'{device.platform} ({device.device_kind}), {jax.device_count()} device(s)\n')
   print('| compute dtype | step | ms/step | images/s | TFLOP/step | TFLOP/s | XLA memory '
         '| compile (s) |')
   print('|---|---|---:|---:|---:|---:|---:|---:|')

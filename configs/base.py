@@ -90,6 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.embed_dim = 512  # Image/CoT alignment embedding width.
   model.logit_scale_init = 2.6592600  # log(1 / 0.07), CLIP's initial temperature.
   model.compute_dtype = 'float32'  # 'bfloat16' = mixed precision (params stay float32).
+  model.scan_blocks = False  # ConvNeXt stages, BERT layers as lax.scan (benchmarks/README).
   model.checkpoint = ''  # The authors' whole CERS state dict (.pth/.bin/.safetensors).
 
   # --- knowledge pool and retrieval -------------------------------------------------

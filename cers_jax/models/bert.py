@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from cers_jax.models import stack
 from cers_jax.models.layers import gelu_exact, trunc_normal
 
 _LN_EPS = 1e-12
@@ -56,9 +57,12 @@ class BertEncoder(nnx.Module):
 
   def __init__(self, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
                intermediate_size: int, max_position: int = 512, type_vocab_size: int = 2,
-               dropout: float = 0.1, dtype: Any = None, rngs: nnx.Rngs):
+               dropout: float = 0.1, dtype: Any = None, scan_blocks: bool = False,
+               rngs: nnx.Rngs):
     """Arguments follow HF `BertConfig` (`num_layers` is `num_hidden_layers`, `max_position`
     `max_position_embeddings`; `dropout` is both hidden and attention-probability dropout).
+    `scan_blocks` runs the layers as one lax.scan (`cers_jax.models.stack`): the same
+    outputs and parameters, one HLO body instead of one per layer.
     """
     if hidden_size % num_heads:
       raise ValueError(f'hidden_size {hidden_size} is not divisible by num_heads {num_heads}.')
@@ -76,16 +80,17 @@ class BertEncoder(nnx.Module):
         BertLayer(hidden_size=hidden_size, num_heads=num_heads,
                   intermediate_size=intermediate_size, dropout=dropout, dtype=dtype, rngs=rngs)
         for _ in range(num_layers)])
+    self.scan_blocks = scan_blocks
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, *, dtype: Any = None,
-                  rngs: nnx.Rngs) -> BertEncoder:
+                  scan_blocks: bool = False, rngs: nnx.Rngs) -> BertEncoder:
     """A fresh encoder from `config.model.text` or `config.model.cot`."""
     return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                num_layers=cfg.num_layers, num_heads=cfg.num_heads,
                intermediate_size=cfg.intermediate_size, max_position=cfg.max_position,
                type_vocab_size=cfg.type_vocab_size, dropout=cfg.dropout, dtype=dtype,
-               rngs=rngs)
+               scan_blocks=scan_blocks, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                token_type_ids: jax.Array | None = None) -> jax.Array:
@@ -105,6 +110,8 @@ class BertEncoder(nnx.Module):
          + self.position_embeddings(positions))
     x = self.embed_dropout(self.embed_norm(x))
     mask = (attention_mask != 0)[:, None, None, :]
+    if self.scan_blocks and len(self.layers) > 1:
+      return stack.scan_blocks(self.layers, x, lambda layer, carry, _: layer(carry, mask))
     for layer in self.layers:
       x = layer(x, mask)
     return x

@@ -56,12 +56,13 @@ def compute_dtype(name: str) -> Any:
   return _COMPUTE_DTYPES[name]
 
 
-def _bert(cfg: ml_collections.ConfigDict, *, dtype: Any, rngs: nnx.Rngs) -> BertEncoder:
+def _bert(cfg: ml_collections.ConfigDict, *, dtype: Any, scan_blocks: bool,
+          rngs: nnx.Rngs) -> BertEncoder:
   """A BERT from a config section; a frozen one runs without dropout (it is not trained)."""
   if not cfg.trainable:
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.dropout = 0.0
-  return BertEncoder.from_config(cfg, dtype=dtype, rngs=rngs)
+  return BertEncoder.from_config(cfg, dtype=dtype, scan_blocks=scan_blocks, rngs=rngs)
 
 
 def pool_tokens(hidden: Array, mask: Array, pooling: str) -> Array:
@@ -109,6 +110,8 @@ class CERS(nnx.Module):
     """Builds the network from `config.model` (configs/base.py)."""
     dtype = compute_dtype(cfg.compute_dtype)
     dims = tuple(cfg.encoder_dims)
+    # .get: a workdir's config.json written before the switch existed lacks the field.
+    scan = bool(cfg.get('scan_blocks', False))
     self.text_trainable = bool(cfg.text.trainable)
     self.cot_trainable = bool(cfg.cot.trainable)
     self.cot_pooling = str(cfg.cot.pooling)
@@ -117,8 +120,9 @@ class CERS(nnx.Module):
                        f'{POOLINGS}.')
     self.encoder = ConvNeXt(depths=tuple(cfg.encoder_depths), dims=dims,
                             drop_path_rate=cfg.drop_path_rate,
-                            layer_scale_init=cfg.layer_scale_init, dtype=dtype, rngs=rngs)
-    self.text_encoder = _bert(cfg.text, dtype=dtype, rngs=rngs)
+                            layer_scale_init=cfg.layer_scale_init, dtype=dtype,
+                            scan_blocks=scan, rngs=rngs)
+    self.text_encoder = _bert(cfg.text, dtype=dtype, scan_blocks=scan, rngs=rngs)
     self.cross_attns = nnx.List([
         TextCrossAttention(c, cfg.text.hidden_size, cfg.attn_dim, cfg.attn_heads,
                            dtype=dtype, rngs=rngs) for c in dims
@@ -130,7 +134,7 @@ class CERS(nnx.Module):
     self.decoder_s = ResUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
     self.alignment = Alignment(dims[3], cfg.cot.hidden_size, cfg.embed_dim,
                                cfg.logit_scale_init, dtype=dtype, rngs=rngs)
-    self.cot_encoder = _bert(cfg.cot, dtype=dtype, rngs=rngs)
+    self.cot_encoder = _bert(cfg.cot, dtype=dtype, scan_blocks=scan, rngs=rngs)
 
   def f4_shape(self, image_size: int) -> tuple[int, int, int]:
     """(h, w, C4) of f4 for square images of `image_size`: a pool row's map shape.

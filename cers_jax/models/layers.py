@@ -36,22 +36,30 @@ class DropPath(nnx.Module):
     else:
       self.rngs = nnx.data(None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
+  def __call__(self, x: jax.Array, rate: float | jax.Array | None = None) -> jax.Array:
+    """`rate` replaces the layer's own when given; blocks run by `scan_blocks` pass theirs
+    as a traced scalar, since a static rate per block would give each its own graphdef."""
+    rate = self.rate if rate is None else rate
+    if self.deterministic or (isinstance(rate, float) and rate == 0.0):
       return x
     if self.rngs is None:
       raise ValueError(
           'DropPath is in training mode with rate > 0 but was built without rngs: pass '
           'rngs=nnx.Rngs(dropout=...) or use nnx.view(model, deterministic=True).')
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.rngs(), keep, shape)
+    # A traced float32 `keep` would promote bfloat16 activations; a Python float does not.
+    keep = keep if isinstance(keep, float) else jnp.asarray(keep, x.dtype)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
-  def set_view(self, deterministic: bool | None = None):
-    """Used by `nnx.view`; deterministic=True makes the layer the identity."""
+  def set_view(self, deterministic: bool | None = None, rate: float | None = None):
+    """Used by `nnx.view`; deterministic=True makes the layer the identity. `rate` sets
+    the static rate (ConvNeXt gives scanned blocks one, and their own rates as data)."""
     if deterministic is not None:
       self.deterministic = deterministic
+    if rate is not None:
+      self.rate = float(rate)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
