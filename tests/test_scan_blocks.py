@@ -13,6 +13,7 @@ from cers_jax.models import stack
 from cers_jax.models.bert import BertEncoder
 from cers_jax.models.convnext import ConvNeXt
 from configs import base
+from tests.test_cers import tiny_config
 
 DEPTHS = (2, 2, 3, 2)
 DIMS = (8, 16, 24, 32)
@@ -183,20 +184,12 @@ def test_bfloat16_training_forward_matches_the_loop():
 
 
 def _tiny_cers_config(scan):
-  cfg = base.get_config().model
+  """test_cers's tiny CERS with two blocks in two stages and two-layer BERTs to scan."""
+  cfg = tiny_config()
   cfg.encoder_depths = (2, 1, 2, 1)
-  cfg.encoder_dims = (16, 32, 48, 64)
-  cfg.attn_dim = 32
-  cfg.decoder_dims = (32, 16, 16, 8)
-  cfg.embed_dim = 16
   cfg.scan_blocks = scan
   for section in (cfg.text, cfg.cot):
-    section.vocab_size = 100
-    section.hidden_size = 32
     section.num_layers = 2
-    section.num_heads = 2
-    section.intermediate_size = 64
-    section.max_position = 64
   return cfg
 
 
