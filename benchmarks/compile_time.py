@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, '.')  # configs/ lives at the repository root.
-
-from configs import base  # noqa: E402
-from cers_jax.models.cers import _bert, compute_dtype  # noqa: E402
-from cers_jax.models.convnext import ConvNeXt  # noqa: E402
+from cers_jax.models.bert import BertEncoder
+from cers_jax.models.cers import compute_dtype
+from cers_jax.models.convnext import ConvNeXt
+from configs import base
 
 
 def _compile_seconds(scan: bool, dtype: str) -> tuple[float, float]:
@@ -28,7 +27,7 @@ def _compile_seconds(scan: bool, dtype: str) -> tuple[float, float]:
   dt = compute_dtype(dtype)
   model = nnx.eval_shape(lambda: nnx.List([
       ConvNeXt(scan_blocks=scan, dtype=dt, rngs=nnx.Rngs(0)),
-      _bert(cfg.text, dtype=dt, scan_blocks=scan, rngs=nnx.Rngs(0))]))
+      BertEncoder.from_config(cfg.text, dtype=dt, scan_blocks=scan, rngs=nnx.Rngs(0))]))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss(params, rest, image, ids, mask):

@@ -18,7 +18,6 @@ retrieval's share of the semi-supervised step, from timing the step's two retrie
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import jax
@@ -27,16 +26,14 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-sys.path.insert(0, '.')  # configs/ lives at the repository root.
-
-from configs import base as base_config  # noqa: E402
-from configs import synthetic as synthetic_config  # noqa: E402
-from cers_jax import cli  # noqa: E402
-from cers_jax.models.cers import CERS  # noqa: E402
-from cers_jax.retrieval import pool as kp  # noqa: E402
-from cers_jax.training import steps as ts  # noqa: E402
-from cers_jax.training.experiment import make_optimizer  # noqa: E402
-from cers_jax.training.state import create_train_state, empty_tables  # noqa: E402
+from configs import base as base_config
+from configs import synthetic as synthetic_config
+from cers_jax import cli
+from cers_jax.models.cers import CERS
+from cers_jax.retrieval import pool as kp
+from cers_jax.training import steps as ts
+from cers_jax.training.experiment import make_optimizer
+from cers_jax.training.state import create_train_state, empty_tables
 
 _SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny'], 'Model size.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size B (per sub-batch).')
