@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- data -------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  data.layout = 'cers'  # On-disk layout: 'cers' (flat) | 'lvit' | 'brisc' (Kaggle).
+  data.layout = 'cers'  # On-disk layout: 'cers' (flat) | 'lvit' | 'brisc' (Kaggle) | 'nifti'.
   data.root = ''  # Dataset folder; required for real data.
   data.text_csv = ''  # Report-text CSV/xlsx: comma-separated paths or globs; '' = layout default.
   data.require_text = False  # True: any image without report text is an error (all: always).
@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.val_fraction = 0.1  # Share of the official train set carved off as val ('official').
   data.labeled_fraction = 0.25  # Fraction of the train split that keeps its masks.
   data.group_regex = ''  # 'grouped' protocol: regex whose first group names the case.
+  data.nifti = nifti = ml_collections.ConfigDict()  # Layout 'nifti' (README "Datasets").
+  nifti.axis = -1  # Voxel axis volumes are sliced along into 2-D samples (-1: the last).
+  nifti.window = ()  # CT window (center, width) in the volume's units, e.g. (40, 400); () = below.
+  nifti.percentiles = (0.5, 99.5)  # Without a window: per-volume black and white percentiles.
+  nifti.empty_margin = -1  # >= 0: drop slices farther than this many slices from any lesion.
   data.zoom_prob = 0.1  # Probability of the random zoom augmentation on train images.
   data.zoom_range = (0.95, 1.2)  # Random zoom factor range (authors' augmentation).
   data.max_text_len = 64  # Report-text tokens (padded/truncated).

@@ -42,7 +42,7 @@ def _kinds(scan):
 
 def test_registry():
   assert layouts.LAYOUTS == {'cers': layouts.read_cers, 'lvit': layouts.read_lvit,
-                             'brisc': layouts.read_brisc}
+                             'brisc': layouts.read_brisc, 'nifti': layouts.read_nifti}
 
 
 def test_cers_layout(tmp_path):

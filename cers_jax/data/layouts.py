@@ -8,6 +8,9 @@
   them as e.g. `Train_text_for_Covid19.xlsx` or `Val_text_MosMedData+ 1.xlsx`.
 - 'brisc': BRISC 2025's Kaggle layout: `segmentation_task/{train,test}/{images,masks}`;
   report texts and CoTs come from the authors' CSVs, given by path.
+- 'nifti': `images/<case>.nii[.gz]` and `labels/<case>.nii[.gz]`, one sample per slice
+  (`cers_jax.data.nifti`); annotations are keyed by case (one value for all its slices) or
+  by slice id (`<case>_s<index:03d>`), a slice's own entry winning over its case's.
 
 Every reader takes the dataset root and optional annotation paths and returns a
 `DatasetScan`: the samples sorted by id plus every problem found (missing masks, masks
@@ -26,6 +29,7 @@ import os
 from typing import Any, Callable, Iterable, Protocol
 
 from cers_jax.data import annotations
+from cers_jax.data import nifti
 from cers_jax.data.annotations import AnnotationFile, Entry, read_annotations
 from cers_jax.data.images import id_from_name, is_image_file
 from cers_jax.data.records import DataError, Problem, Sample
@@ -84,6 +88,8 @@ class _Pair:
   image_path: str
   mask_path: str | None
   official_split: str
+  # Further Sample fields (group, and a slice's volume, slice_index, spacing, ...).
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def list_images(folder: str, problems: list[Problem]) -> dict[str, str]:
@@ -200,10 +206,22 @@ def _merge(files: Iterable[AnnotationFile], key_map: Callable[[str], str], known
   return merged, counts
 
 
+def _fan_out(values: dict[str, Entry], members: dict[str, list[str]]) -> dict[str, Entry]:
+  """Gives a group's entry (a volume's) to each member without an entry of its own."""
+  out = {k: v for k, v in values.items() if k not in members}
+  for group, entry in values.items():
+    for member in members.get(group, ()):
+      out.setdefault(member, dataclasses.replace(entry, id=member))
+  return out
+
+
 def _assemble(layout: str, root: str, pairs: list[_Pair], sources: dict[str, _Sources],
-              problems: list[Problem], key_map: Callable[[str], str] = lambda k: k
-              ) -> DatasetScan:
-  """Joins pairs with annotations by id into samples; reports every mismatch."""
+              problems: list[Problem], key_map: Callable[[str], str] = lambda k: k,
+              members: dict[str, list[str]] | None = None) -> DatasetScan:
+  """Joins pairs with annotations by id into samples; reports every mismatch.
+
+  `members` maps a key that annotations may use for several samples (a volume) to their ids.
+  """
   unique: dict[str, _Pair] = {}
   for pair in pairs:
     if pair.id in unique:
@@ -214,17 +232,20 @@ def _assemble(layout: str, root: str, pairs: list[_Pair], sources: dict[str, _So
   if not unique:
     raise DataError(f'No images found for layout {layout!r} under {root}. Check data.root '
                     f'and data.layout (choices: {sorted(LAYOUTS)}).')
+  members = members or {}
+  known = set(unique) | set(members)
   values: dict[str, dict[str, Entry]] = {}
   summaries = []
   for kind in ('text', 'cot_mask', 'cot_no_mask'):
     files = [read_annotations(path, kind) for path in sources[kind].paths]
-    values[kind], counts = _merge(files, key_map, set(unique), problems)
+    values[kind], counts = _merge(files, key_map, known, problems)
+    values[kind] = _fan_out(values[kind], members)
     summaries.extend({**f.summary(), 'found_by': sources[kind].found_by, **count}
                      for f, count in zip(files, counts))
     # Findings about rows of images outside the dataset stay in the file summaries only
     # (each such row is reported once, as unknown_image).
     problems.extend(p for f in files for p in f.problems
-                    if not p.id or key_map(p.id) in unique)
+                    if not p.id or key_map(p.id) in known)
     if not files:
       problems.append(Problem('no_annotation_file', root, 0, '',
                               f'no {kind} file: looked for {sources[kind].searched}; every '
@@ -245,8 +266,8 @@ def _assemble(layout: str, root: str, pairs: list[_Pair], sources: dict[str, _So
 
   samples = [Sample(id=i, image_path=p.image_path, mask_path=p.mask_path,
                     text=value('text', i), cot_mask=value('cot_mask', i),
-                    cot_no_mask=value('cot_no_mask', i), group='',
-                    official_split=p.official_split)
+                    cot_no_mask=value('cot_no_mask', i),
+                    official_split=p.official_split, **{'group': '', **p.extra})
              for i, p in sorted(unique.items())]
   return DatasetScan(layout, os.path.abspath(root), samples, problems, summaries,
                      {kind: source.searched for kind, source in sources.items()})
@@ -395,8 +416,58 @@ def read_brisc(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
   return _assemble('brisc', root, pairs, files, problems)
 
 
+def _volume_pairs(case: str, image_path: str, label_path: str | None,
+                  settings: nifti.NiftiSettings, size: int, problems: list[Problem]
+                  ) -> list[_Pair]:
+  slices = nifti.scan_volume(case, image_path, label_path, settings, size, problems)
+  return [_Pair(s.pop('id'), image_path, label_path, '', {'group': case, **s})
+          for s in slices]
+
+
+def read_nifti(root: str, *, text_csv: str = '', cot_mask_csv: str = '',
+               cot_no_mask_csv: str = '', settings: nifti.NiftiSettings | None = None,
+               image_size: int = 224) -> DatasetScan:
+  """Reads `images/<case>.nii[.gz]` and `labels/<case>.nii[.gz]` as one sample per slice.
+
+  Volumes are joined by case name; headers are read here, voxels only when `settings`
+  drops empty slices (the labels) and when prepare decodes. Each slice's group is its case,
+  so the 'grouped' split keeps a volume on one side. `image_size` (data.image_size) scales
+  the header's spacing to the cached resolution.
+  """
+  settings = settings or nifti.NiftiSettings()
+  problems: list[Problem] = []
+  images_dir, labels_dir = os.path.join(root, 'images'), os.path.join(root, 'labels')
+  _require_dir(images_dir, 'images/<case>.nii[.gz] and labels/<case>.nii[.gz]', 'nifti')
+  images = nifti.list_volumes(images_dir, problems)
+  labels = nifti.list_volumes(labels_dir, problems) if os.path.isdir(labels_dir) else {}
+  pairs: list[_Pair] = []
+  members: dict[str, list[str]] = {}
+  for case, image_path in images.items():
+    label_path = labels.get(case)
+    if label_path is None:
+      problems.append(Problem('missing_mask', image_path, 0, case,
+                              f'no label volume {case}.nii[.gz] in {labels_dir}; its slices '
+                              'are used as unlabeled only'))
+    volume_pairs = _volume_pairs(case, image_path, label_path, settings, image_size,
+                                 problems)
+    members[case] = [p.id for p in volume_pairs]
+    pairs.extend(volume_pairs)
+  for case, label_path in labels.items():
+    if case not in images:
+      problems.append(Problem('orphan_mask', label_path, 0, case,
+                              f'no image volume {case}.nii[.gz] in {images_dir}'))
+  files = _configured_files(root, text_csv, cot_mask_csv, cot_no_mask_csv)
+  return _assemble('nifti', root, pairs, files, problems, key_map=nifti.case_of,
+                   members=members)
+
+
 LAYOUTS: dict[str, LayoutReader] = {'cers': read_cers, 'lvit': read_lvit,
-                                    'brisc': read_brisc}
+                                    'brisc': read_brisc, 'nifti': read_nifti}
+# Readers that take more of config.data than the annotation paths: {layout: kwargs of it}.
+_LAYOUT_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    'nifti': lambda data: {'settings': nifti.NiftiSettings.from_config(data),
+                           'image_size': int(data.image_size)},
+}
 
 
 def read_dataset(data_config: Any) -> DatasetScan:
@@ -407,6 +478,7 @@ def read_dataset(data_config: Any) -> DatasetScan:
   if not data_config.root or not os.path.isdir(data_config.root):
     raise DataError(f'data.root {data_config.root!r} is not a folder. Set '
                     '--config.data.root=/path/to/dataset.')
+  options = _LAYOUT_OPTIONS.get(data_config.layout, lambda _: {})(data_config)
   return reader(data_config.root, text_csv=data_config.text_csv,
                 cot_mask_csv=data_config.cot_mask_csv,
-                cot_no_mask_csv=data_config.cot_no_mask_csv)
+                cot_no_mask_csv=data_config.cot_no_mask_csv, **options)

@@ -35,6 +35,7 @@ import tqdm
 
 from cers_jax.data import images as images_lib
 from cers_jax.data import layouts
+from cers_jax.data import nifti
 from cers_jax.data import splits
 from cers_jax.data.cache import Cache, load_cache, read_samples
 from cers_jax.data.records import SPLIT_NAMES, DataError, Problem, Sample, sample_to_dict
@@ -62,21 +63,59 @@ def resolve_cache_dir(config: Any, workdir: str) -> str:
   return config.data.cache_dir or os.path.join(workdir, 'data')
 
 
-def _decode_task(task: tuple[str, str | None, int]):
-  return images_lib.decode_pair(*task)
+def _decode_task(task: tuple) -> list[tuple]:
+  """The decode_pair results of one image, or of the slices of one volume (read once)."""
+  if task[0] == 'volume':
+    return nifti.decode_volume(*task[1:])
+  return [images_lib.decode_pair(*task[1:])]
 
 
-def _decoded(samples: list[Sample], size: int, processes: int) -> Iterator[tuple]:
+def _decode_tasks(samples: list[Sample], size: int, settings: nifti.NiftiSettings
+                  ) -> tuple[list[tuple], list[list[int]]]:
+  """One task per image and per volume (its slices together), and the sample positions
+  each task's results belong to."""
+  tasks: list[tuple] = []
+  positions: list[list[int]] = []
+  volume_task: dict[tuple, int] = {}
+  for position, s in enumerate(samples):
+    if s.slice_index < 0:
+      tasks.append(('image', s.image_path, s.mask_path, size))
+      positions.append([position])
+      continue
+    key = (s.image_path, s.mask_path)
+    if key not in volume_task:
+      volume_task[key] = len(tasks)
+      tasks.append(('volume', s.image_path, s.mask_path, [], size, settings))
+      positions.append([])
+    tasks[volume_task[key]][3].append(s.slice_index)
+    positions[volume_task[key]].append(position)
+  return tasks, positions
+
+
+def _decoded(samples: list[Sample], size: int, processes: int,
+             settings: nifti.NiftiSettings | None = None) -> Iterator[tuple]:
   """decode_pair results in sample order, from a process pool when processes > 1."""
-  tasks = [(s.image_path, s.mask_path, size) for s in samples]
+  tasks, positions = _decode_tasks(samples, size, settings or nifti.NiftiSettings())
   if processes > 1:
     # 'spawn': forking a process that has started JAX's threads can deadlock. An executor
     # (unlike multiprocessing.Pool) fails instead of respawning workers that cannot start.
     with futures.ProcessPoolExecutor(
         processes, mp_context=multiprocessing.get_context('spawn')) as pool:
-      yield from pool.map(_decode_task, tasks, chunksize=8)
+      yield from _in_order(positions, pool.map(_decode_task, tasks, chunksize=8))
   else:
-    yield from map(_decode_task, tasks)
+    yield from _in_order(positions, map(_decode_task, tasks))
+
+
+def _in_order(positions: list[list[int]], results: Iterator[list[tuple]]) -> Iterator[tuple]:
+  """Task results re-ordered by sample position; holds only the tasks not yet used up
+  (one volume at a time when its slices are consecutive samples, as sorted ids make them)."""
+  pending: dict[int, tuple] = {}
+  task_results = zip(positions, results)
+  for position in range(sum(map(len, positions))):
+    while position not in pending:
+      task_positions, outputs = next(task_results)
+      pending.update(zip(task_positions, outputs))
+    yield pending.pop(position)
 
 
 def _tmp(cache_dir: str, name: str) -> str:
@@ -91,15 +130,19 @@ def _open_tmp_arrays(cache_dir: str, n: int, size: int) -> dict[str, np.ndarray]
 
 
 def _decode_rows(out: dict[str, np.ndarray], samples: list[Sample], rows: list[int],
-                 size: int, processes: int) -> list[Problem]:
-  """Decodes the samples at `rows` into the arrays `out`; returns the fatal problems."""
-  problems = []
-  results = _decoded([samples[r] for r in rows], size, processes)
+                 size: int, processes: int,
+                 settings: nifti.NiftiSettings | None = None) -> list[Problem]:
+  """Decodes the samples at `rows` into the arrays `out`; returns the fatal problems (a bad
+  volume once, not once per slice)."""
+  problems, named = [], set()
+  results = _decoded([samples[r] for r in rows], size, processes, settings)
   for row, (image, mask, info) in zip(
       rows, tqdm.tqdm(results, total=len(rows), desc='decoding images', unit='img')):
     if info['error_kind']:
-      problems.append(Problem(str(info['error_kind']), str(info['file']), 0,
-                              samples[row].id, str(info['error'])))
+      if (info['error_kind'], info['file']) not in named:
+        named.add((info['error_kind'], info['file']))
+        problems.append(Problem(str(info['error_kind']), str(info['file']), 0,
+                                samples[row].id, str(info['error'])))
       continue
     out['images'][row] = image
     out['has_mask'][row] = mask is not None
@@ -110,7 +153,8 @@ def _decode_rows(out: dict[str, np.ndarray], samples: list[Sample], rows: list[i
 
 
 def _build_arrays(cache_dir: str, samples: list[Sample], size: int, processes: int,
-                  rows: list[int] | None = None) -> list[Problem]:
+                  rows: list[int] | None = None,
+                  settings: nifti.NiftiSettings | None = None) -> list[Problem]:
   """Decodes samples into temporary .npy files; returns the fatal problems found.
 
   rows=None decodes every sample; otherwise the current arrays are copied and only `rows`
@@ -121,7 +165,7 @@ def _build_arrays(cache_dir: str, samples: list[Sample], size: int, processes: i
     for name, array in out.items():
       array[:] = np.load(os.path.join(cache_dir, f'{name}.npy'), mmap_mode='r')
   problems = _decode_rows(out, samples, list(range(len(samples))) if rows is None else rows,
-                          size, processes)
+                          size, processes, settings)
   del out
   return problems
 
@@ -151,8 +195,15 @@ def _signature(path: str | None, known: dict | None) -> dict | None:
 
 def _sources(samples: list[Sample], known: list[dict] | None = None) -> list[dict]:
   known = known or [{}] * len(samples)
-  return [{'image': _signature(s.image_path, k.get('image')),
-           'mask': _signature(s.mask_path, k.get('mask'))} for s, k in zip(samples, known)]
+  signed: dict[str | None, dict | None] = {}  # The slices of a volume share its file.
+
+  def signature(path: str | None, old: dict | None) -> dict | None:
+    if path not in signed:
+      signed[path] = _signature(path, old)
+    return signed[path]
+
+  return [{'image': signature(s.image_path, k.get('image')),
+           'mask': signature(s.mask_path, k.get('mask'))} for s, k in zip(samples, known)]
 
 
 def _changed_files(old: dict, new: dict) -> list[str]:
@@ -196,7 +247,7 @@ def _plan_cache(cache_dir: str, samples: list[Sample], size: int) -> _CachePlan:
   current = _sources(samples, known)
   changed = [_changed_files(old, new) for old, new in zip(known, current)]
   return _CachePlan([row for row, files in enumerate(changed) if files], current, '',
-                    tuple(f for files in changed for f in files))
+                    tuple(dict.fromkeys(f for files in changed for f in files)))
 
 
 def _manifest(path: str, scan: layouts.DatasetScan, settings: dict[str, Any],
@@ -448,7 +499,8 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
                     ', ...' if len(plan.changed) > _LISTED else '')
   if not cache_reused:
     try:
-      fatal = _build_arrays(cache_dir, scan.samples, size, processes, plan.stale_rows)
+      fatal = _build_arrays(cache_dir, scan.samples, size, processes, plan.stale_rows,
+                            nifti.NiftiSettings.from_config(data))
     except BaseException:
       _remove_tmp(cache_dir)
       raise

@@ -32,6 +32,11 @@ class Sample:
   cot_no_mask: str | None  # CoT written without the mask (all other images).
   group: str = ''  # Patient/volume/case id for the 'grouped' protocol ('' = id).
   official_split: str = ''  # 'train' | 'val' | 'test' | '' from the layout's own folders.
+  # Slices of a volume (layout 'nifti'); the defaults mean a plain 2-D image.
+  volume: str = ''  # Case the slice belongs to ('' = not a slice).
+  slice_index: int = -1  # Position along the slicing axis of that volume.
+  spacing: tuple[float, float] | None = None  # (row, col) mm per pixel at data.image_size.
+  slice_thickness: float = 0.0  # mm between slices (the pixdim along the slicing axis).
 
 
 SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
@@ -43,8 +48,12 @@ def sample_to_dict(sample: Sample, row: int) -> dict[str, Any]:
 
 
 def sample_from_dict(entry: dict[str, Any]) -> Sample:
-  """Inverse of `sample_to_dict` (the 'row' key and unknown keys are ignored)."""
-  return Sample(**{name: entry[name] for name in SAMPLE_FIELDS if name in entry})
+  """Inverse of `sample_to_dict` (the 'row' key and unknown keys are ignored; missing
+  optional keys, as in a samples.json written before they existed, take their defaults)."""
+  values = {name: entry[name] for name in SAMPLE_FIELDS if name in entry}
+  if isinstance(values.get('spacing'), list):  # JSON has no tuples.
+    values['spacing'] = tuple(values['spacing'])
+  return Sample(**values)
 
 
 @dataclasses.dataclass(frozen=True)

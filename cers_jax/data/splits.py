@@ -6,6 +6,9 @@ Protocols (registry `PROTOCOLS`):
   from train by data.val_fraction);
 - 'grouped': like 'paper' but whole groups (patients, volumes, cases: data.group_regex's
   first group applied to the id, else Sample.group, else the id) go to one side only.
+  Layouts of slices (`GROUPED_LAYOUTS`: 'nifti', whose Sample.group is the volume) take
+  'grouped' where 'paper' is configured: a random split of slices would put neighbouring
+  slices of one case on both sides, and test would score slices trained on.
 Then a labeled fraction of train keeps its masks. The labeled subset is a prefix of one
 seeded permutation of train, so the 25% subset lies inside the 50% subset for the same
 seed, and it uses its own random stream, so changing the fraction never moves images
@@ -24,12 +27,15 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import numpy as np
 
 from cers_jax.data.records import SPLIT_NAMES, DataError, Sample
 
 # Stream ids mixed into the seed: one for the split, one for the labeled subset.
 _SPLIT_STREAM, _LABELED_STREAM = 0, 1
+# Layouts whose samples are slices of volumes: 'paper' means 'grouped' by volume for them.
+GROUPED_LAYOUTS = ('nifti',)
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -156,9 +162,19 @@ def make_split(samples: Sequence[Sample], *, protocol: str, seed: int,
   }
 
 
+def split_protocol(data_config: Any) -> str:
+  """The protocol a split uses: the configured one, 'grouped' for 'paper' on slices."""
+  protocol = data_config.split_protocol
+  if protocol == 'paper' and data_config.get('layout') in GROUPED_LAYOUTS:
+    logging.info('data.layout=%r: the split keeps every volume on one side '
+                 "(split_protocol 'grouped', not 'paper').", data_config.layout)
+    return 'grouped'
+  return protocol
+
+
 def split_settings(data_config: Any, seed: int) -> dict[str, Any]:
   """The config values a split depends on, as stored in and checked against split.json."""
-  return {'protocol': data_config.split_protocol, 'seed': int(seed),
+  return {'protocol': split_protocol(data_config), 'seed': int(seed),
           'labeled_fraction': float(data_config.labeled_fraction),
           'ratios': [float(r) for r in data_config.split_ratios],
           'val_fraction': float(data_config.val_fraction),

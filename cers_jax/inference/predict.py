@@ -28,6 +28,8 @@ Output `<workdir>/predictions/` (folder input: `<workdir>/predictions/<folder na
   pages/<id>.html    the image, overlay, mask, Dice of both decoders, report text, query
                      CoT and the k reference cases in rank order with score and CoT
   index.html         links to every page;  predictions.csv  one row per image
+  volumes/<case>_pred.nii.gz  for slices of NIfTI volumes (no predict_dir): D_r's label
+                     volume of every test-split volume (`inference.nifti_out`)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from cers_jax.data import images as images_lib
 from cers_jax.data import layouts
 from cers_jax.data import tokenize
 from cers_jax.data.records import DataError
+from cers_jax.inference import nifti_out
 from cers_jax.inference import pages
 from cers_jax.retrieval import embed
 from cers_jax.retrieval import search
@@ -354,6 +357,8 @@ def predict(state, steps, data, config, workdir: str, *,
         f.write(pages.render_page(item, record, refs, mode=config.pool.mode,
                                   samples=samples))
       records.append(record)
+  if not from_folder:  # Test slices of NIfTI volumes: whole predicted volumes too.
+    nifti_out.write_predicted_volumes(state, steps, data, config, out_dir, write=writes)
   if not writes:
     return out_dir
   title = (f'CERS predictions: {config.eval.predict_dir}' if from_folder

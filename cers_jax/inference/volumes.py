@@ -1,0 +1,172 @@
+"""Per-volume 3D scores of slice predictions (layout 'nifti'; README "Datasets").
+
+The model segments slices; a volume's result is its slices stacked back in their order
+along the slicing axis. `VolumeAccumulator` collects the binary masks of every evaluation
+batch (the `on_batch` hook of `inference.evaluate`) by volume and slice index, and scores
+each volume of both decoders with a 3D Dice and a 3D HD95 in millimetres: in-plane spacing
+at the cached resolution (`Sample.spacing`), slice thickness from the header's pixdim along
+the slicing axis (`Sample.slice_thickness`). A slice the split lacks (dropped by
+`data.nifti.empty_margin`) is empty in both prediction and ground truth, so the stack keeps
+its true geometry.
+
+Rules, as for the 2D scores: a volume whose prediction and ground truth are both empty has
+Dice 1. HD95 is the larger of the two directed 95th percentiles of surface distances
+(MONAI's and medpy's definition), from `cers_jax.surface.surface_metrics` with the empty
+rule evaluation uses for images (`eval.surface_both_empty` / `surface_one_empty`) when that
+module exists; else from the scipy helper here, NaN unless both masks are non-empty. NaN
+HD95s are left out of the mean and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from cers_jax.data.records import Sample
+
+DECODERS = ('r', 's')
+FIELDS = ('volume', 'slices', 'gt_voxels', 'dice_r', 'hd95_r', 'dice_s', 'hd95_s')
+
+
+def has_volumes(samples: Sequence[Sample]) -> bool:
+  """Whether any sample is a slice of a volume."""
+  return any(getattr(s, 'volume', '') for s in samples)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+  """The voxels of `mask` with a background neighbour (face connectivity)."""
+  return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+  """95th-percentile Hausdorff distance of two N-D binary masks (NaN if either is empty)."""
+  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+  if not pred.any() or not gt.any():
+    return float('nan')
+  sampling = None if spacing is None else tuple(float(s) for s in spacing)
+  surface_p, surface_g = _surface(pred), _surface(gt)
+  to_g = ndimage.distance_transform_edt(~surface_g, sampling=sampling)[surface_p]
+  to_p = ndimage.distance_transform_edt(~surface_p, sampling=sampling)[surface_g]
+  return float(max(np.percentile(to_g, 95), np.percentile(to_p, 95)))
+
+
+def _hd95_of(pred: np.ndarray, gt: np.ndarray, spacing: tuple | None,
+             empty_rule: Any = None) -> float:
+  """HD95 from `cers_jax.surface` when it exists (one definition across the project)."""
+  try:
+    from cers_jax import surface  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return hd95(pred, gt, spacing)
+  return float(surface.surface_metrics(pred, gt, spacing=spacing,
+                                       empty_rule=empty_rule)['hd95'])
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+  """Dice of two binary masks; 1 when both are empty (the authors' rule)."""
+  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+  total = int(pred.sum()) + int(gt.sum())
+  return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
+
+
+def _binary(masks: np.ndarray, count: int) -> np.ndarray:
+  """(count, H, W) bool of a batch of masks given as (count, H, W[, 1])."""
+  masks = np.asarray(masks)
+  return masks.reshape(count, *masks.shape[1:3]).astype(bool)
+
+
+class VolumeAccumulator:
+  """Slices of evaluation batches stacked into volumes and scored in 3D.
+
+  Usage: `acc = VolumeAccumulator(data.cache.samples)`, `acc.add(rows, pred_r, pred_s, gt)`
+  per batch (rows are cache rows, masks (B, H, W) binary), then `acc.records()`,
+  `acc.summary()` or `acc.write(out_dir, split)`. Rows that are not slices are ignored.
+  """
+
+  def __init__(self, samples: Sequence[Sample], *, empty_rule: Any = None):
+    """`empty_rule`: a `cers_jax.surface.EmptyRule` for HD95 (None: its default)."""
+    self._samples = samples
+    self._empty_rule = empty_rule
+    # {volume: {slice_index: (packed pred_r, packed pred_s, packed gt)}}; packed bits keep
+    # a whole test split of 224 px slices in a few hundred MB at most.
+    self._slices: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
+    self._meta: dict[str, tuple[tuple[float, float] | None, float]] = {}
+    self._shape: tuple[int, int] | None = None
+
+  def add(self, rows, pred_r, pred_s, gt) -> None:
+    """Adds one batch: cache rows (B,) and binary masks (B, H, W) of D_r, D_s and truth."""
+    rows = np.asarray(rows).reshape(-1)
+    masks = [_binary(m, len(rows)) for m in (pred_r, pred_s, gt)]
+    for i, row in enumerate(rows.tolist()):
+      sample = self._samples[row]
+      volume = getattr(sample, 'volume', '')
+      if not volume:
+        continue
+      self._shape = masks[0].shape[1:]
+      self._meta.setdefault(volume, (sample.spacing, float(sample.slice_thickness)))
+      self._slices.setdefault(volume, {})[int(sample.slice_index)] = tuple(
+          np.packbits(m[i]) for m in masks)
+
+  def __len__(self) -> int:
+    return len(self._slices)
+
+  def _stack(self, volume: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pred_r, pred_s, gt), each (D, H, W) bool over the volume's slice range."""
+    slices = self._slices[volume]
+    first, last = min(slices), max(slices)
+    height, width = self._shape
+    out = np.zeros((3, last - first + 1, height, width), bool)
+    for index, packed in slices.items():
+      for k, bits in enumerate(packed):
+        out[k, index - first] = np.unpackbits(bits, count=height * width).reshape(
+            height, width).astype(bool)
+    return out[0], out[1], out[2]
+
+  def _spacing(self, volume: str) -> tuple[float, float, float] | None:
+    spacing, thickness = self._meta[volume]
+    if spacing is None or thickness <= 0:
+      return None  # Voxel units: a volume read without its header's spacing.
+    return (thickness, float(spacing[0]), float(spacing[1]))
+
+  def records(self) -> list[dict[str, Any]]:
+    """One record per volume (sorted): slice count, ground-truth voxels, Dice and HD95."""
+    records = []
+    for volume in sorted(self._slices):
+      pred_r, pred_s, gt = self._stack(volume)
+      spacing = self._spacing(volume)
+      record: dict[str, Any] = dict(volume=volume, slices=len(self._slices[volume]),
+                                    gt_voxels=int(gt.sum()))
+      for name, pred in zip(DECODERS, (pred_r, pred_s)):
+        record[f'dice_{name}'] = dice(pred, gt)
+        record[f'hd95_{name}'] = _hd95_of(pred, gt, spacing, self._empty_rule)
+      records.append(record)
+    return records
+
+  def summary(self, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Volume means: `volume_dice_r_mean`, `volume_hd95_r_mean` (over defined HD95), ..."""
+    records = self.records() if records is None else records
+    summary: dict[str, Any] = dict(volume_count=len(records))
+    for name in DECODERS:
+      dices = np.array([r[f'dice_{name}'] for r in records], np.float64)
+      hds = np.array([r[f'hd95_{name}'] for r in records], np.float64)
+      hds = hds[np.isfinite(hds)]
+      summary[f'volume_dice_{name}_mean'] = float(dices.mean()) if dices.size else None
+      summary[f'volume_dice_{name}_std'] = float(dices.std()) if dices.size else None
+      summary[f'volume_hd95_{name}_mean'] = float(hds.mean()) if hds.size else None
+      summary[f'volume_hd95_{name}_count'] = int(hds.size)
+    summary['volume_hd95_unit'] = ('mm' if all(self._spacing(v) for v in self._slices)
+                                   else 'voxels (some volumes have no spacing)')
+    return summary
+
+  def write(self, out_dir: str, split: str) -> dict[str, Any]:
+    """Writes `<split>_per_volume.csv` into `out_dir`; returns the summary."""
+    records = self.records()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{split}_per_volume.csv'), 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=list(FIELDS))
+      writer.writeheader()
+      writer.writerows(records)
+    return self.summary(records)
