@@ -185,6 +185,10 @@ def test_prepare_caches_every_slice(tmp_path):
   assert len({s['image']['path'] for s in sources}) == 4
   again = prepare_lib.prepare(config_for(tmp_path / 'ds'), str(tmp_path / 'w'))
   assert again.report['reused'] == {'split': True, 'cache': True}
+  windowed = prepare_lib.prepare(config_for(tmp_path / 'ds', window=(0.0, 100.0)),
+                                 str(tmp_path / 'w'))  # Other pixels: decoded anew.
+  assert windowed.report['reused'] == {'split': True, 'cache': False}
+  assert not np.array_equal(windowed.cache.images[9], expected[0])
 
 
 def test_volume_tasks_decode_each_volume_once_and_keep_sample_order():

@@ -42,6 +42,8 @@ from cers_jax.data.records import SPLIT_NAMES, DataError, Problem, Sample, sampl
 
 _ARRAYS = ('images', 'masks', 'has_mask')
 _SOURCES = 'sources.json'  # Per row: the image and mask files the arrays were decoded from.
+# How slices of volumes were decoded (data.nifti): other settings decode the cache anew.
+_DECODING = 'decoding.json'
 _LISTED = 5  # File names or ids quoted in a log line or error.
 
 
@@ -248,6 +250,40 @@ def _plan_cache(cache_dir: str, samples: list[Sample], size: int) -> _CachePlan:
   changed = [_changed_files(old, new) for old, new in zip(known, current)]
   return _CachePlan([row for row, files in enumerate(changed) if files], current, '',
                     tuple(dict.fromkeys(f for files in changed for f in files)))
+
+
+def _decoding(samples: list[Sample], settings: nifti.NiftiSettings) -> dict[str, Any]:
+  """The settings the cached pixels depend on beyond image_size ({} without volumes)."""
+  if not any(s.slice_index >= 0 for s in samples):
+    return {}
+  return {'nifti': json.loads(json.dumps(dataclasses.asdict(settings)))}
+
+
+def _plan(cache_dir: str, samples: list[Sample], size: int,
+          decoding: dict[str, Any]) -> _CachePlan:
+  """`_plan_cache`, and a new build when the cache was decoded with other settings."""
+  plan = _plan_cache(cache_dir, samples, size)
+  if plan.stale_rows is None:
+    return plan
+  try:
+    with open(os.path.join(cache_dir, _DECODING), encoding='utf-8') as f:
+      stored = json.load(f)
+  except FileNotFoundError:
+    stored = {}
+  except (OSError, ValueError):
+    stored = None
+  if stored != decoding:
+    return _CachePlan(None, None, f'it was decoded with {stored}, the config asks for '
+                      f'{decoding}')
+  return plan
+
+
+def _write_decoding(cache_dir: str, decoding: dict[str, Any]) -> None:
+  path = os.path.join(cache_dir, _DECODING)
+  if decoding:
+    splits.write_json(path, decoding)
+  elif os.path.exists(path):
+    os.remove(path)
 
 
 def _manifest(path: str, scan: layouts.DatasetScan, settings: dict[str, Any],
@@ -486,7 +522,9 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
                           _unsplit_detail(s, manifest, split_path))
                   for s in scan.samples if s.id not in listed)
 
-  plan = _plan_cache(cache_dir, scan.samples, size)
+  nifti_settings = nifti.NiftiSettings.from_config(data)
+  decoding = _decoding(scan.samples, nifti_settings)
+  plan = _plan(cache_dir, scan.samples, size, decoding)
   cache_reused = plan.stale_rows == []
   rebuilt = []
   if plan.why:
@@ -500,7 +538,7 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   if not cache_reused:
     try:
       fatal = _build_arrays(cache_dir, scan.samples, size, processes, plan.stale_rows,
-                            nifti.NiftiSettings.from_config(data))
+                            nifti_settings)
     except BaseException:
       _remove_tmp(cache_dir)
       raise
@@ -520,6 +558,7 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   # After the arrays: a run stopped in between decodes those rows again next time.
   splits.write_json(os.path.join(cache_dir, _SOURCES),
                     plan.sources if plan.stale_rows is not None else _sources(scan.samples))
+  _write_decoding(cache_dir, decoding)
   splits.write_json(os.path.join(cache_dir, 'samples.json'),
                     [sample_to_dict(s, row) for row, s in enumerate(scan.samples)])
   if not split_reused:
