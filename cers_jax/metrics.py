@@ -4,7 +4,9 @@ Probabilities are thresholded at 0.5; Dice = 2|P n G| / (|P| + |G|), IoU = |P n 
 and an image whose prediction and ground truth are both empty scores 1. The paper reports the
 mean (and std) over the test images. The authors' evaluation also logs ``pDice``
 (``soft_dice_per_image``) and ``mDice`` / ``mIoU`` (``mean_dice_iou_per_image``); all are
-pinned by the ``losses_and_metrics`` fixture.
+pinned by the ``losses_and_metrics`` fixture. Host-side numpy metrics live beside this
+module: surface distances (HD95, ASSD, NSD) in ``cers_jax.surface``, the Dice pooled over a
+dataset, bootstrap intervals and paired tests in ``cers_jax.stats``.
 """
 
 import jax

@@ -136,6 +136,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   ev.which = 'best'  # Checkpoint to evaluate: 'best' | 'latest'.
   ev.threshold = 0.5  # Probability threshold for masks.
+  ev.surface = True  # HD95, ASSD and NSD per image in eval/<split>_* (False: Dice/IoU only).
+  ev.pixel_spacing_mm = 0.0  # Pixel size (mm) of samples without their own; 0 = unknown: px.
+  ev.surface_tolerance = 2.0  # NSD tolerance, in the surface unit (mm, or px when unknown).
+  ev.surface_both_empty = 'zero'  # Both empty: 'zero' (HD95=ASSD=0, NSD=1) | 'nan' (left out).
+  ev.surface_one_empty = 'worst'  # One empty: 'worst' (diagonal, NSD=0) | 'nan' (left out).
+  ev.bootstrap_resamples = 2000  # Image resamples for the 95% CIs of eval and compare; 0 = none.
+  ev.bootstrap_seed = 0  # Seed of those resamples: the same scores give the same CIs.
   ev.predict_dir = ''  # Folder of images (+ text/CoT CSVs) for --mode=predict.
   ev.split = ''  # Split scored by --mode eval ('' = test) and --mode retrieval ('' = val).
   ev.retrieval_report = True  # Write the retrieval report right after the pool is built.

@@ -72,6 +72,13 @@ def test_summary_means_stds_and_empty_masks():
   assert summary['dice_r_std'] == pytest.approx(dice.std())
   assert summary['iou_s_mean'] == pytest.approx(dice.mean() / 8)
   assert 'both empty scores 1' in summary['empty_rule']
+  assert summary['dice_r_per_image_mean'] == summary['dice_r_mean']
+  assert summary['dice_r_per_image_median'] == pytest.approx(np.median(dice))
+  lo, hi = summary['dice_r_per_image_ci95']
+  assert lo <= dice.mean() <= hi
+  # The probabilities are all 0: no predicted pixel, so pooled over rows 5 and 1's lesions 0.
+  assert summary['dice_r_pooled'] == 0.0 and summary['iou_s_pooled'] == 0.0
+  assert 'hd95_r_mean' not in summary  # Surface metrics are evaluate_split's (eval.surface).
 
 
 def test_evaluate_split_writes_the_csv_and_summary(tmp_path):
@@ -88,6 +95,11 @@ def test_evaluate_split_writes_the_csv_and_summary(tmp_path):
     rows = list(csv.DictReader(f))
   assert [r['id'] for r in rows] == ['img6', 'img0', 'img3', 'img5', 'img1']
   assert float(rows[0]['dice_r']) == pytest.approx(0.6)
+  assert int(rows[3]['gt_px']) == 9 and int(rows[3]['pred_px_r']) == 0
+  assert rows[0]['surface_case_r'] == 'both_empty' and rows[3]['surface_case_r'] == 'pred_empty'
+  assert summary['surface_unit'] == 'px' and summary['surface_cases_r'] == dict(
+      both_present=0, both_empty=3, pred_empty=2, gt_empty=0)
+  assert float(rows[3]['hd95_r']) == pytest.approx(np.hypot(S, S))
   with pytest.raises(ValueError, match="'test' split of the manifest is empty"):
     evaluate.evaluate_split(StepOnly(np.int32(0)), ScoreByRow(), data, config, split='test',
                             out_dir=str(tmp_path))
