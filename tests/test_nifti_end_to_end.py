@@ -77,11 +77,14 @@ def test_nifti_dataset_trains_evaluates_and_predicts_volumes(tmp_path):
   with open(workdir / 'eval' / 'test_summary.json') as f:
     summary = json.load(f)
   assert summary['count'] == len(split['ids']['test'])
-  if 'volume_count' in summary:  # Wired into evaluate_split (README "Datasets").
-    assert summary['volume_count'] == len(test_cases)
-    assert 0.0 <= summary['volume_dice_r_mean'] <= 1.0
-    with open(workdir / 'eval' / 'test_per_volume.csv') as f:
-      assert sorted(r['volume'] for r in csv.DictReader(f)) == test_cases
+  assert summary['surface_unit'] == 'mm'  # The slices' own spacing.
+  assert summary['volume_count'] == len(test_cases)
+  assert 0.0 <= summary['volume_dice_r_mean'] <= 1.0
+  assert summary['volume_hd95_unit'] == 'mm'
+  with open(workdir / 'eval' / 'test_per_volume.csv') as f:
+    per_volume = list(csv.DictReader(f))
+  assert sorted(r['volume'] for r in per_volume) == test_cases
+  assert all(int(r['slices']) == DEPTH for r in per_volume)
 
   written = sorted(os.listdir(workdir / 'predictions' / 'volumes'))
   assert written == [f'{c}_pred.nii.gz' for c in test_cases]

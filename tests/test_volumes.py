@@ -95,3 +95,15 @@ def test_missing_slices_keep_the_geometry():
   assert record['dice_r'] == pytest.approx(volumes.dice(pred_gap, gt_gap))
   assert record['hd95_r'] == pytest.approx(
       volumes.hd95(pred_gap, gt_gap, (THICKNESS, *SPACING)), rel=1e-6)
+
+
+def test_an_accumulator_only_for_splits_with_slices_and_chained_hooks():
+  samples = _samples({'a': 2})
+  assert volumes.accumulator_for(samples, [2]) is None  # Only the plain image.
+  acc = volumes.accumulator_for(samples, [0, 1, 2])
+  seen = []
+  hook = volumes.chain(None, lambda *batch: seen.append(batch[0].tolist()), acc)
+  masks = np.zeros((2, 8, 8), bool)
+  hook(np.asarray([0, 1]), masks, masks, masks)
+  assert seen == [[0, 1]] and len(acc) == 1
+  assert volumes.chain(None, None) is None

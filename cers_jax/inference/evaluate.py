@@ -28,6 +28,7 @@ from cers_jax import stats
 from cers_jax import surface as surface_lib
 from cers_jax.data import pipeline
 from cers_jax.errors import ConfigError
+from cers_jax.inference import volumes as volumes_lib
 
 EMPTY_RULE = 'an image whose thresholded prediction and mask are both empty scores 1'
 SCORES = ('dice_r', 'iou_r', 'dice_s', 'iou_s')
@@ -273,9 +274,14 @@ def evaluate_split(state, steps, data, config, *, split: str, out_dir: str,
     raise ValueError(f'The {split!r} split of the manifest is empty: nothing to evaluate.')
   meta = meta or {}
   options = EvalOptions.from_config(config)
+  # Slices of NIfTI volumes are scored per volume in 3D too (README "Datasets").
+  per_volume = volumes_lib.accumulator_for(data.cache.samples, rows, options.empty_rule)
   records = per_image(state, steps, data, rows, config.train.eval_batch_size,
-                      options=options, on_batch=on_batch)
+                      options=options, on_batch=volumes_lib.chain(on_batch, per_volume))
   summary = summarize(records, options)
+  if per_volume is not None:
+    summary.update(per_volume.write(out_dir, split) if sharding.is_main_process()
+                   else per_volume.summary())
   summary.update(split=split, checkpoint=meta.get('checkpoint', config.eval.which),
                  step=int(sharding.to_host(state.step)), epoch=meta.get('epoch'),
                  stage=meta.get('stage'), retrieval_mode=config.pool.mode,

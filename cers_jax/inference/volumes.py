@@ -23,6 +23,7 @@ import csv
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import numpy as np
 from scipy import ndimage
 
@@ -35,6 +36,28 @@ FIELDS = ('volume', 'slices', 'gt_voxels', 'dice_r', 'hd95_r', 'dice_s', 'hd95_s
 def has_volumes(samples: Sequence[Sample]) -> bool:
   """Whether any sample is a slice of a volume."""
   return any(getattr(s, 'volume', '') for s in samples)
+
+
+def accumulator_for(samples: Sequence[Sample], rows, empty_rule: Any = None
+                    ) -> 'VolumeAccumulator | None':
+  """A VolumeAccumulator when some of `rows` are slices of a volume, else None."""
+  if not has_volumes([samples[int(r)] for r in np.asarray(rows).tolist()]):
+    return None
+  return VolumeAccumulator(samples, empty_rule=empty_rule)
+
+
+def chain(*hooks):
+  """One `on_batch` hook calling each of `hooks` (None and None-valued entries skipped);
+  a VolumeAccumulator counts as its `add`."""
+  calls = [h.add if isinstance(h, VolumeAccumulator) else h for h in hooks if h is not None]
+  if not calls:
+    return None
+
+  def on_batch(*batch):
+    for call in calls:
+      call(*batch)
+
+  return on_batch
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -169,4 +192,14 @@ class VolumeAccumulator:
       writer = csv.DictWriter(f, fieldnames=list(FIELDS))
       writer.writeheader()
       writer.writerows(records)
-    return self.summary(records)
+    summary = self.summary(records)
+    logging.info('%s per volume (%d volumes, 3D): Dice D_r %s, HD95 D_r %s %s; Dice D_s %s, '
+                 'HD95 D_s %s', split, summary['volume_count'],
+                 *(_fmt(summary[k]) for k in ('volume_dice_r_mean', 'volume_hd95_r_mean')),
+                 summary['volume_hd95_unit'],
+                 *(_fmt(summary[k]) for k in ('volume_dice_s_mean', 'volume_hd95_s_mean')))
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+  return 'n/a' if value is None else f'{value:.4f}'
