@@ -5,6 +5,7 @@ import csv
 import numpy as np
 import pytest
 
+from cers_jax import surface
 from cers_jax.data.records import Sample
 from cers_jax.inference import volumes
 
@@ -41,13 +42,15 @@ def _feed(acc, samples, stacks, order, batch=3):
     acc.add(rows, *[np.stack(p)[..., None] for p in parts])  # (B, H, W, 1) is accepted.
 
 
-def test_hd95_helper_in_mm():
+def test_hd95_in_mm_and_the_empty_rule():
   gt = _box((6, 8, 8), (1, 2, 2), (4, 6, 6))
   shifted = np.roll(gt, 2, axis=0)  # Two slices further along the slicing axis.
   assert volumes.hd95(gt, gt, (3.0, 0.5, 0.5)) == 0.0
   assert volumes.hd95(shifted, gt, (3.0, 0.5, 0.5)) == pytest.approx(6.0)
   assert volumes.hd95(shifted, gt) == pytest.approx(2.0)  # No spacing: voxels.
-  assert np.isnan(volumes.hd95(np.zeros_like(gt), gt))
+  missed = np.zeros_like(gt)
+  assert np.isnan(volumes.hd95(missed, gt, empty_rule=surface.EmptyRule(one_empty='nan')))
+  assert volumes.hd95(missed, gt) == pytest.approx(surface.diagonal(gt.shape))  # 'worst'
 
 
 def test_accumulator_scores_each_volume_in_3d(tmp_path):
@@ -69,6 +72,8 @@ def test_accumulator_scores_each_volume_in_3d(tmp_path):
   assert records['a']['dice_s'] == pytest.approx(volumes.dice(np.roll(gt_a, 1, 0), gt_a))
   assert records['a']['hd95_s'] == pytest.approx(THICKNESS)  # One slice off = 3 mm.
   assert records['b']['dice_r'] == 0.0 and records['b']['dice_s'] == 1.0
+  diagonal = surface.diagonal(gt_b.shape, (THICKNESS, *SPACING))  # A missed lesion: worst.
+  assert records['b']['hd95_r'] == pytest.approx(diagonal)
   assert records['c']['dice_r'] == 1.0  # Both empty scores 1.
   summary = acc.write(str(tmp_path), 'test')
   assert summary['volume_count'] == 3

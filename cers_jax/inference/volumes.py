@@ -10,11 +10,10 @@ the slicing axis (`Sample.slice_thickness`). A slice the split lacks (dropped by
 its true geometry.
 
 Rules, as for the 2D scores: a volume whose prediction and ground truth are both empty has
-Dice 1. HD95 is the larger of the two directed 95th percentiles of surface distances
-(MONAI's and medpy's definition), from `cers_jax.surface.surface_metrics` with the empty
-rule evaluation uses for images (`eval.surface_both_empty` / `surface_one_empty`) when that
-module exists; else from the scipy helper here, NaN unless both masks are non-empty. NaN
-HD95s are left out of the mean and counted.
+Dice 1. HD95 is `cers_jax.surface.surface_metrics`'s (the larger of the two directed 95th
+percentiles of surface distances, MONAI's definition) with the empty-mask rule evaluation
+uses for images (`eval.surface_both_empty` / `surface_one_empty`); NaN HD95s (the 'nan'
+rules) are left out of the mean and counted.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
-from scipy import ndimage
 
+from cers_jax import surface
 from cers_jax.data.records import Sample
 
 DECODERS = ('r', 's')
@@ -38,7 +37,8 @@ def has_volumes(samples: Sequence[Sample]) -> bool:
   return any(getattr(s, 'volume', '') for s in samples)
 
 
-def accumulator_for(samples: Sequence[Sample], rows, empty_rule: Any = None
+def accumulator_for(samples: Sequence[Sample], rows,
+                    empty_rule: surface.EmptyRule | None = None
                     ) -> 'VolumeAccumulator | None':
   """A VolumeAccumulator when some of `rows` are slices of a volume, else None."""
   if not has_volumes([samples[int(r)] for r in np.asarray(rows).tolist()]):
@@ -60,30 +60,9 @@ def chain(*hooks):
   return on_batch
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-  """The voxels of `mask` with a background neighbour (face connectivity)."""
-  return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
-def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
-  """95th-percentile Hausdorff distance of two N-D binary masks (NaN if either is empty)."""
-  pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-  if not pred.any() or not gt.any():
-    return float('nan')
-  sampling = None if spacing is None else tuple(float(s) for s in spacing)
-  surface_p, surface_g = _surface(pred), _surface(gt)
-  to_g = ndimage.distance_transform_edt(~surface_g, sampling=sampling)[surface_p]
-  to_p = ndimage.distance_transform_edt(~surface_p, sampling=sampling)[surface_g]
-  return float(max(np.percentile(to_g, 95), np.percentile(to_p, 95)))
-
-
-def _hd95_of(pred: np.ndarray, gt: np.ndarray, spacing: tuple | None,
-             empty_rule: Any = None) -> float:
-  """HD95 from `cers_jax.surface` when it exists (one definition across the project)."""
-  try:
-    from cers_jax import surface  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return hd95(pred, gt, spacing)
+def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None,
+         empty_rule: surface.EmptyRule | None = None) -> float:
+  """HD95 of two N-D binary masks in the unit of `spacing` (`surface.surface_metrics`)."""
   return float(surface.surface_metrics(pred, gt, spacing=spacing,
                                        empty_rule=empty_rule)['hd95'])
 
@@ -109,8 +88,9 @@ class VolumeAccumulator:
   `acc.summary()` or `acc.write(out_dir, split)`. Rows that are not slices are ignored.
   """
 
-  def __init__(self, samples: Sequence[Sample], *, empty_rule: Any = None):
-    """`empty_rule`: a `cers_jax.surface.EmptyRule` for HD95 (None: its default)."""
+  def __init__(self, samples: Sequence[Sample], *,
+               empty_rule: surface.EmptyRule | None = None):
+    """`empty_rule`: what HD95 is when a mask is empty (None: `surface.EmptyRule()`)."""
     self._samples = samples
     self._empty_rule = empty_rule
     # {volume: {slice_index: (packed pred_r, packed pred_s, packed gt)}}; packed bits keep
@@ -164,7 +144,7 @@ class VolumeAccumulator:
                                     gt_voxels=int(gt.sum()))
       for name, pred in zip(DECODERS, (pred_r, pred_s)):
         record[f'dice_{name}'] = dice(pred, gt)
-        record[f'hd95_{name}'] = _hd95_of(pred, gt, spacing, self._empty_rule)
+        record[f'hd95_{name}'] = hd95(pred, gt, spacing, self._empty_rule)
       records.append(record)
     return records
 
