@@ -256,8 +256,8 @@ def scan_volume(case: str, image_path: str, label_path: str | None, settings: Ni
 
 
 def _failed(kind: str, path: str, error: Exception, count: int) -> list[tuple]:
-  info = {'error_kind': kind, 'error': f'{error} (every one of its {count} slices)',
-          'file': path, 'empty_mask': False}
+  every = f' (every one of its {count} slices)' if count > 1 else ''
+  info = {'error_kind': kind, 'error': f'{error}{every}', 'file': path, 'empty_mask': False}
   return [(None, None, dict(info)) for _ in range(count)]
 
 

@@ -7,7 +7,8 @@ the same config reuses split.json (after checking protocol, seed and fractions) 
 arrays row by row: sources.json records each row's files (path, size, mtime, SHA-1), a file
 whose size or mtime changed is hashed again, and rows whose content changed are decoded
 again and reported; a touched or copied file keeps its row. A cache without that record,
-of another size or other images, is built anew. Changed pixels never change split.json.
+of another size or other images, is built anew, and so is one of NIfTI slices decoded with
+other `data.nifti` settings (decoding.json). Changed pixels never change split.json.
 
 Every file that makes the dataset unusable is listed in report.json before a `DataError`
 names them. A dataset without report texts in its training images (every CERS model reads
