@@ -34,6 +34,7 @@ from cers_jax.convert.assign import WeightLoadError
 from cers_jax.data.records import DataError
 from cers_jax.errors import ConfigError, WorkdirError
 from cers_jax.training import loop as train
+from cers_jax.training.checkpoints import DamagedCheckpointError
 
 _CONFIG = cli.define_config_file('config', 'configs/synthetic.py',
                                  'Config file (configs/*.py).')
@@ -62,8 +63,14 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 
 def _quiet_library_info(record) -> bool:
-  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-  return record.levelno > logging.converter.STANDARD_INFO or 'orbax' not in record.pathname
+  """Drops orbax's per-save INFO chatter and its notice that a checkpoint folder opened
+  read-only (which is how checkpoints are read) is read-only; its other warnings and errors
+  still show."""
+  if 'orbax' not in record.pathname:
+    return True
+  if record.getMessage().startswith('Given directory is read only'):
+    return False
+  return record.levelno > logging.converter.STANDARD_INFO
 
 
 def main(argv):
@@ -88,7 +95,7 @@ def main(argv):
     print(f'preempted: {stopped}', file=sys.stderr)
     sys.exit(train.Preempted.EXIT_STATUS)
   except (DataError, ConfigError, WorkdirError, WeightLoadError, train.NonFiniteLossError,
-          FileNotFoundError) as error:
+          DamagedCheckpointError, FileNotFoundError) as error:
     # Problems with the user's inputs or the run: the message says what to do; a
     # traceback into our code would only hide it.
     sys.exit(f'error: {error}')

@@ -5,8 +5,10 @@ compilation cache so that only the first one pays for compiling the steps.
 """
 
 import csv
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -223,6 +225,119 @@ def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_pat
                expect_ok=False)
   assert result.returncode != 0
   assert 'cot' in (result.stdout + result.stderr).lower()
+
+
+def _copy_run(uninterrupted, tmp_path, name):
+  workdir = str(tmp_path / name)
+  shutil.copytree(uninterrupted, workdir)
+  return workdir
+
+
+def _truncate_steps(workdir, which, steps):
+  """Cuts the array files of those checkpoint steps to 10 bytes (a partial copy, a full
+  disk)."""
+  for step in steps:
+    files = glob.glob(os.path.join(workdir, 'checkpoints', which, str(step), 'state',
+                                   'ocdbt.process_*', 'd', '*'))
+    assert files
+    for path in files:
+      os.truncate(path, 10)
+
+
+def _steps(workdir, which):
+  folder = os.path.join(workdir, 'checkpoints', which)
+  return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def _files(workdir):
+  """Every file of the workdir with its size and mtime."""
+  found = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      stat = os.stat(os.path.join(root, name))
+      found[os.path.relpath(os.path.join(root, name), workdir)] = (stat.st_size,
+                                                                   stat.st_mtime_ns)
+  return found
+
+
+def test_one_writer_per_workdir_and_a_reader_beside_it(cli, uninterrupted, tmp_path):
+  """A second writer stops at once naming the holder and writes nothing; eval reads beside
+  the writer; a lock left by a process that is gone is taken over."""
+  workdir = _copy_run(uninterrupted, tmp_path, 'locked')
+  # The first writer: a process holding the workdir's lock as run.py's writing modes do.
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys\nfrom cers_jax.training import lock\n'
+       f'with lock.WorkdirLock({workdir!r}, "train"):\n'
+       '  print("held", flush=True); sys.stdin.read()'],
+      cwd=REPO, env=cli.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    before = _files(workdir)
+    for mode in ('train', 'prepare', 'predict'):
+      line = _error_line(cli(workdir, f'--mode={mode}', expect_ok=False))
+      assert f'is in use by another run (pid {holder.pid} on host' in line, line
+      assert 'mode train, started' in line and 'another --workdir' in line
+    assert _files(workdir) == before  # Not even invocations.jsonl was appended to.
+
+    reader = cli(workdir, '--mode=eval')
+    assert 'Traceback' not in reader.stderr
+    with open(os.path.join(workdir, 'eval', 'test_summary.json')) as f:
+      assert json.load(f)['count'] > 0
+    assert holder.poll() is None  # The writer still holds the workdir.
+  finally:
+    holder.communicate('', timeout=60)
+
+  with open(os.path.join(workdir, '.lock'), 'w') as f:  # As a process killed with -9 leaves it.
+    json.dump(dict(host='node-7', pid=4242, mode='train', started='2026-01-01T00:00:00'), f)
+  taken = cli(workdir, '--mode=prepare')
+  assert 'Taking over the lock' in taken.stderr and 'pid 4242 on host node-7' in taken.stderr
+  with open(os.path.join(workdir, '.lock')) as f:
+    assert f.read() == ''  # Released at the end of the run.
+
+
+def test_a_damaged_checkpoint_costs_one_checkpoint_not_the_run(cli, uninterrupted, tmp_path):
+  workdir = _copy_run(uninterrupted, tmp_path, 'damaged')
+  older, newest = _steps(workdir, 'latest')
+  _truncate_steps(workdir, 'latest', [newest])
+
+  result = cli(workdir, '--mode=eval', '--config.eval.which=latest')
+  assert 'Traceback' not in result.stderr
+  assert f"The 'latest' checkpoint of step {newest} is damaged (array " in result.stderr
+  assert f"Using the 'latest' checkpoint of step {older} instead" in result.stderr
+  with open(os.path.join(workdir, 'eval', 'test_summary.json')) as f:
+    assert json.load(f)['step'] == older
+
+  reference = _comparable(_metrics(uninterrupted))
+  result = cli(workdir, '--mode=train')  # Resumes from the older step and finishes.
+  assert 'Traceback' not in result.stderr
+  assert (f'Resuming from step {older} (semi epoch 1) instead of step {newest}, whose '
+          f'checkpoint is damaged: the {newest - older} steps in between run again'
+          in result.stderr)
+  redone = _comparable(_metrics(workdir))
+  assert len(redone) == len(reference) + 1  # The last epoch ran again.
+  for key, value in reference[-1].items():
+    if isinstance(value, float):
+      assert redone[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    else:
+      assert redone[-1][key] == value, key
+  assert _latest_meta(workdir)['stage'] == 'done'
+  with open(os.path.join(workdir, 'invocations.jsonl')) as f:
+    events = [json.loads(line) for line in f]
+  damaged = [e for e in events if e.get('event') == 'damaged_checkpoint']
+  assert [(e['mode'], e['which'], e['step']) for e in damaged] == [
+      ('eval', 'latest', newest), ('train', 'latest', newest)]
+  assert 'OUT_OF_RANGE' in damaged[0]['error']
+
+  # Every step damaged: one line each, nothing deleted.
+  _truncate_steps(workdir, 'latest', _steps(workdir, 'latest'))
+  _truncate_steps(workdir, 'best', _steps(workdir, 'best'))
+  kept = {which: _steps(workdir, which) for which in ('latest', 'best')}
+  line = _error_line(cli(workdir, '--mode=train', expect_ok=False))
+  assert "No intact 'latest' checkpoint is left" in line and 'Nothing was deleted' in line
+  line = _error_line(cli(workdir, '--mode=eval', expect_ok=False))
+  assert "No intact 'best' checkpoint is left" in line
+  assert '--config.eval.which=latest' in line
+  assert {which: _steps(workdir, which) for which in ('latest', 'best')} == kept
 
 
 def test_prepare_mode_and_locked_config(cli, tmp_path):

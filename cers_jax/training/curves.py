@@ -210,15 +210,18 @@ class TensorBoardWriter:
   """
 
   def __init__(self, logdir: str):
+    self._logdir = logdir
     self._writer = None
-    if sharding.is_main_process():
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir)
 
   def write(self, record: dict, step: int | None = None) -> None:
     """Writes `record`'s numeric values at `step` (default: `record['step']`) and flushes."""
-    if self._writer is None:
+    if not sharding.is_main_process():
       return
+    if self._writer is None:
+      # Opened at the first record: an invocation that trains nothing (retrieval beside a
+      # training run, a finished run resumed) leaves no empty event file behind.
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(self._logdir)
     step = int(record['step']) if step is None else int(step)
     stage = record.get('stage', 'train')
     for key, value in record.items():

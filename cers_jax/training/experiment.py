@@ -214,9 +214,11 @@ class Experiment:
   schedule: optax.Schedule  # The learning rate by step (logged with every epoch).
 
 
-def create(config, workdir: str) -> tuple[Experiment, TrainState]:
+def create(config, workdir: str, *, read_only: bool = False
+           ) -> tuple[Experiment, TrainState]:
   """Prepares data, builds the model and returns (experiment, fresh state); restore is
-  separate (`exp.checkpoints.restore`)."""
+  separate (`exp.checkpoints.restore`). `read_only`: checkpoints are only read (a run that
+  evaluates, possibly beside the run that trains in `workdir`)."""
   if config.model.cot.trainable:
     raise ConfigError(
         '--config.model.cot.trainable=True: training computes the CoT BERT features once, '
@@ -262,7 +264,8 @@ def create(config, workdir: str) -> tuple[Experiment, TrainState]:
   steps = ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config), mesh=mesh,
                         threshold=config.eval.threshold)
   exp = Experiment(config=config, workdir=workdir, data=data, graphdef=graphdef, steps=steps,
-                   checkpoints=checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep),
+                   checkpoints=checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                                        read_only=read_only),
                    warmup_steps_per_epoch=warmup_spe, semi_steps_per_epoch=semi_spe,
                    schedule=make_schedule(config, total))
   return exp, state
@@ -272,7 +275,9 @@ def from_workdir(workdir: str, which: str = 'best') -> tuple[Experiment, TrainSt
   """A finished (or running) run's experiment and its `which` checkpoint: (exp, state, meta).
 
   Reads the config the run was trained with (`<workdir>/config.json`), so research code
-  needs neither the config file nor its overrides.
+  needs neither the config file nor its overrides. Its checkpoints are opened read-only,
+  so this may run beside the training run; a damaged newest step falls back to the newest
+  intact one, with a warning.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
@@ -280,7 +285,7 @@ def from_workdir(workdir: str, which: str = 'best') -> tuple[Experiment, TrainSt
                        '`python run.py --config ... --workdir ...` first).')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  exp, state = create(config, workdir)
+  exp, state = create(config, workdir, read_only=True)
   if exp.checkpoints.latest_step(which) is None:
     exp.checkpoints.close()
     raise WorkdirError(f'No {which!r} checkpoint in {os.path.join(workdir, "checkpoints")}.')

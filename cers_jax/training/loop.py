@@ -16,6 +16,7 @@ keys, and its metrics.jsonl record the same means, as without the interruption.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from cers_jax.retrieval import search
 from cers_jax.training import checkpoints as checkpointing
 from cers_jax.training import curves
 from cers_jax.training import experiment as experiment_lib
+from cers_jax.training import lock as lock_lib
 from cers_jax.training import losses
 from cers_jax.training.state import TrainState
 
@@ -252,10 +254,15 @@ def _run_epoch(state: TrainState, step_fn, *, stage: str, epoch: int, num_steps:
 
 
 def validate(state: TrainState, exp) -> dict:
-  """Mean val Dice/IoU of both decoders (D_r with retrieval: the CERS result)."""
+  """Mean val Dice/IoU of both decoders (D_r with retrieval: the CERS result).
+
+  Model selection reads only these per-image means: no surface metrics and no bootstrap
+  every epoch, and metrics.jsonl keeps its four val keys."""
+  options = evaluate_lib.EvalOptions(threshold=exp.config.eval.threshold,
+                                     bootstrap_resamples=0)
   summary = evaluate_lib.evaluate_rows(state, exp.steps, exp.data, exp.data.rows['val'],
-                                       exp.config.train.eval_batch_size)
-  return {f'val_{k}': v for k, v in summary.items() if k.endswith('_mean')}
+                                       exp.config.train.eval_batch_size, options=options)
+  return {f'val_{k}_mean': summary[f'{k}_mean'] for k in evaluate_lib.SCORES}
 
 
 def _save(exp, state: TrainState, meta: dict, loaders: dict | None,
@@ -340,8 +347,10 @@ def _train(exp, state: TrainState, log: _MetricLog, *, until: str,
            stop) -> tuple[TrainState, dict]:
   config, steps, mesh = exp.config, exp.steps, exp.steps.mesh
   meta = _fresh_meta()
-  if exp.checkpoints.latest_step() is not None:
+  newest = exp.checkpoints.latest_step()
+  if newest is not None:
     state, meta = exp.checkpoints.restore('latest', state)
+    _log_fallback(newest, int(jax.device_get(state.step)), meta)
     partial = meta.get('partial')
     logging.info('Resuming: stage %s, epoch %d, step %d%s', meta['stage'], meta['epoch'],
                  int(jax.device_get(state.step)),
@@ -436,6 +445,16 @@ def _train(exp, state: TrainState, log: _MetricLog, *, until: str,
   return state, meta
 
 
+def _log_fallback(newest: int, restored: int, meta: dict) -> None:
+  """What resuming from an older step than the newest (a damaged one) costs."""
+  if restored < newest:
+    logging.warning(
+        'Resuming from step %d (%s epoch %d) instead of step %d, whose checkpoint is '
+        'damaged: the %d steps in between run again (same batches and keys); their epochs '
+        'are written to metrics.jsonl again, and the curves keep the newer record.',
+        restored, meta['stage'], meta['epoch'], newest, newest - restored)
+
+
 def report_retrieval(exp, state: TrainState, meta: dict, name: str) -> dict:
   """The retrieval report of `state` into <workdir>/retrieval[/name]."""
   split = exp.config.eval.split or 'val'
@@ -451,8 +470,18 @@ def retrieval_checkpoint(exp, state: TrainState, stop=None) -> tuple[TrainState,
   state, meta = run_training(exp, state, until=WARMUP, stop=stop)
   which = exp.config.eval.which
   if which != 'latest' and exp.checkpoints.latest_step(which) is not None:
-    state, meta = exp.checkpoints.restore(which, state)
+    state, meta = _restore_named(exp, state, which)
   return state, meta
+
+
+def _restore_named(exp, state: TrainState, which: str) -> tuple[TrainState, dict]:
+  """The newest intact `which` checkpoint; when none is left, the error names the other."""
+  try:
+    return exp.checkpoints.restore(which, state)
+  except checkpointing.DamagedCheckpointError as error:
+    other = checkpointing.BEST if which == checkpointing.LATEST else checkpointing.LATEST
+    raise checkpointing.DamagedCheckpointError(
+        f'{error} Or use the {other!r} checkpoint: --config.eval.which={other}.') from None
 
 
 def _no_weights_message(workdir: str, which: str) -> str:
@@ -496,7 +525,7 @@ def restore_for_eval(exp, state: TrainState, which: str) -> tuple[TrainState, di
     if exp.config.model.checkpoint:
       logging.info('Evaluating the %s checkpoint of %s; model.checkpoint only initialised '
                    'its training.', which, exp.workdir)
-    state, meta = exp.checkpoints.restore(which, state)
+    state, meta = _restore_named(exp, state, which)
     meta.setdefault('checkpoint', which)
     return state, meta
   if not exp.config.model.checkpoint:
@@ -517,17 +546,47 @@ def _check_before_work(config, workdir: str, mode: str) -> None:
     raise WorkdirError(_no_weights_message(workdir, which))
 
 
+def _writes(workdir: str, mode: str) -> bool:
+  """Whether `mode` writes the workdir's checkpoints, data or predictions (and so needs its
+  lock): `retrieval` does while warm-up has not finished, since it runs warm-up first."""
+  if mode in lock_lib.WRITING_MODES:
+    return True
+  if mode == 'retrieval':
+    saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+    return saved is None or saved[1].get('stage') in (INIT, WARMUP)
+  return False
+
+
 def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   """The whole job behind run.py; returns a summary dict (also written to the workdir).
 
+  A writing mode holds the workdir's lock (`lock.WorkdirLock`) from before its first
+  write to its end; eval, and retrieval after warm-up, read beside a running writer.
+
   Raises:
-    ConfigError, WorkdirError, DataError: user errors, before any work where possible.
+    ConfigError, WorkdirError, DataError: user errors, before any work where possible
+      (WorkdirError too when another run holds the workdir's lock).
+    DamagedCheckpointError: no intact checkpoint step is left to restore.
     Preempted: SIGTERM during training (a checkpoint of that step was saved).
   """
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   _check_before_work(config, workdir, mode)
   workdir_lib.ensure_writable(workdir, '--workdir')
+  writes = _writes(workdir, mode)
+  holds_lock = writes and sharding.is_main_process()  # Process 0 locks for all.
+  with (lock_lib.WorkdirLock(workdir, mode) if holds_lock else contextlib.nullcontext()):
+    summary = _locked_job(config, workdir, mode, read_only=not writes)
+    summary['seconds'] = time.perf_counter() - start
+    if sharding.is_main_process():
+      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+  logging.info('Summary: %s', json.dumps(summary, indent=2))
+  return summary
+
+
+def _locked_job(config, workdir: str, mode: str, *, read_only: bool) -> dict:
+  """What `train_and_evaluate` does once it may (the lock held where it writes)."""
   config = experiment_lib.resolve_config(config, workdir)
   changes = workdir_lib.check_resume(workdir, config, mode)
   if sharding.is_main_process():
@@ -536,17 +595,13 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
     data = experiment_lib.prepare_data_once(config, workdir)
     return dict(workdir=workdir, mode=mode, cache_dir=config.data.cache_dir,
                 splits={name: len(rows) for name, rows in data.rows.items()})
-  exp, state = experiment_lib.create(config, workdir)
+  exp, state = experiment_lib.create(config, workdir, read_only=read_only)
   try:
-    summary = _run_mode(exp, state, mode)
+    return _run_mode(exp, state, mode)
   finally:
     exp.checkpoints.close()
-  summary['seconds'] = time.perf_counter() - start
-  if sharding.is_main_process():
-    with open(os.path.join(exp.workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
-  logging.info('Summary: %s', json.dumps(summary, indent=2))
-  return summary
+    if exp.checkpoints.damaged and sharding.is_main_process():
+      workdir_lib.log_damaged(workdir, mode, exp.checkpoints.damaged)
 
 
 def _run_mode(exp, state: TrainState, mode: str) -> dict:

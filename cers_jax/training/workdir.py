@@ -199,3 +199,13 @@ def log_invocation(workdir: str, mode: str, config, changes: dict) -> None:
       config=json.loads(config.to_json_best_effort()))
   with open(os.path.join(workdir, 'invocations.jsonl'), 'a') as f:
     f.write(json.dumps(record) + '\n')
+
+
+def log_damaged(workdir: str, mode: str, damaged) -> None:
+  """Appends each checkpoint step that failed to restore (`checkpoints.Damage`) to
+  <workdir>/invocations.jsonl; the steps themselves stay on disk."""
+  now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  with open(os.path.join(workdir, 'invocations.jsonl'), 'a') as f:
+    for damage in damaged:
+      f.write(json.dumps(dict(time=now, mode=mode, event='damaged_checkpoint',
+                              **damage.record())) + '\n')
