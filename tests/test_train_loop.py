@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from cers_jax.training import epoch as epoch_lib
 from cers_jax.training import loop as train
 
 
@@ -15,9 +16,9 @@ class _State:
 
 
 def _epoch(step_fn, num_steps, *, log_every=3, refresh_seconds=60.0, stage=train.WARMUP):
-  return train._run_epoch(_State(), step_fn, stage=stage, epoch=3, num_steps=num_steps,
-                          batch_images=2, desc='test', log_every=log_every,
-                          refresh_seconds=refresh_seconds)
+  return epoch_lib.run_epoch(_State(), step_fn, stage=stage, epoch=3, num_steps=num_steps,
+                             batch_images=2, desc='test', log_every=log_every,
+                             refresh_seconds=refresh_seconds)
 
 
 def _host_steps(values):
@@ -103,7 +104,7 @@ class _RecordingBar:
 def test_short_epochs_show_finished_values_before_the_end(monkeypatch):
   """6 steps and log_every=10 (the synthetic default's warm-up): the bar still shows the
   latest finished loss and a non-zero rate while the epoch runs."""
-  monkeypatch.setattr(train, 'tqdm', _RecordingBar)
+  monkeypatch.setattr(epoch_lib, 'tqdm', _RecordingBar)
   _RecordingBar.shown = []
   dispatched, reads = [0], {}
   _epoch(_device_steps(dispatched, reads, lag=1), 6, log_every=10, refresh_seconds=0.0)

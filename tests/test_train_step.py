@@ -16,6 +16,7 @@ from cers_jax.data.records import Sample
 from cers_jax.retrieval import embed
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
+from cers_jax.training import epoch as epoch_lib
 from cers_jax.training import loop as train
 from cers_jax.training import steps as ts
 from cers_jax.training.experiment import Data
@@ -117,9 +118,9 @@ def test_an_epoch_makes_only_explicit_transfers(setup):
   state, _ = step_fn(state)  # Compiling may move constants; the guard covers the steady state.
   first_step = int(state.step)
   with jax.transfer_guard('disallow'):
-    state, record = train._run_epoch(state, step_fn, stage=train.SEMI, epoch=0, num_steps=3,
-                                     batch_images=2 * th.BATCH, desc='guarded epoch',
-                                     log_every=config.train.log_every, refresh_seconds=0.0)
+    state, record = epoch_lib.run_epoch(
+        state, step_fn, stage=train.SEMI, epoch=0, num_steps=3, batch_images=2 * th.BATCH,
+        desc='guarded epoch', log_every=config.train.log_every, refresh_seconds=0.0)
   assert np.isfinite(record['loss']) and record['step'] == first_step + 3
   with pytest.raises(Exception, match='[Dd]isallowed'):  # The guard is live here.
     with jax.transfer_guard('disallow'):
