@@ -1,6 +1,6 @@
 """Latency of coarse-to-fine retrieval: ours (one jitted program) vs the authors' method.
 
-DESIGN.md sections 2 and 6. Ours: `cers_jax.retrieval.pool.retrieve` in mode 'image+cot'
+docs/design.md sections 5 and 12. Ours: `cers_jax.retrieval.pool.retrieve` in mode 'image+cot'
 (cosine top-K over the flattened f4 maps, CoT re-rank to k, gather of the k maps), jitted,
 the pool resident on the default device. Theirs: FAISS `IndexFlatL2` over the unit-norm
 rows searched with the raw queries for the K candidates, then a Python loop that re-ranks

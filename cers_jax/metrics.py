@@ -1,4 +1,4 @@
-"""Segmentation metrics, per image and jit-safe (DESIGN.md section 5).
+"""Segmentation metrics, per image and jit-safe (docs/design.md section 11).
 
 Probabilities are thresholded at 0.5; Dice = 2|P n G| / (|P| + |G|), IoU = |P n G| / |P u G|,
 and an image whose prediction and ground truth are both empty scores 1. The paper reports the

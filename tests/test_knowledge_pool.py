@@ -1,4 +1,4 @@
-"""Tests for cers_jax.retrieval.pool (DESIGN.md section 2): fixture, numpy reference, edges."""
+"""Tests for cers_jax.retrieval.pool (docs/design.md section 4): fixture, numpy reference, edges."""
 
 import ml_dtypes
 import numpy as np

@@ -2,7 +2,7 @@
 
 The BERT is found wherever it sits ('bert.', 'text_encoder.bert.', the root) by its
 word-embedding name. The pooler, MLM heads ('cls.*'), position-id buffers and anything
-outside the BERT are reported as ignored: the encoder (DESIGN.md section 1) returns token
+outside the BERT are reported as ignored: the encoder (docs/design.md section 3) returns token
 features only.
 """
 

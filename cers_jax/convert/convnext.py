@@ -2,7 +2,7 @@
 
 The naming scheme is detected from the state dict, with or without an enclosing prefix
 (e.g. HF's 'convnext.' or a whole-model checkpoint's 'encoder.'). Classifier heads and the
-final norm have no counterpart in the feature extractor (DESIGN.md section 1) and are
+final norm have no counterpart in the feature extractor (docs/design.md section 2) and are
 reported as ignored.
 """
 

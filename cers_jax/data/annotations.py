@@ -1,4 +1,4 @@
-"""Report-text and chain-of-thought annotation files (DESIGN.md section 4).
+"""Report-text and chain-of-thought annotation files (docs/design.md section 10).
 
 Reads the CSVs the CERS authors published (image,text and image,cot) and LViT's text
 workbooks (Image,Description, on whichever sheet has such columns) into entries keyed by

@@ -1,4 +1,4 @@
-"""The authors' training-time preprocessing, on the host in numpy (DESIGN.md section 4).
+"""The authors' training-time preprocessing, on the host in numpy (docs/design.md section 10).
 
 Every training image gets a random zoom (factor in 0.95-1.2, probability 0.1) before the
 per-image per-channel z-score; validation and test images get only the z-score. Images

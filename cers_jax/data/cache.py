@@ -1,8 +1,8 @@
-"""The prepared dataset cache, read by every run (DESIGN.md sections 4 and 6).
+"""The prepared dataset cache, read by every run (docs/design.md sections 10 and 12).
 
 Images are decoded and resized once by `cers_jax.data.prepare.prepare` into uint8 arrays;
 everything downstream (input pipeline, pool, embedding tables) indexes them by cache row.
-Layout of <cache_dir> (see /work/briefs/data_contract.md):
+Layout of <cache_dir> (docs/design.md section 10):
   images.npy (N, S, S, 3) uint8, masks.npy (N, S, S) uint8 {0, 1}, has_mask.npy (N,) bool,
   samples.json (Sample fields + "row", in row order), split.json, report.json,
   sources.json (per row, the image and mask files decoded: path, size, mtime_ns, sha1;

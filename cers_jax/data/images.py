@@ -1,4 +1,4 @@
-"""Decode, binarise and resize images and masks with Pillow (DESIGN.md section 4).
+"""Decode, binarise and resize images and masks with Pillow (docs/design.md section 10).
 
 The authors resize to 224, bicubic for images and nearest for masks, and replicate gray to
 three channels. Masks are binarised at >= 128 (BRISC 2025's PNG masks hold noisy values

@@ -1,4 +1,4 @@
-"""Dataset layouts a user has on disk, read into `Sample` records (DESIGN.md section 4).
+"""Dataset layouts a user has on disk, read into `Sample` records (docs/design.md section 10).
 
 - 'cers': the CERS flat layout: `frames/`, `masks/`, `text.csv` (image,text with the file
   name incl. extension), CoT CSVs (image,cot keyed by stem).

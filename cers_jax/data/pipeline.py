@@ -1,4 +1,4 @@
-"""The grain input pipeline: cached uint8 arrays -> fixed-shape dict batches (DESIGN.md s. 4).
+"""The grain pipeline: cached uint8 arrays -> fixed-shape dict batches (docs/design.md section 10).
 
 Images were decoded once into the uint8 cache and texts tokenized once into (N, L) arrays;
 a split is a list of cache rows. A step only gathers rows, applies the authors' random zoom
@@ -14,7 +14,7 @@ made with the same arguments, worker_count included).
 Unlabeled loaders zero the mask: rows of the unlabeled split may have one in the cache (the
 labeled fraction hides it), and it must never reach the model.
 
-Batches (STYLE habit 7): image (B,S,S,3) float32; mask (B,S,S,1) float32 {0,1};
+Batches (docs/design.md, habit 7): image (B,S,S,3) float32; mask (B,S,S,1) float32 {0,1};
 text_ids, text_mask (B,L) int32; index (B,) int32 cache rows; is_labeled, valid (B,) bool;
 plus any extra per-row arrays (e.g. CoT token ids) under their own names.
 """

@@ -1,4 +1,4 @@
-"""Validate a dataset once; write its report, split manifest and uint8 cache (DESIGN.md 4, 6).
+"""Validate a dataset once; write its report, split and cache (docs/design.md sections 10, 12).
 
 `prepare(config, workdir)` reads the dataset with the configured layout, decodes every
 image and mask once (checking each file) and writes report.json, split.json (the split

@@ -1,4 +1,4 @@
-"""Plain records shared by the dataset readers, `prepare` and the pipeline (DESIGN.md s. 4).
+"""Plain records shared by the readers, `prepare` and the pipeline (docs/design.md section 10).
 
 A `Sample` is one image with whatever annotations the layout found; a `Problem` is one
 thing wrong with the data, kept for report.json rather than silently dropped. `DataError`
@@ -22,7 +22,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-  """One image of a dataset and its annotations (see /work/briefs/data_contract.md)."""
+  """One image of a dataset and its annotations (docs/design.md section 10)."""
 
   id: str  # Stem of the image file name, the join key everywhere.
   image_path: str

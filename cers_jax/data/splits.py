@@ -1,4 +1,4 @@
-"""Train/val/test split and labeled subset, written once as split.json (DESIGN.md section 4).
+"""Train/val/test split and labeled subset, written once as split.json (docs/design.md section 10).
 
 Protocols (registry `PROTOCOLS`):
 - 'paper': the paper's 8:1:1 random split (data.split_ratios) seeded by config.seed;

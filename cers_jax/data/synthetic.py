@@ -1,6 +1,6 @@
 """A synthetic dataset in the CERS flat layout where chain-of-thought retrieval matters.
 
-It stands in for the paper's datasets (DESIGN.md section 4) in tests and the CPU demo, and is
+It stands in for the paper's datasets (docs/design.md section 10) in tests and the CPU demo, and is
 built to exercise the paper's premise (section 1): cases that look alike in the image but
 differ diagnostically, where a CoT names the deciding attribute and retrieving reference
 cases by CoT similarity therefore finds the right references.

@@ -1,4 +1,4 @@
-"""Tokenizers for report texts and CoTs, and their token arrays (DESIGN.md sections 1 and 4).
+"""Tokenizers for report texts and CoTs, and their token arrays (docs/design.md sections 3 and 10).
 
 The report-text BERT (CXR-BERT in the paper) and the CoT BERT (Bio_ClinicalBERT) each read
 their own WordPiece vocabulary. A user with a pretrained checkpoint points the config at its

@@ -1,4 +1,4 @@
-"""Per-image scores of both decoders on a split, and their summary (DESIGN.md section 5).
+"""Per-image scores of both decoders on a split, and their summary (docs/design.md section 11).
 
 Masks are thresholded at `config.eval.threshold`. Dice and IoU come from the eval step; an
 image whose prediction and ground truth are both empty scores 1 (the authors' rule), and the
@@ -73,11 +73,9 @@ def predict_rows(state, steps, data, rows: np.ndarray, batch_size: int, *,
                  desc: str = 'evaluating'):
   """Yields (cache rows, eval outputs, batch) as numpy for every real row, padding removed."""
   batches = pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size)
-  for batch in tqdm(batches, total=-(-len(rows) // batch_size), desc=desc, leave=False):
-    valid = np.asarray(batch['valid'])
-    out = sharding.to_host(steps.evaluate(state, sharding.global_batch(batch, steps.mesh)))
-    yield (np.asarray(batch['index'])[valid], {k: v[valid] for k, v in out.items()},
-           {k: np.asarray(v)[valid] for k, v in batch.items()})
+  batches = tqdm(batches, total=-(-len(rows) // batch_size), desc=desc, leave=False)
+  for batch, out in sharding.host_outputs(steps.evaluate, state, batches, steps.mesh):
+    yield batch['index'], out, batch
 
 
 def row_spacings(data, rows: np.ndarray, options: EvalOptions) -> tuple[list, str]:

@@ -1,7 +1,7 @@
 """Prediction with the evidence the model used: masks, overlays and one HTML page per image.
 
-DESIGN.md sections 2 (retrieval) and 5 (evaluation). `predict(state, steps, data, config, workdir)`
-runs the trained CERS on
+docs/design.md sections 5 and 11 (retrieval, evaluation). `predict(state, steps, data, config,
+workdir)` runs the trained CERS on
 
   * a folder of images (`config.eval.predict_dir`): the images directly in it or in a
     `frames/` or `images/` subfolder, `text.csv` (image,text; names with or without
@@ -245,7 +245,7 @@ def _query_embeddings(state, steps, data, config,
 
 def _make_batch(data, config, items: list[PredictItem], loaded: list[_Loaded],
                 queries: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
-  """An eval batch padded to eval_batch_size; keys as the input pipeline's (STYLE habit 7)."""
+  """An eval batch padded to eval_batch_size; keys as the pipeline's (docs/design.md, habit 7)."""
   batch_size = config.train.eval_batch_size
   size = loaded[0].resized.shape[0]
   resized = np.stack([x.resized for x in loaded])  # (b, S, S, 3) uint8
@@ -326,8 +326,8 @@ def predict(state, steps, data, config, workdir: str, *,
       loaded = [_load_cache_item(data.cache, it) for it in chunk]
       queries = None
     batch = _make_batch(data, config, chunk, loaded, queries)
-    out = sharding.to_host(steps.evaluate(state, sharding.global_batch(batch, steps.mesh)))
-    out = {k: v[:len(chunk)] for k, v in out.items()}
+    # The batch's real rows are its first len(chunk) ones (padding marked not valid).
+    [(_, out)] = sharding.host_outputs(steps.evaluate, state, [batch], steps.mesh)
     if not writes:
       continue
     for i, (item, x) in enumerate(zip(chunk, loaded)):

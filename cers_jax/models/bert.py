@@ -1,4 +1,4 @@
-"""BERT text encoder with HF `BertModel` semantics, without the pooler (DESIGN.md section 1).
+"""BERT text encoder with HF `BertModel` semantics, without the pooler (docs/design.md section 3).
 
 Used twice in CERS: for the report text (CXR-BERT in the paper; its tokens feed the text
 cross-attention) and for the chain-of-thought (Bio_ClinicalBERT; pooled for the CoT

@@ -1,4 +1,4 @@
-"""The whole CERS network as one nnx.Module (DESIGN.md section 1).
+"""The whole CERS network as one nnx.Module (docs/design.md section 1).
 
     image --ConvNeXt--> f1..f4 --TextCrossAttention(text BERT tokens)--> a1..a4
     f4, retrieved f4 maps --RetrievalFusion (paper Eq. 3)--> r

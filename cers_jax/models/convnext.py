@@ -1,4 +1,4 @@
-"""ConvNeXt image encoder with torchvision `convnext_tiny` semantics (DESIGN.md section 1).
+"""ConvNeXt image encoder with torchvision `convnext_tiny` semantics (docs/design.md section 2).
 
 NHWC throughout: the channels `LayerNorm2d` of torchvision is a plain `nnx.LayerNorm` over
 the last axis here. Attribute names are relied on by `cers_jax.convert.convnext`.

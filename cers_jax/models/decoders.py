@@ -1,4 +1,4 @@
-"""The two CERS decoders (DESIGN.md section 1), each returning one logit per input pixel.
+"""The two CERS decoders (docs/design.md section 7), each returning one logit per input pixel.
 
 `MCAMDecoder` is the retrieval-aware D_r: MCAM blocks carry a main stream and a retrieval
 stream, joined by a coordinate-attention gate (golden fixtures `mcam_decoder_block`,
@@ -48,7 +48,7 @@ def conv(
     dtype: Dtype | None,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-  """A stride-1 'same' conv with xavier-uniform weights and zero bias (DESIGN.md Init)."""
+  """A stride-1 'same' conv with xavier-uniform weights and zero bias (docs/design.md section 7)."""
   return nnx.Conv(in_features, out_features, (kernel, kernel),
                   padding=kernel // 2, feature_group_count=groups, use_bias=use_bias,
                   dtype=dtype, kernel_init=xavier_uniform(), rngs=rngs)

@@ -1,4 +1,4 @@
-"""Cross-attention fusion modules of CERS (DESIGN.md section 1).
+"""Cross-attention fusion modules of CERS (docs/design.md sections 3 and 6).
 
 `TextCrossAttention` lets each encoder map f_i attend to the report-text tokens; the result
 a_i feeds both decoders (golden fixture `cross_attention_block`). `RetrievalFusion` is paper

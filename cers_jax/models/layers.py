@@ -1,4 +1,4 @@
-"""Small layers and initializers shared by the model files (DESIGN.md section 1).
+"""Small layers and initializers shared by the model files (docs/design.md sections 2 and 7).
 
 What PyTorch has and Flax does not spell the same way: per-sample stochastic depth, exact
 GELU, `F.interpolate(mode='bilinear')` with both `align_corners` conventions, and

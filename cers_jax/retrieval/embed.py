@@ -1,4 +1,4 @@
-"""Text embeddings and the knowledge pool, computed from a TrainState (DESIGN.md section 1-2).
+"""Text embeddings and the knowledge pool, computed from a TrainState (docs/design.md sections 3-5).
 
 One place for what training does around warm-up and what prediction does for new images:
 pooled features of the frozen CoT BERT, their retrieval embeddings (config pool.cot_space),
@@ -75,7 +75,7 @@ def with_text_features(state, steps, data, config):
   """The state with pooled CoT BERT features of every row (once per run, before warm-up).
 
   A labeled training image aligns with, and queries with, its mask-aware CoT; every other
-  image queries with the CoT written without the mask (DESIGN.md section 1).
+  image queries with the CoT written without the mask (docs/design.md section 3).
   """
   labeled = np.zeros(data.num_samples, bool)
   labeled[data.rows['train_labeled']] = True

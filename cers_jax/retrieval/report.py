@@ -1,4 +1,4 @@
-"""The retrieval report: do the retrieved reference cases resemble the query? (DESIGN.md 2)
+"""The retrieval report: do the retrieved references resemble the query? (docs/design.md section 5)
 
 For every image of a split (val by default) it retrieves k reference cases from the
 knowledge pool under every mode of `search.MODE_TABLE` — the model's modes plus two

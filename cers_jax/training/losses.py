@@ -1,4 +1,4 @@
-"""Training losses of CERS as pure, jit-safe functions of arrays (DESIGN.md section 3).
+"""Training losses of CERS as pure, jit-safe functions of arrays (docs/design.md section 8).
 
 Warm-up: ``dice_ce`` on both decoders plus ``clip_loss`` between image and CoT embeddings.
 Semi-supervised stage: ``dice_ce`` on labeled rows plus ``consistency_weight(epoch)`` times

@@ -1,8 +1,8 @@
-"""The one pytree that holds everything that evolves during training (STYLE habit 2).
+"""The one pytree that holds everything that evolves during training (docs/design.md, habit 2).
 
 `TrainState` carries the trainable parameters, the frozen ones (the CoT BERT and, when
 configured, the report-text BERT), BatchNorm statistics, the module RNG state, the optax
-state, the knowledge pool (DESIGN.md section 2), the per-sample embedding tables and the step.
+state, the knowledge pool (docs/design.md section 4), the per-sample embedding tables and the step.
 Its structure is fixed from initialisation on — the pool and tables are allocated with zeros
 before warm-up and filled by returning new arrays — so one `jax.eval_shape` target restores
 any checkpoint of a run, whatever stage it was saved in.
@@ -25,7 +25,7 @@ class EmbeddingTables:
 
   The CoT BERT is frozen, so its pooled features (config model.cot.pooling: [CLS] or token
   mean; the `*_cls` names predate the choice) are computed once before warm-up; the unit-norm
-  retrieval embeddings once after warm-up (DESIGN.md section 6: never per step).
+  retrieval embeddings once after warm-up (docs/design.md section 12: never per step).
   """
 
   cot_cls: jax.Array  # (N, H_cot) feature of the CoT a row is aligned with in warm-up.
