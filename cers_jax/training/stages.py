@@ -1,4 +1,4 @@
-"""The stage runner: warm-up, pool build, semi-supervised stage.
+"""The stage runner: warm-up, pool build, semi-supervised stage (docs/design.md section 9).
 
 `run_training(exp, state)` runs or resumes them from `<workdir>/checkpoints/latest`. A
 checkpoint is written at the end of every epoch with the data iterators' state, so a
