@@ -18,6 +18,7 @@ outputs back, whole, on every process. Files are written by the main process onl
 from __future__ import annotations
 
 import json
+from typing import Iterable
 
 import jax
 import numpy as np
@@ -84,6 +85,26 @@ def to_host(tree):
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def host_step(step, state, batch: dict, mesh: Mesh):
+  """`step(state, batch)` on the mesh for a batch every process holds whole, its outputs
+  as host numpy (every row, padding included)."""
+  return to_host(step(state, global_batch(batch, mesh)))
+
+
+def host_outputs(step, state, batches: Iterable[dict], mesh: Mesh):
+  """The eval-batch loop: yields (batch, outputs) of every batch as host numpy, both cut to
+  the batch's real rows (`batch['valid']`, False on padding).
+
+  Evaluation, the retrieval report, the pool build and prediction all run their batches
+  through this one loop; `step` is any jitted `(state, batch) -> pytree of (B, ...)`.
+  """
+  for batch in batches:
+    valid = np.asarray(batch['valid'], bool)
+    out = host_step(step, state, batch, mesh)
+    yield ({k: np.asarray(v)[valid] for k, v in batch.items()},
+           jax.tree.map(lambda leaf: leaf[valid], out))
 
 
 def is_main_process() -> bool:
