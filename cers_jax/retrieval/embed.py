@@ -112,7 +112,7 @@ def with_pool(state, steps, data, config):
       query_text=sharding.replicate(query_text, steps.mesh)))
 
   def features(batch):
-    return sharding.to_host(steps.features(state, sharding.global_batch(batch, steps.mesh)))
+    return sharding.host_step(steps.features, state, batch, steps.mesh)
 
   pool = kp.collect_pool(labeled_batches(data, data.rows['train_labeled'], batch_size),
                          features, cot_table=query_cot, text_table=query_text)

@@ -263,11 +263,9 @@ def plot_report(report: dict, path: str) -> None:
 
 def query_features(state, steps, data, rows: np.ndarray, batch_size: int) -> np.ndarray:
   """(len(rows), h, w, C) eval-mode f4 maps of cache rows."""
-  out = []
-  for batch in pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size):
-    f4 = sharding.to_host(steps.features(state, sharding.global_batch(batch, steps.mesh)))
-    out.append(f4[np.asarray(batch['valid'])])
-  return np.concatenate(out)
+  batches = pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size)
+  return np.concatenate([f4 for _, f4 in sharding.host_outputs(steps.features, state,
+                                                                 batches, steps.mesh)])
 
 
 def build_report(state, steps, data, config, split: str) -> tuple[dict, list[dict]]:
