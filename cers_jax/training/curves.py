@@ -31,11 +31,11 @@ from collections.abc import Sequence
 from absl import logging
 
 from cers_jax import sharding
+from cers_jax.training.progress import EPOCH_STAGES, SEMI, WARMUP
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
 TENSORBOARD_DIR = 'tensorboard'
-_STAGES = ('warmup', 'semi')
 # Numeric record keys that are not loss terms; every other numeric key is one.
 _NOT_LOSSES = frozenset(('epoch', 'step', 'seconds', 'images_per_s', 'learning_rate',
                          'consistency_weight'))
@@ -91,10 +91,10 @@ def epoch_axis(records: Sequence[dict]) -> tuple[list[dict], list[int], int]:
   """
   last = {}
   for record in records:
-    if record.get('stage') in _STAGES and isinstance(record.get('epoch'), int):
+    if record.get('stage') in EPOCH_STAGES and isinstance(record.get('epoch'), int):
       last[(record['stage'], record['epoch'])] = record
-  warmup = 1 + max((epoch for stage, epoch in last if stage == 'warmup'), default=-1)
-  placed = sorted(((epoch + 1 + (warmup if stage == 'semi' else 0)), record)
+  warmup = 1 + max((epoch for stage, epoch in last if stage == WARMUP), default=-1)
+  placed = sorted(((epoch + 1 + (warmup if stage == SEMI else 0)), record)
                   for (stage, epoch), record in last.items())
   return [r for _, r in placed], [x for x, _ in placed], warmup
 
