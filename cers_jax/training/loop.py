@@ -120,6 +120,11 @@ def _check_before_work(config, workdir: str, mode: str) -> None:
   weights = config.model.checkpoint
   if weights and not os.path.exists(weights):
     raise ConfigError(f'--config.model.checkpoint={weights}: no such file.')
+  try:  # Evaluation comes last: a bad metric setting must not wait for training to end.
+    evaluate_lib.EvalOptions.from_config(config)
+  except ValueError as error:
+    raise ConfigError(f'A metric setting of --config.eval is not valid: {error} '
+                      'configs/base.py lists the choices (eval.surface_*).') from None
   which = config.eval.which
   if (mode in ('eval', 'predict') and not weights
       and not checkpointing.has_checkpoint(workdir, which)):
