@@ -6,14 +6,53 @@ with the full-size ConvNeXt-T / BERT-base network.
 
 Override any field on the command line, e.g. `--config.train.batch_size=8`; the config is
 locked, so a misspelt field is an error rather than a silently ignored flag.
+
+Each section is followed by the resume class of each of its fields (`_resume`): what a run
+that goes on from a checkpoint in its --workdir may change (cers_jax/training/workdir.py):
+
+* fixed: refused whenever it differs from the checkpoint's: it decides the split, the
+  cache, the token ids, the parameter shapes or the pool's shape;
+* retrieval: how training retrieves and updates the pool: may differ until semi-supervised
+  steps (which retrieve) have run into the checkpoint, and wherever nothing trains;
+* training: the checkpoint's data-iterator positions count batches of it: may differ only
+  where nothing trains;
+* derived: filled in from other fields (and compared through those); never reported;
+* free: may change on any resume; the difference is logged.
 """
 
 import ml_collections
+
+CLASSES = ('fixed', 'retrieval', 'training', 'derived', 'free')
+# {'data.image_size': 'fixed', ...}: every field's resume class, filled by get_config().
+RESUME: dict[str, str] = {}
+
+
+def _resume(section: str, **names: tuple[str, ...]) -> None:
+  """Declares the resume class (a keyword of CLASSES) of each named field of `section`."""
+  for kind, fields in names.items():
+    if kind not in CLASSES:
+      raise ValueError(f'Resume class {kind!r}: use one of {CLASSES}.')
+    for name in fields:
+      field = f'{section}.{name}' if section else name
+      if RESUME.setdefault(field, kind) != kind:
+        raise ValueError(f'{field} is declared both {RESUME[field]!r} and {kind!r}.')
+
+
+def resume_class(field: str) -> str:
+  """The resume class of a flattened field name ('model.text.dropout' -> 'free').
+
+  A field that base.py does not declare (one a custom config file adds) is 'fixed' under
+  model.* and 'free' elsewhere.
+  """
+  if not RESUME:
+    get_config()
+  return RESUME.get(field, 'fixed' if field.startswith('model.') else 'free')
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # One seed for parameters, dropout, augmentation and the split.
+  _resume('', fixed=('seed',))
 
   # --- data -------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
@@ -42,17 +81,28 @@ def get_config() -> ml_collections.ConfigDict:
   data.max_cot_len = 256  # CoT tokens (padded/truncated), as in the authors' code.
   data.num_workers = 0  # grain worker processes; 0 = in the main process.
   data.prefetch = 2  # Batches prepared ahead of the device.
+  _resume('data',
+          fixed=('layout', 'root', 'text_csv', 'cot_mask_csv', 'cot_no_mask_csv', 'cache_dir',
+                 'image_size', 'split_protocol', 'split_ratios', 'val_fraction',
+                 'labeled_fraction', 'group_regex', 'max_text_len', 'max_cot_len',
+                 # prepare decodes the cache anew when these differ (decoding.json), and axis
+                 # and empty_margin decide which slices are samples at all.
+                 'nifti.axis', 'nifti.window', 'nifti.percentiles', 'nifti.empty_margin'),
+          training=('num_workers',),  # The iterator positions count per-worker batches.
+          free=('require_text', 'require_cot', 'zoom_prob', 'zoom_range', 'prefetch'))
 
   # --- synthetic dataset (configs/synthetic.py) -------------------------------------
   config.synthetic = syn = ml_collections.ConfigDict()
   syn.num_images = 0  # > 0: generate a synthetic dataset into data.root before prepare.
   syn.image_size = 64  # Side of the generated images.
+  _resume('synthetic', fixed=('num_images', 'image_size'))
 
   # --- tokenizers -------------------------------------------------------------------
   config.tokenizer = tok = ml_collections.ConfigDict()
   tok.text_dir = ''  # HF tokenizer directory for the report-text BERT; '' = train one.
   tok.cot_dir = ''  # HF tokenizer directory for the CoT BERT; '' = train one.
   tok.vocab_size = 2000  # WordPiece vocabulary size when training a tokenizer.
+  _resume('tokenizer', fixed=('text_dir', 'cot_dir', 'vocab_size'))
 
   # --- model ------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
@@ -97,6 +147,19 @@ def get_config() -> ml_collections.ConfigDict:
   model.compute_dtype = 'float32'  # 'bfloat16' = mixed precision (params stay float32).
   model.scan_blocks = False  # ConvNeXt stages, BERT layers as lax.scan (benchmarks/README).
   model.checkpoint = ''  # The authors' whole CERS state dict (.pth/.bin/.safetensors).
+  _resume('model',
+          # These only initialise (the checkpoint's parameters replace them), regularise
+          # training or choose the arithmetic.
+          free=('encoder_weights', 'text.weights', 'cot.weights', 'checkpoint',
+                'layer_scale_init', 'logit_scale_init', 'compute_dtype', 'drop_path_rate',
+                'text.dropout', 'cot.dropout', 'fusion_dropout'),
+          derived=('text.vocab_size', 'cot.vocab_size'),  # From the tokenizers (tokenizer.*).
+          fixed=('encoder_depths', 'encoder_dims', 'attn_dim', 'attn_heads', 'decoder_dims',
+                 'coord_reduction', 'embed_dim', 'scan_blocks',
+                 *(f'{bert}.{name}' for bert in ('text', 'cot')
+                   for name in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
+                                'max_position', 'type_vocab_size', 'trainable')),
+                 'cot.pooling'))
 
   # --- knowledge pool and retrieval -------------------------------------------------
   config.pool = pool = ml_collections.ConfigDict()
@@ -109,6 +172,11 @@ def get_config() -> ml_collections.ConfigDict:
   pool.shard_rows = False  # Shard pool rows over the data mesh axis (multi-device).
   pool.cot_space = 'projection'  # CoT/text compared as: 'projection' (CLIP, authors) | 'features'.
   pool.centre_cot = False  # CoT/text cosines around the pool's mean row (False: authors').
+  _resume('pool',
+          retrieval=('mode', 'k_coarse', 'k', 'exclude_self', 'momentum', 'update_rule',
+                     'centre_cot'),
+          fixed=('cot_space',),  # The pool's rows are of this space.
+          free=('shard_rows',))
 
   # --- training ---------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()
@@ -127,10 +195,16 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_batch_size = 16  # Batch size for validation, test and prediction.
   train.steps_per_epoch = 0  # 0 = one pass over the unlabeled (or labeled) train set.
   train.stop_after_epochs = 0  # Stop this invocation after N epochs (0 = never); resume later.
+  _resume('train', training=('batch_size',),  # The iterator positions count these batches.
+          free=('warmup_epochs', 'epochs', 'learning_rate', 'momentum', 'weight_decay',
+                'clip_weight', 'consistency', 'consistency_rampup', 'sharpen_temperature',
+                'patience', 'log_every', 'eval_batch_size', 'steps_per_epoch',
+                'stop_after_epochs'))
 
   # --- checkpoints ------------------------------------------------------------------
   config.checkpoint = ckpt = ml_collections.ConfigDict()
   ckpt.keep = 2  # Latest checkpoints kept (the best by val Dice is kept besides).
+  _resume('checkpoint', free=('keep',))
 
   # --- evaluation and prediction ----------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()
@@ -150,9 +224,15 @@ def get_config() -> ml_collections.ConfigDict:
   ev.label_regex = ''  # Group label of an image: this regex's groups on its id (report).
   ev.label_csv = ''  # ... or a CSV with columns image,<label_column> (report).
   ev.label_column = 'label'  # Label column of eval.label_csv.
+  _resume('eval',  # What is scored and written from a checkpoint: nothing trained depends on it.
+          free=('which', 'threshold', 'surface', 'pixel_spacing_mm', 'surface_tolerance',
+                'surface_both_empty', 'surface_one_empty', 'bootstrap_resamples',
+                'bootstrap_seed', 'predict_dir', 'split', 'retrieval_report',
+                'report_mask_size', 'label_regex', 'label_csv', 'label_column'))
 
   # --- devices ----------------------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data_parallel = -1  # Devices on the 'data' axis; -1 = all local devices.
+  _resume('mesh', free=('data_parallel',))
 
   return config

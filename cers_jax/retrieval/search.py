@@ -45,6 +45,11 @@ class Mode:
   def signals(self) -> tuple[str, ...]:
     return tuple(s for s in (self.first_stage, self.fine_stage) if s is not None)
 
+  @property
+  def retrieves(self) -> bool:
+    """Whether this mode retrieves anything (False for 'none')."""
+    return self.first_stage is not None
+
   def uses(self, signal: str) -> bool:
     return signal in self.signals
 
@@ -86,18 +91,16 @@ def mode_spec(mode: str, *, report: bool = False) -> Mode:
 
 def needs_retrieval(mode: str) -> bool:
   """Whether `mode` retrieves anything (False for 'none'); validates the name."""
-  return mode_spec(mode).first_stage is not None
-
+  return mode_spec(mode).retrieves
 
 
 def _check_retrieve_args(pool: KnowledgePool, query_feat: Any, query_cot: Any,
-                         query_text: Any, mode: str, k_coarse: int, k: int,
+                         query_text: Any, mode: str, spec: Mode, k_coarse: int, k: int,
                          exclude: Any) -> None:
   """Trace-time checks: every misuse names the config field to change."""
-  if not needs_retrieval(mode):
+  if not spec.retrieves:
     raise ValueError("retrieve: mode 'none' retrieves nothing; skip the call "
                      'when needs_retrieval(mode) is False.')
-  spec = mode_spec(mode)
   n = pool.size
   available = n - (exclude is not None)
   if k < 1 or k > available:
@@ -145,8 +148,8 @@ def _signal(pool: KnowledgePool, signal: str, query_feat: Array | None,
   return query, getattr(pool, _POOL_FIELD[signal])
 
 
-def _centres(pool: KnowledgePool, mode: str, centre: bool) -> dict[str, Array]:
-  """The mean of the real pool rows of each embedding signal `mode` compares ({} if off).
+def _centres(pool: KnowledgePool, spec: Mode, centre: bool) -> dict[str, Array]:
+  """The mean of the real pool rows of each embedding signal `spec` compares ({} if off).
 
   CoTs written from one template share most of their words, so their embeddings share one
   dominant direction; cosines taken around the pool's mean compare what differs.
@@ -157,14 +160,14 @@ def _centres(pool: KnowledgePool, mode: str, centre: bool) -> dict[str, Array]:
   count = jnp.maximum(jnp.sum(real), 1).astype(jnp.float32)
   return {signal: jnp.sum(jnp.where(real, getattr(pool, _POOL_FIELD[signal]), 0.0), axis=0,
                           dtype=jnp.float32) / count
-          for signal in mode_spec(mode).signals if signal in ('cot', 'text')}
+          for signal in spec.signals if signal in ('cot', 'text')}
 
 
 def _first_stage_scores(pool: KnowledgePool, query_feat: Array, query_cot: Array | None,
-                        query_text: Array | None, mode: str, exclude: Array | None,
+                        query_text: Array | None, spec: Mode, exclude: Array | None,
                         centres: dict[str, Array]) -> Array:
   """(B, N) float32 scores of the first stage, -inf on excluded and padding rows."""
-  signal = mode_spec(mode).first_stage
+  signal = spec.first_stage
   scores = _cosines(*_signal(pool, signal, query_feat, query_cot, query_text),
                     centres.get(signal))
   barred = (pool.ids < 0)[None, :]
@@ -213,11 +216,13 @@ def retrieve(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = N
     ValueError (at trace time): mode 'none' or unknown, k larger than the rows available,
       k_coarse < k, or missing/mismatched query or pool embeddings.
   """
-  _check_retrieve_args(pool, query_feat, query_cot, query_text, mode, k_coarse, k, exclude)
-  centres = _centres(pool, mode, centre)
-  scores = _first_stage_scores(pool, query_feat, query_cot, query_text, mode, exclude,
+  spec = mode_spec(mode)  # The only look-up: the helpers below take the Mode.
+  _check_retrieve_args(pool, query_feat, query_cot, query_text, mode, spec, k_coarse, k,
+                       exclude)
+  centres = _centres(pool, spec, centre)
+  scores = _first_stage_scores(pool, query_feat, query_cot, query_text, spec, exclude,
                                centres)
-  fine_stage = mode_spec(mode).fine_stage
+  fine_stage = spec.fine_stage
   if fine_stage is not None:
     cand_scores, cand_rows = jax.lax.top_k(scores, min(k_coarse, pool.size))
     query, table = _signal(pool, fine_stage, query_feat, query_cot, query_text)

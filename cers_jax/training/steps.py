@@ -42,6 +42,11 @@ class StepConfig:
   sharpen_temperature: float = 0.1
   cot_space: str = 'projection'  # What CoT/text retrieval compares (COT_SPACES).
   centre_cot: bool = False  # CoT/text cosines around the pool's mean row.
+  # `mode` resolved once, here (the steps read it, not the name); not compared or hashed.
+  mode_spec: search.Mode = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'mode_spec', search.mode_spec(self.mode))
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
@@ -143,7 +148,7 @@ def semi_step(state: TrainState, labeled: Batch, unlabeled: Batch,
   that feeds the decoders. The pool rows of the labeled batch are EMA-updated (Eq. 5) with
   that f4, after retrieval, and the new pool is returned.
   """
-  retrieve = search.needs_retrieval(cfg.mode)
+  retrieve = cfg.mode_spec.retrieves
 
   def forward(model, batch):
     encoded = model.encode(batch['image'], batch['text_ids'], batch['text_mask'])
@@ -190,7 +195,7 @@ def eval_step(state: TrainState, batch: Batch, *, graphdef, cfg: StepConfig,
   encoded = model.encode(batch['image'], batch['text_ids'], batch['text_mask'])
   f4 = encoded.features[-1]
   retrieved = None
-  if search.needs_retrieval(cfg.mode):
+  if cfg.mode_spec.retrieves:
     retrieved = _retrieve(f4, batch, state.pool, state.tables, cfg)
   logits_r, logits_s = model.decode(encoded, None if retrieved is None else retrieved.feat)
   prob_r, prob_s = jax.nn.sigmoid(logits_r), jax.nn.sigmoid(logits_s)

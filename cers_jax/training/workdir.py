@@ -6,14 +6,16 @@ the workdir as it was:
 * `ensure_writable` — the workdir (and the cache directory) is a directory this process
   can write;
 * `check_resume` — the config of this invocation against the one the workdir's checkpoint
-  was trained with (`checkpoints/latest`, else `checkpoints/best`). Fields that change the
-  data, the parameters or the pool (`FIXED`) are refused in every mode: the checkpoint
-  would not load, or would be scored on other data. Retrieval settings (`RETRIEVAL`) may
-  change only where no retrieval has been trained with yet — during warm-up, at the end
-  of warm-up (stage 'semi', epoch 0, before its first step: how scripts/brisc_study.sh
-  continues one warmed-up run with several pool modes), after training is done, and in
-  the evaluation-only modes; `TRAINING` fields only where nothing trains. Everything else
-  (epochs, learning rate, logging, eval.*) may change; the differences are logged;
+  was trained with (`checkpoints/latest`, else `checkpoints/best`), by the resume class
+  each field is declared with beside it in configs/base.py (`base.resume_class`). Fields
+  that change the data, the parameters or the pool ('fixed') are refused in every mode:
+  the checkpoint would not load, or would be scored on other data. Retrieval settings
+  ('retrieval') may change only where no retrieval has been trained with yet — during
+  warm-up, at the end of warm-up (stage 'semi', epoch 0, before its first step: how
+  scripts/brisc_study.sh continues one warmed-up run with several pool modes), after
+  training is done, and in the evaluation-only modes; 'training' fields only where nothing
+  trains. Everything else ('free': epochs, learning rate, logging, eval.*) may change; the
+  differences are logged ('derived' ones are not);
 * `log_invocation` — appends this invocation's mode, config and differences to
   `<workdir>/invocations.jsonl`, so `config.json` can stay the config as trained.
 """
@@ -30,28 +32,7 @@ from absl import logging
 
 from cers_jax.errors import WorkdirError
 from cers_jax.training import checkpoints as checkpointing
-
-# Refused whenever they differ from the checkpoint's: they decide the split, the cache,
-# the token ids, the parameter shapes or the pool's shape.
-FIXED = (
-    'seed', 'data.layout', 'data.root', 'data.text_csv', 'data.cot_mask_csv',
-    'data.cot_no_mask_csv', 'data.cache_dir', 'data.image_size', 'data.split_protocol',
-    'data.split_ratios', 'data.val_fraction', 'data.labeled_fraction', 'data.group_regex',
-    'data.max_text_len', 'data.max_cot_len', 'synthetic.num_images', 'synthetic.image_size',
-    'tokenizer.text_dir', 'tokenizer.cot_dir', 'tokenizer.vocab_size', 'pool.cot_space')
-# Every model.* field is fixed too, except these, which only initialise (the checkpoint's
-# parameters replace them), regularise training or choose the arithmetic.
-MODEL_FREE = (
-    'model.encoder_weights', 'model.text.weights', 'model.cot.weights', 'model.checkpoint',
-    'model.layer_scale_init', 'model.logit_scale_init', 'model.compute_dtype',
-    'model.drop_path_rate', 'model.text.dropout', 'model.cot.dropout', 'model.fusion_dropout')
-# Derived from the tokenizer files (compared through tokenizer.*), known after prepare.
-DERIVED = ('model.text.vocab_size', 'model.cot.vocab_size')
-# How training retrieves and updates the pool.
-RETRIEVAL = ('pool.mode', 'pool.k_coarse', 'pool.k', 'pool.exclude_self', 'pool.momentum',
-             'pool.update_rule', 'pool.centre_cot')
-# The checkpoint's data-iterator positions count batches of this size, per worker.
-TRAINING = ('train.batch_size', 'data.num_workers')
+from configs import base as base_config
 
 _WARMUP, _SEMI, _DONE = 'warmup', 'semi', 'done'
 
@@ -99,15 +80,8 @@ def _saved_workdir(saved: dict[str, Any], meta: dict) -> str | None:
 
 
 def _kind(field: str) -> str:
-  if field in DERIVED:
-    return 'derived'
-  if field in RETRIEVAL:
-    return 'retrieval'
-  if field in TRAINING:
-    return 'training'
-  if field in FIXED or (field.startswith('model.') and field not in MODEL_FREE):
-    return 'fixed'
-  return 'free'
+  """'fixed', 'retrieval', 'training', 'derived' or 'free': configs/base.py's declaration."""
+  return base_config.resume_class(field)
 
 
 def _trains(mode: str, meta: dict) -> bool:
