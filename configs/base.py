@@ -1,7 +1,7 @@
 """Every configuration field of cers_jax, each with a one-line comment.
 
 Dataset configs (`qata.py`, `mosmed.py`, `brisc.py`, `synthetic.py`) import this file and
-override only what differs. The defaults are the paper's settings (DESIGN.md sections 1-3)
+override only what differs. The defaults are the paper's settings (docs/design.md sections 2-9)
 with the full-size ConvNeXt-T / BERT-base network.
 
 Override any field on the command line, e.g. `--config.train.batch_size=8`; the config is

@@ -1,4 +1,4 @@
-"""Retrieval modes and coarse-to-fine top-k over the knowledge pool (DESIGN.md section 2).
+"""Retrieval modes and coarse-to-fine top-k over the knowledge pool (docs/design.md section 5).
 
 `MODE_TABLE` names every mode once: what its first stage compares, what re-ranks the K
 first-stage candidates, what a score means. `retrieve` is a pure function of arrays, so it
@@ -194,7 +194,7 @@ def _fine_stage(cand_scores: Array, cand_table: Array, query: Array, k: int,
 def retrieve(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = None,
              query_text: Array | None = None, *, mode: str, k_coarse: int = 50, k: int = 5,
              exclude: Array | None = None, centre: bool = False) -> Retrieved:
-  """Retrieves k reference cases per query (DESIGN.md section 2).
+  """Retrieves k reference cases per query (docs/design.md section 5).
 
   Args:
     pool: the knowledge pool.

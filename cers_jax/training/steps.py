@@ -1,4 +1,4 @@
-"""Pure, jitted steps over a TrainState (DESIGN.md sections 3 and 6).
+"""Pure, jitted steps over a TrainState (docs/design.md sections 9 and 12).
 
 Each step is one XLA program: encoder, text encoder, retrieval, both decoders, losses,
 gradients, optimizer and pool update. `make_steps` closes over the model's graph definition
@@ -114,7 +114,7 @@ def warmup_step(state: TrainState, batch: Batch, *, graphdef,
                 tx: optax.GradientTransformation, cfg: StepConfig):
   """Labeled-only warm-up: DiceCE(D_r) + DiceCE(D_s) + w * CLIP(image emb, CoT emb).
 
-  No retrieval: D_r's deepest block gets rag=None (DESIGN.md section 1).
+  No retrieval: D_r's deepest block gets rag=None (docs/design.md section 7).
   """
 
   def loss_fn(params):
@@ -141,7 +141,7 @@ def warmup_step(state: TrainState, batch: Batch, *, graphdef,
 def semi_step(state: TrainState, labeled: Batch, unlabeled: Batch,
               consistency_weight: jax.Array, *, graphdef,
               tx: optax.GradientTransformation, cfg: StepConfig):
-  """One semi-supervised step: a labeled and an unlabeled batch (DESIGN.md section 3).
+  """One semi-supervised step: a labeled and an unlabeled batch (docs/design.md section 9).
 
   The two sub-batches go through separate forward passes so BatchNorm statistics are per
   sub-batch, as in the authors' code. The retrieval query is the f4 of the same encoder pass
