@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 CHUNK = 256  # Resamples drawn at once: bounds memory at CHUNK x images indices.
 EXACT_MAX = 50  # Wilcoxon: exact p-values up to this many nonzero differences (no ties).
@@ -136,6 +135,9 @@ def wilcoxon_p(a, b) -> float:
   if len(diff) == 0:
     return 1.0
   exact = len(diff) <= EXACT_MAX and len(np.unique(np.abs(diff))) == len(diff)
+  # Imported here: scipy.stats takes about a second to import, which every run.py start
+  # would pay for one function that only `compare` calls.
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
   p = scipy_stats.wilcoxon(diff, alternative='two-sided',
                            method='exact' if exact else 'approx').pvalue
   return float(p) if math.isfinite(p) else float('nan')
