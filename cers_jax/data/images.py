@@ -15,11 +15,12 @@ as empty.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from cers_jax.data.records import DataError
+from cers_jax.data.records import DataError, Problem
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.gif', '.webp')
 
@@ -191,3 +192,24 @@ def decode_pair(image_path: str, mask_path: str | None, size: int
     info['empty_mask'] = not raw.any()
     mask = resize_mask(raw, size)
   return resize_image(pixels, size), mask, info
+
+
+def list_files(folder: str, problems: list[Problem], *, accept: Callable[[str], bool],
+               key: Callable[[str], str], noun: str) -> dict[str, str]:
+  """{key(name): path} of the files in `folder` whose name `accept`s (sorted by name).
+
+  A key seen twice keeps the first file; the other is a 'duplicate_image' problem naming
+  both, as image stems and volume cases are reported alike.
+  """
+  found: dict[str, str] = {}
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if not (accept(name) and os.path.isfile(path)):
+      continue
+    item = key(name)
+    if item in found:
+      problems.append(Problem('duplicate_image', path, 0, item,
+                              f'same {noun} as {found[item]}; kept that one'))
+      continue
+    found[item] = path
+  return found

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Protocol
 from cers_jax.data import annotations
 from cers_jax.data import nifti
 from cers_jax.data.annotations import AnnotationFile, Entry, read_annotations
-from cers_jax.data.images import id_from_name, is_image_file
+from cers_jax.data.images import id_from_name, is_image_file, list_files
 from cers_jax.data.records import DataError, Problem, Sample
 
 # Default annotation files looked up in the dataset root, in order (H6's synthetic dataset
@@ -94,18 +94,7 @@ class _Pair:
 
 def list_images(folder: str, problems: list[Problem]) -> dict[str, str]:
   """{id: path} of the image files in `folder` (sorted; a repeated stem keeps the first)."""
-  found: dict[str, str] = {}
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if not (is_image_file(name) and os.path.isfile(path)):
-      continue
-    sample_id = id_from_name(name)
-    if sample_id in found:
-      problems.append(Problem('duplicate_image', path, 0, sample_id,
-                              f'same id as {found[sample_id]}; kept that one'))
-      continue
-    found[sample_id] = path
-  return found
+  return list_files(folder, problems, accept=is_image_file, key=id_from_name, noun='id')
 
 
 def _mask_candidates(image_id: str) -> tuple[str, ...]:

@@ -99,18 +99,8 @@ def slice_id(case: str, index: int) -> str:
 
 def list_volumes(folder: str, problems: list[Problem]) -> dict[str, str]:
   """{case: path} of the NIfTI files in `folder` (sorted; a repeated case keeps the first)."""
-  found: dict[str, str] = {}
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if not (is_nifti_file(name) and os.path.isfile(path)):
-      continue
-    case = case_of(name)
-    if case in found:
-      problems.append(Problem('duplicate_image', path, 0, case,
-                              f'same case as {found[case]}; kept that one'))
-      continue
-    found[case] = path
-  return found
+  return images_lib.list_files(folder, problems, accept=is_nifti_file, key=case_of,
+                               noun='case')
 
 
 def _open(path: str):
