@@ -245,8 +245,9 @@ def read_manifest(path: str) -> dict[str, Any]:
 
 
 def write_json(path: str, content: Any) -> None:
-  """Writes JSON atomically (a reader never sees half a file)."""
-  tmp = f'{path}.tmp'
+  """Writes JSON atomically (a reader never sees half a file); the temporary name is this
+  process's, so an eval beside a training run never writes into the other's."""
+  tmp = f'{path}.{os.getpid()}.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(content, f, indent=1, ensure_ascii=False)
     f.write('\n')
