@@ -469,17 +469,9 @@ def _remove_tmp(cache_dir: str) -> None:
       os.remove(_tmp(cache_dir, name))
 
 
-def prepare(config: Any, workdir: str, *, processes: int | None = None) -> PreparedData:
-  """Validates the configured dataset and writes report, split manifest and cache.
-
-  The cache goes to <workdir>/data unless data.cache_dir is set. `processes` > 1 decodes in a
-  spawn pool; None takes config.data.prepare_workers if the config has it, else 0. Raises
-  DataError for an unusable dataset (after writing report.json where possible), missing
-  report texts (any at all with data.require_text), a stored split that does not fit the
-  config or the dataset, or a bad config value.
-  """
-  data = config.data
-  size = int(data.image_size)
+def _cache_dir_ready(config: Any, workdir: str) -> tuple[str, int]:
+  """(cache directory, created if needed; the cached image size), or a DataError."""
+  size = int(config.data.image_size)
   if size <= 0:
     raise DataError(f'data.image_size={size} must be positive.')
   cache_dir = resolve_cache_dir(config, workdir)
@@ -489,14 +481,19 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
     raise DataError(f'Cannot create the cache directory {cache_dir} ({error.strerror}): set '
                     '--config.data.cache_dir (or --workdir) to a folder you can write.'
                     ) from error
-  if processes is None:
-    processes = int(data.get('prepare_workers', 0) or 0)
-  scan = layouts.read_dataset(data)
-  problems = list(scan.problems)
+  return cache_dir, size
+
+
+def _checked_split(config: Any, scan: layouts.DatasetScan, problems: list[Problem],
+                   cache_dir: str, size: int) -> tuple[dict[str, Any], bool]:
+  """The split manifest and whether it was reused; refuses a split without labeled
+  images and missing texts or CoTs (report.json written first), and adds a problem for
+  every image the split does not list."""
+  data = config.data
   split_path = os.path.join(cache_dir, 'split.json')
   report_path = os.path.join(cache_dir, 'report.json')
-  settings = splits.split_settings(data, config.seed)
-  manifest, split_reused = _manifest(split_path, scan, settings, size)
+  manifest, split_reused = _manifest(split_path, scan, splits.split_settings(data, config.seed),
+                                     size)
   if not manifest['ids']['train_labeled']:
     written = (f'delete {split_path}, made with it' if split_reused else
                f'{split_path} was not written')
@@ -522,9 +519,14 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   problems.extend(Problem('not_in_split', s.image_path, 0, s.id,
                           _unsplit_detail(s, manifest, split_path))
                   for s in scan.samples if s.id not in listed)
+  return manifest, split_reused
 
-  nifti_settings = nifti.NiftiSettings.from_config(data)
-  decoding = _decoding(scan.samples, nifti_settings)
+
+def _built_cache(scan: layouts.DatasetScan, problems: list[Problem], cache_dir: str,
+                 size: int, processes: int, nifti_settings, decoding, split_reused: bool):
+  """Decodes what the cache lacks (all of it, or the rows whose files changed) and moves
+  the new arrays in place; returns (plan, whether the cache was reused whole, the ids of
+  rebuilt rows). Files that make the dataset unusable end in a DataError."""
   plan = _plan(cache_dir, scan.samples, size, decoding)
   cache_reused = plan.stale_rows == []
   rebuilt = []
@@ -536,26 +538,51 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
                     'was built (%s%s); decoding them again.', len(rebuilt),
                     ', '.join(plan.changed[:_LISTED]),
                     ', ...' if len(plan.changed) > _LISTED else '')
-  if not cache_reused:
-    try:
-      fatal = _build_arrays(cache_dir, scan.samples, size, processes, plan.stale_rows,
-                            nifti_settings)
-    except BaseException:
-      _remove_tmp(cache_dir)
-      raise
-    if fatal:
-      _remove_tmp(cache_dir)
-      problems.extend(fatal)
-      report = _report(scan, problems, None, cache_dir, size,
-                       {'split': split_reused, 'cache': False})
-      splits.write_json(report_path, report)
-      _log_summary(report, report_path)
-      listing = ' | '.join(f'{p.kind}: {p.detail}' for p in fatal[:_LISTED])
-      # One line: run.py prints it as the error line.
-      raise DataError(f'{len(fatal)} files make the dataset unusable (all listed in '
-                      f'{report_path}), e.g. {listing}')
-    for name in _ARRAYS:
-      os.replace(_tmp(cache_dir, name), os.path.join(cache_dir, f'{name}.npy'))
+  if cache_reused:
+    return plan, cache_reused, rebuilt
+  try:
+    fatal = _build_arrays(cache_dir, scan.samples, size, processes, plan.stale_rows,
+                          nifti_settings)
+  except BaseException:
+    _remove_tmp(cache_dir)
+    raise
+  if fatal:
+    _remove_tmp(cache_dir)
+    problems.extend(fatal)
+    report_path = os.path.join(cache_dir, 'report.json')
+    report = _report(scan, problems, None, cache_dir, size,
+                     {'split': split_reused, 'cache': False})
+    splits.write_json(report_path, report)
+    _log_summary(report, report_path)
+    listing = ' | '.join(f'{p.kind}: {p.detail}' for p in fatal[:_LISTED])
+    # One line: run.py prints it as the error line.
+    raise DataError(f'{len(fatal)} files make the dataset unusable (all listed in '
+                    f'{report_path}), e.g. {listing}')
+  for name in _ARRAYS:
+    os.replace(_tmp(cache_dir, name), os.path.join(cache_dir, f'{name}.npy'))
+  return plan, cache_reused, rebuilt
+
+
+def prepare(config: Any, workdir: str, *, processes: int | None = None) -> PreparedData:
+  """Validates the configured dataset and writes report, split manifest and cache.
+
+  The cache goes to <workdir>/data unless data.cache_dir is set. `processes` > 1 decodes in a
+  spawn pool; None takes config.data.prepare_workers if the config has it, else 0. Raises
+  DataError for an unusable dataset (after writing report.json where possible), missing
+  report texts (any at all with data.require_text), a stored split that does not fit the
+  config or the dataset, or a bad config value.
+  """
+  data = config.data
+  cache_dir, size = _cache_dir_ready(config, workdir)
+  if processes is None:
+    processes = int(data.get('prepare_workers', 0) or 0)
+  scan = layouts.read_dataset(data)
+  problems = list(scan.problems)
+  manifest, split_reused = _checked_split(config, scan, problems, cache_dir, size)
+  nifti_settings = nifti.NiftiSettings.from_config(data)
+  decoding = _decoding(scan.samples, nifti_settings)
+  plan, cache_reused, rebuilt = _built_cache(scan, problems, cache_dir, size, processes,
+                                             nifti_settings, decoding, split_reused)
   # After the arrays: a run stopped in between decodes those rows again next time.
   splits.write_json(os.path.join(cache_dir, _SOURCES),
                     plan.sources if plan.stale_rows is not None else _sources(scan.samples))
@@ -563,10 +590,11 @@ def prepare(config: Any, workdir: str, *, processes: int | None = None) -> Prepa
   splits.write_json(os.path.join(cache_dir, 'samples.json'),
                     [sample_to_dict(s, row) for row, s in enumerate(scan.samples)])
   if not split_reused:
-    splits.write_json(split_path, manifest)
+    splits.write_json(os.path.join(cache_dir, 'split.json'), manifest)
   problems.extend(_empty_mask_problems(cache_dir, scan.samples, size))
   report = _report(scan, problems, manifest, cache_dir, size,
                    {'split': split_reused, 'cache': cache_reused}, rebuilt, plan.changed)
+  report_path = os.path.join(cache_dir, 'report.json')
   splits.write_json(report_path, report)
   _log_summary(report, report_path)
   cache = load_cache(cache_dir)
