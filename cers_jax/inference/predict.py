@@ -295,6 +295,49 @@ def _items_and_output(data, config,
   return _cache_items(data, rows), predictions, False
 
 
+def _write_item(data, config, out_dir: str, item: PredictItem, x: _Loaded, out: dict,
+                i: int, refs_written: set[int]) -> dict:
+  """Writes the image, mask, overlay, references and page of batch row `i`; its record."""
+  samples = data.cache.samples
+  height, width = x.original.shape[:2]
+  prob = out['prob_r'][i, ..., 0]
+  pred = _resize_nearest((prob >= config.eval.threshold).astype(np.uint8), height, width)
+  refs = []
+  if 'retrieved_ids' in out:
+    refs = [(int(r), samples[int(r)].id, float(s))
+            for r, s in zip(out['retrieved_ids'][i], out['retrieved_scores'][i]) if r >= 0]
+  for row, ref_id, _ in refs:
+    pages.write_reference(data.cache, out_dir, row, ref_id, refs_written)
+  pages.save_png(os.path.join(out_dir, 'images', f'{item.id}.png'), x.original)
+  pages.save_png(os.path.join(out_dir, 'masks', f'{item.id}.png'), pred * 255)
+  pages.save_png(os.path.join(out_dir, 'overlays', f'{item.id}.png'),
+                 pages.overlay(x.original, pred, x.truth))
+  has_truth = x.truth is not None
+  record = dict(
+      id=item.id, mask=f'masks/{item.id}.png', mean_prob=float(prob.mean()),
+      **{k: float(out[k][i]) if has_truth else '' for k in ('dice_r', 'iou_r', 'dice_s',
+                                                            'iou_s')},
+      retrieved_ids=';'.join(r[1] for r in refs),
+      retrieved_scores=';'.join(f'{r[2]:.6f}' for r in refs))
+  with open(os.path.join(out_dir, 'pages', f'{item.id}.html'), 'w', encoding='utf-8') as f:
+    f.write(pages.render_page(item, record, refs, mode=config.pool.mode, samples=samples))
+  return record
+
+
+def _write_index(config, out_dir: str, records: list[dict], title: str,
+                 curves_png: str | None) -> None:
+  """index.html (linking curves.png when it exists) and predictions.csv."""
+  with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:
+    curves_href = (os.path.relpath(curves_png, out_dir).replace(os.sep, '/')
+                   if curves_png and os.path.isfile(curves_png) else None)
+    f.write(pages.render_index(records, title, curves_href))
+  with open(os.path.join(out_dir, 'predictions.csv'), 'w', newline='',
+            encoding='utf-8') as f:
+    writer = csv.DictWriter(f, fieldnames=list(_CSV_FIELDS))
+    writer.writeheader()
+    writer.writerows(records)
+
+
 def predict(state, steps, data, config, workdir: str, *,
             curves_png: str | None = None) -> str:
   """Predicts masks with `state` and writes the evidence pages; returns the output folder.
@@ -310,9 +353,6 @@ def predict(state, steps, data, config, workdir: str, *,
   if writes:
     for sub in ('images', 'masks', 'overlays', 'refs', 'pages'):
       os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-  size = config.data.image_size
-  threshold = config.eval.threshold
-  samples = data.cache.samples
   batch_size = config.train.eval_batch_size
   records: list[dict] = []
   refs_written: set[int] = set()
@@ -320,7 +360,7 @@ def predict(state, steps, data, config, workdir: str, *,
                     total=-(-len(items) // batch_size)):
     chunk = items[start:start + batch_size]
     if from_folder:
-      loaded = [_load_folder_item(it, size) for it in chunk]
+      loaded = [_load_folder_item(it, config.data.image_size) for it in chunk]
       queries = _query_embeddings(state, steps, data, config, chunk)
     else:
       loaded = [_load_cache_item(data.cache, it) for it in chunk]
@@ -328,50 +368,16 @@ def predict(state, steps, data, config, workdir: str, *,
     batch = _make_batch(data, config, chunk, loaded, queries)
     # The batch's real rows are its first len(chunk) ones (padding marked not valid).
     [(_, out)] = sharding.host_outputs(steps.evaluate, state, [batch], steps.mesh)
-    if not writes:
-      continue
-    for i, (item, x) in enumerate(zip(chunk, loaded)):
-      height, width = x.original.shape[:2]
-      prob = out['prob_r'][i, ..., 0]
-      pred = _resize_nearest((prob >= threshold).astype(np.uint8), height, width)
-      refs = []
-      if 'retrieved_ids' in out:
-        refs = [(int(r), samples[int(r)].id, float(s))
-                for r, s in zip(out['retrieved_ids'][i], out['retrieved_scores'][i])
-                if r >= 0]
-      for row, ref_id, _ in refs:
-        pages.write_reference(data.cache, out_dir, row, ref_id, refs_written)
-      pages.save_png(os.path.join(out_dir, 'images', f'{item.id}.png'), x.original)
-      pages.save_png(os.path.join(out_dir, 'masks', f'{item.id}.png'), pred * 255)
-      pages.save_png(os.path.join(out_dir, 'overlays', f'{item.id}.png'),
-                     pages.overlay(x.original, pred, x.truth))
-      has_truth = x.truth is not None
-      record = dict(
-          id=item.id, mask=f'masks/{item.id}.png', mean_prob=float(prob.mean()),
-          **{k: float(out[k][i]) if has_truth else ''
-             for k in ('dice_r', 'iou_r', 'dice_s', 'iou_s')},
-          retrieved_ids=';'.join(r[1] for r in refs),
-          retrieved_scores=';'.join(f'{r[2]:.6f}' for r in refs))
-      with open(os.path.join(out_dir, 'pages', f'{item.id}.html'), 'w',
-                encoding='utf-8') as f:
-        f.write(pages.render_page(item, record, refs, mode=config.pool.mode,
-                                  samples=samples))
-      records.append(record)
+    if writes:
+      records.extend(_write_item(data, config, out_dir, item, x, out, i, refs_written)
+                     for i, (item, x) in enumerate(zip(chunk, loaded)))
   if not from_folder:  # Test slices of NIfTI volumes: whole predicted volumes too.
     nifti_out.write_predicted_volumes(state, steps, data, config, out_dir, write=writes)
   if not writes:
     return out_dir
   title = (f'CERS predictions: {config.eval.predict_dir}' if from_folder
            else f'CERS predictions: first {len(items)} test images')
-  with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:
-    curves_href = (os.path.relpath(curves_png, out_dir).replace(os.sep, '/')
-                   if curves_png and os.path.isfile(curves_png) else None)
-    f.write(pages.render_index(records, title, curves_href))
-  with open(os.path.join(out_dir, 'predictions.csv'), 'w', newline='',
-            encoding='utf-8') as f:
-    writer = csv.DictWriter(f, fieldnames=list(_CSV_FIELDS))
-    writer.writeheader()
-    writer.writerows(records)
+  _write_index(config, out_dir, records, title, curves_png)
   scored = [r['dice_r'] for r in records if r['dice_r'] != '']
   logging.info('Predicted %d images into %s%s', len(records), out_dir,
                f' (mean Dice D_r {np.mean(scored):.4f} over {len(scored)} with masks)'
