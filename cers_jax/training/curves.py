@@ -109,6 +109,83 @@ def _loss_keys(records: Sequence[dict]) -> list[str]:
   return keys
 
 
+class _Series:
+  """The records' values on the epoch axis, with a gap at the warm-up / semi boundary (the
+  two stages' losses are different objectives)."""
+
+  def __init__(self, records: list[dict], x: list[int], warmup: int):
+    self.records, self.x, self.warmup = records, x, warmup
+    self.both_stages = bool(warmup) and bool(x) and x[-1] > warmup
+    self.xs = x[:warmup] + [warmup + 0.5] + x[warmup:] if self.both_stages else x
+
+  def __call__(self, key: str) -> list[float]:
+    values = [_number(r.get(key)) for r in self.records]
+    if self.both_stages:
+      return values[:self.warmup] + [math.nan] + values[self.warmup:]
+    return values
+
+  def has(self, key: str) -> bool:
+    return any(math.isfinite(v) for v in self(key))
+
+
+def _missing(ax, text: str) -> None:
+  ax.text(0.5, 0.5, text, transform=ax.transAxes, ha='center', va='center', fontsize=9,
+          color='#757575')
+
+
+def _draw_losses(ax, series: _Series, cmap) -> None:
+  for i, key in enumerate(_loss_keys(series.records)):
+    values = series(key)
+    label = 'consistency (raw)' if key == 'consistency' else key
+    ax.plot(series.xs, [v if v > 0 else math.nan for v in values], marker='.', ms=4,
+            lw=1.2, color=cmap(i % 10), label=label)
+  if ax.lines:
+    ax.set_yscale('log')
+    ax.legend(fontsize=7, ncol=2)
+  else:
+    _missing(ax, 'no loss recorded')
+  ax.set_title('loss terms (epoch means)', fontsize=10)
+
+
+def _draw_dice(ax, series: _Series) -> None:
+  for key, label, colour in _DICE:
+    if series.has(key):
+      ax.plot(series.xs, series(key), marker='.', ms=4, lw=1.2, color=colour, label=label)
+  dice = [_number(r.get('val_dice_r_mean')) for r in series.records]
+  if any(math.isfinite(v) for v in dice):
+    best = max((i for i, v in enumerate(dice) if math.isfinite(v)), key=lambda i: dice[i])
+    ax.plot([series.x[best]], [dice[best]], '*', ms=11, color='#3b73b9',
+            label=f'best D_r {dice[best]:.3f} (semi epoch {series.x[best] - series.warmup})')
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc='lower right')
+  else:
+    _missing(ax, 'no validation yet (validation runs after each semi-supervised epoch)')
+  ax.set_title('val Dice', fontsize=10)
+
+
+def _draw_one(ax, series: _Series, key: str, colour: str, title: str) -> None:
+  if series.has(key):
+    ax.plot(series.xs, series(key), marker='.', ms=4, lw=1.2, color=colour)
+  else:
+    _missing(ax, f'{key} not in these records')
+  ax.set_title(title, fontsize=10)
+
+
+def _mark_stages(axes, dice_ax, series: _Series) -> None:
+  warmup = series.warmup
+  for ax in axes.flat:
+    if series.both_stages:
+      ax.axvline(warmup + 0.5, color='#9e9e9e', ls='--', lw=1)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+  if series.both_stages:
+    dice_ax.text(warmup + 0.5, 1.0, ' semi-supervised', fontsize=7, color='#616161',
+                 va='top', transform=dice_ax.get_xaxis_transform())
+  for ax in axes[1]:
+    ax.set_xlabel(f'epoch (1-{warmup}: warm-up, then semi-supervised)' if warmup
+                  else 'epoch', fontsize=9)
+
+
 def write_curves(records: Sequence[dict], path: str) -> None:
   """Draws the run's curves (losses, val Dice, learning rate, consistency weight) to `path`.
 
@@ -120,78 +197,18 @@ def write_curves(records: Sequence[dict], path: str) -> None:
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  records, x, warmup = epoch_axis(records)
-  both_stages = bool(warmup) and bool(x) and x[-1] > warmup
+  series = _Series(*epoch_axis(records))
   fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
   (losses_ax, dice_ax), (lr_ax, weight_ax) = axes
-  # A gap at the boundary: the two stages' losses are different objectives.
-  xs = x[:warmup] + [warmup + 0.5] + x[warmup:] if both_stages else x
-
-  def series(key):
-    values = [_number(r.get(key)) for r in records]
-    return values[:warmup] + [math.nan] + values[warmup:] if both_stages else values
-
-  def has(key):
-    return any(math.isfinite(v) for v in series(key))
-
-  def missing(ax, text):
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha='center', va='center',
-            fontsize=9, color='#757575')
-
-  cmap = plt.get_cmap('tab10')
-  for i, key in enumerate(_loss_keys(records)):
-    values = series(key)
-    if key == 'consistency':
-      key = 'consistency (raw)'
-    losses_ax.plot(xs, [v if v > 0 else math.nan for v in values], marker='.', ms=4,
-                   lw=1.2, color=cmap(i % 10), label=key)
-  if losses_ax.lines:
-    losses_ax.set_yscale('log')
-    losses_ax.legend(fontsize=7, ncol=2)
-  else:
-    missing(losses_ax, 'no loss recorded')
-  losses_ax.set_title('loss terms (epoch means)', fontsize=10)
-
-  for key, label, colour in _DICE:
-    if has(key):
-      dice_ax.plot(xs, series(key), marker='.', ms=4, lw=1.2, color=colour, label=label)
-  dice = [_number(r.get('val_dice_r_mean')) for r in records]
-  if any(math.isfinite(v) for v in dice):
-    best = max((i for i, v in enumerate(dice) if math.isfinite(v)), key=lambda i: dice[i])
-    dice_ax.plot([x[best]], [dice[best]], '*', ms=11, color='#3b73b9',
-                 label=f'best D_r {dice[best]:.3f} (semi epoch {x[best] - warmup})')
-    dice_ax.set_ylim(-0.02, 1.02)
-    dice_ax.legend(fontsize=7, loc='lower right')
-  else:
-    missing(dice_ax, 'no validation yet (validation runs after each semi-supervised epoch)')
-  dice_ax.set_title('val Dice', fontsize=10)
-
-  if has('learning_rate'):
-    lr_ax.plot(xs, series('learning_rate'), marker='.', ms=4, lw=1.2, color='#455a64')
-  else:
-    missing(lr_ax, 'learning_rate not in these records')
-  lr_ax.set_title('learning rate', fontsize=10)
-
-  if has('consistency_weight'):
-    weight_ax.plot(xs, series('consistency_weight'), marker='.', ms=4, lw=1.2,
-                   color='#6a1b9a')
-  else:
-    missing(weight_ax, 'consistency_weight not in these records')
-  weight_ax.set_title('consistency weight (ramp-up)', fontsize=10)
-
-  for ax in axes.flat:
-    if both_stages:
-      ax.axvline(warmup + 0.5, color='#9e9e9e', ls='--', lw=1)
-    ax.grid(alpha=0.3)
-    ax.tick_params(labelsize=8)
-  if both_stages:
-    dice_ax.text(warmup + 0.5, 1.0, ' semi-supervised', fontsize=7, color='#616161',
-                 va='top', transform=dice_ax.get_xaxis_transform())
-  for ax in axes[1]:
-    ax.set_xlabel(f'epoch (1-{warmup}: warm-up, then semi-supervised)' if warmup
-                  else 'epoch', fontsize=9)
-  fig.suptitle(f'{len(records)} epochs: {warmup} warm-up, {len(records) - warmup} '
-               'semi-supervised', fontsize=10)
+  _draw_losses(losses_ax, series, plt.get_cmap('tab10'))
+  _draw_dice(dice_ax, series)
+  _draw_one(lr_ax, series, 'learning_rate', '#455a64', 'learning rate')
+  _draw_one(weight_ax, series, 'consistency_weight', '#6a1b9a',
+            'consistency weight (ramp-up)')
+  _mark_stages(axes, dice_ax, series)
+  count, warmup = len(series.records), series.warmup
+  fig.suptitle(f'{count} epochs: {warmup} warm-up, {count - warmup} semi-supervised',
+               fontsize=10)
   fig.tight_layout()
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
