@@ -318,7 +318,14 @@ def build_report(state, steps, data, config, split: str) -> tuple[dict, list[dic
                          centre=config.pool.centre_cot,
                          weights=config.model.cot.weights or '(random init)'),
                 modes=modes, problems=ranking_problems(modes))
-  samples = data.cache.samples
+  return report, _reference_rows(rankings, rows, k, pool_ids, dice, data.cache.samples,
+                                 query_labels, pool_labels)
+
+
+def _reference_rows(rankings: dict[str, Ranking], rows: np.ndarray, k: int,
+                    pool_ids: np.ndarray, dice: np.ndarray, samples, query_labels,
+                    pool_labels) -> list[dict]:
+  """references.csv: one row per (mode, query, rank) with its score and mask Dice."""
   records = []
   for mode, ranking in rankings.items():
     for q, row in enumerate(rows):
@@ -327,11 +334,11 @@ def build_report(state, steps, data, config, split: str) -> tuple[dict, list[dic
         record = dict(query=samples[row].id, mode=mode, rank=rank + 1, reference=samples[ref].id,
                       score=f'{ranking.scores[q, rank]:.6f}',
                       ref_mask_dice=f'{dice[q, ranking.rows[q, rank]]:.4f}')
-        if labels is not None:
+        if query_labels is not None:
           record.update(query_label='/'.join(query_labels[q]),
                         reference_label='/'.join(pool_labels[ranking.rows[q, rank]]))
         records.append(record)
-  return report, records
+  return records
 
 
 def write_report(state, steps, data, config, split: str, out_dir: str, **context) -> dict:
