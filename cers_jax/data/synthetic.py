@@ -328,6 +328,20 @@ def _clear_previous(out_dir: str) -> None:
     os.remove(path)
 
 
+def _write_annotations(out_dir: str, texts, cots_mask, cots_no_mask, attributes) -> None:
+  """text.csv, the two CoT CSVs and attributes.csv (each image's drawn properties)."""
+  _write_csv(os.path.join(out_dir, 'text.csv'), ('image', 'text'), texts)
+  _write_csv(os.path.join(out_dir, 'cot_output_mask.csv'), ('image', 'cot'), cots_mask)
+  _write_csv(os.path.join(out_dir, 'cot_output_no_mask.csv'), ('image', 'cot'),
+             cots_no_mask)
+  with open(os.path.join(out_dir, 'attributes.csv'), 'w', newline='',
+            encoding='utf-8') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(('image', 'lesion_class', 'num_lesions', 'size', 'core_texture',
+                     'distractor', 'no_mask_cot_class', 'mask_fraction'))
+    writer.writerows(attributes)
+
+
 def generate_synthetic(
     out_dir: str,
     *,
@@ -379,16 +393,7 @@ def generate_synthetic(
     counts['two_lesions'] += len(case.lesions) == 2
     counts['no_mask_cot_errors'] += case.no_mask_cot_class != case.lesion_class
 
-  _write_csv(os.path.join(out_dir, 'text.csv'), ('image', 'text'), texts)
-  _write_csv(os.path.join(out_dir, 'cot_output_mask.csv'), ('image', 'cot'), cots_mask)
-  _write_csv(os.path.join(out_dir, 'cot_output_no_mask.csv'), ('image', 'cot'),
-             cots_no_mask)
-  with open(os.path.join(out_dir, 'attributes.csv'), 'w', newline='',
-            encoding='utf-8') as f:
-    writer = csv.writer(f, lineterminator='\n')
-    writer.writerow(('image', 'lesion_class', 'num_lesions', 'size', 'core_texture',
-                     'distractor', 'no_mask_cot_class', 'mask_fraction'))
-    writer.writerows(attributes)
+  _write_annotations(out_dir, texts, cots_mask, cots_no_mask, attributes)
   with open(os.path.join(out_dir, 'README.txt'), 'w', encoding='utf-8') as f:
     f.write(_readme(num_images, image_size, seed, rim_cue, cot_error_rate))
 
