@@ -164,6 +164,58 @@ def _describe(chat: client_lib.ChatClient, request: CotRequest, *, temperature: 
                        label=request.image_id).strip()
 
 
+def _check_unique_ids(items: Sequence[CotRequest]) -> None:
+  ids = [item.image_id for item in items]
+  if len(set(ids)) != len(ids):
+    dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+    raise ValueError(f'duplicate image ids in the requests, e.g. {dupes}; ids key the '
+                     'CSV rows and must be unique.')
+
+
+def _api_key(api_key_env: str | None) -> str | None:
+  """The key from `api_key_env`; None when no variable is named (a server without keys)."""
+  if not api_key_env:
+    return None
+  api_key = os.environ.get(api_key_env)
+  if not api_key:
+    raise ValueError(f'environment variable {api_key_env} is not set: export your API key '
+                     'there, or pass an empty api_key_env (--api-key-env "") for a server '
+                     'that needs none.')
+  return api_key
+
+
+def _collect(futures: dict, out, failures, *, progress: bool) -> dict[str, int]:
+  """Writes each finished request's CoT (or its failure) as it completes; the counts.
+
+  Only this thread writes, so rows never interleave and need no lock; every row is flushed
+  at once, so an interrupted run keeps all that finished.
+  """
+  (out_file, out_writer), (fail_file, fail_writer) = out, failures
+  counts = dict(written=0, failed=0, incomplete=0)
+  bar = tqdm.tqdm(total=len(futures), desc='CoT', unit='img', disable=not progress)
+  for future in concurrent.futures.as_completed(futures):
+    item = futures[future]
+    try:
+      cot = future.result()
+    except client_lib.ChatError as e:
+      fail_writer.writerow((item.image_id, str(e)))
+      fail_file.flush()
+      counts['failed'] += 1
+      logging.warning('%s: failed: %s', item.image_id, e)
+    else:
+      out_writer.writerow((item.image_id, cot))
+      out_file.flush()
+      counts['written'] += 1
+      missing = prompts.missing_sections(cot)
+      if missing:
+        counts['incomplete'] += 1
+        logging.warning('%s: CoT lacks %s (written anyway).', item.image_id,
+                        ', '.join(missing))
+    bar.update(1)
+  bar.close()
+  return counts
+
+
 def generate_cots(items: Sequence[CotRequest], *, out_csv: PathLike,
                   failures_csv: PathLike, base_url: str, model: str,
                   api_key_env: str | None = 'OPENAI_API_KEY', concurrency: int = 4,
@@ -190,20 +242,9 @@ def generate_cots(items: Sequence[CotRequest], *, out_csv: PathLike,
   """
   if concurrency < 1:
     raise ValueError(f'concurrency must be >= 1, got {concurrency}.')
-  ids = [item.image_id for item in items]
-  if len(set(ids)) != len(ids):
-    dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
-    raise ValueError(f'duplicate image ids in the requests, e.g. {dupes}; ids key the '
-                     'CSV rows and must be unique.')
-  api_key = None
-  if api_key_env:
-    api_key = os.environ.get(api_key_env)
-    if not api_key:
-      raise ValueError(f'environment variable {api_key_env} is not set: export your API key '
-                       'there, or pass an empty api_key_env (--api-key-env "") for a server '
-                       'that needs none.')
+  _check_unique_ids(items)
   chat = client_lib.ChatClient(
-      base_url=base_url, model=model, api_key=api_key, timeout_s=timeout_s,
+      base_url=base_url, model=model, api_key=_api_key(api_key_env), timeout_s=timeout_s,
       max_retries=max_retries, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
       retry_after_max_s=retry_after_max_s)
 
@@ -214,7 +255,6 @@ def generate_cots(items: Sequence[CotRequest], *, out_csv: PathLike,
   logging.info('CoT generation: %d images, %d already in %s, %d to send to %s (%s).',
                len(items), skipped, out_path, len(pending), chat.url, model)
 
-  written = failed = incomplete = 0
   out_file, out_writer = _open_csv_for_append(out_path, CSV_HEADER, truncate=False)
   fail_file, fail_writer = _open_csv_for_append(pathlib.Path(failures_csv),
                                                 FAILURES_HEADER, truncate=True)
@@ -225,36 +265,15 @@ def generate_cots(items: Sequence[CotRequest], *, out_csv: PathLike,
         executor.submit(_describe, chat, item, temperature=temperature,
                         max_tokens=max_tokens, max_side=max_side): item
         for item in pending}
-    bar = tqdm.tqdm(total=len(pending), desc='CoT', unit='img', disable=not progress)
-    # Only this thread writes, so rows never interleave and need no lock.
-    for future in concurrent.futures.as_completed(futures):
-      item = futures[future]
-      try:
-        cot = future.result()
-      except client_lib.ChatError as e:
-        fail_writer.writerow((item.image_id, str(e)))
-        fail_file.flush()
-        failed += 1
-        logging.warning('%s: failed: %s', item.image_id, e)
-      else:
-        out_writer.writerow((item.image_id, cot))
-        out_file.flush()
-        written += 1
-        missing = prompts.missing_sections(cot)
-        if missing:
-          incomplete += 1
-          logging.warning('%s: CoT lacks %s (written anyway).', item.image_id,
-                          ', '.join(missing))
-      bar.update(1)
-    bar.close()
+    counts = _collect(futures, (out_file, out_writer), (fail_file, fail_writer),
+                      progress=progress)
   finally:
     # On Ctrl-C: drop queued requests, let the few in flight finish, keep what is written.
     executor.shutdown(wait=True, cancel_futures=True)
     out_file.close()
     fail_file.close()
 
-  summary = CotSummary(total=len(items), skipped=skipped, written=written, failed=failed,
-                       incomplete=incomplete)
+  summary = CotSummary(total=len(items), skipped=skipped, **counts)
   logging.info('CoT generation done: %s', summary)
   return summary
 
