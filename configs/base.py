@@ -163,7 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- knowledge pool and retrieval -------------------------------------------------
   config.pool = pool = ml_collections.ConfigDict()
-  pool.mode = 'image+cot'  # 'none' | 'image' | 'cot' | 'text' | 'image+cot' (Table 2).
+  pool.mode = 'image+cot'  # 'none' | 'image' | 'cot' | 'text' | 'image+text' | 'image+cot'.
   pool.k_coarse = 50  # K: candidates kept by image similarity.
   pool.k = 5  # k: reference cases fused into the retrieval-aware decoder.
   pool.exclude_self = True  # A labeled image may not retrieve its own pool row.

@@ -380,7 +380,8 @@ def test_retrieval_report_after_warmup_and_from_the_best_checkpoint(cli, uninter
   folder = os.path.join(uninterrupted, 'retrieval')
   report = _report(folder)
   assert report['split'] == 'test' and report['num_queries'] == len(split['test'])
-  assert list(report['modes']) == ['random', 'image', 'cot', 'text', 'image+cot', 'oracle']
+  assert list(report['modes']) == ['random', 'image', 'cot', 'text', 'image+text', 'image+cot',
+                                   'oracle']
   assert 'lesion_class' in report['labels']  # The synthetic generator's lesion kind.
   # Mean-pooled CoT features rank: no exact ties, scores spread out.
   assert report['problems'] == [], report['problems']

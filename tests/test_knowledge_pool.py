@@ -13,7 +13,7 @@ from cers_jax.retrieval import search
 
 FIXTURE = __file__.rsplit('/', 1)[0] + '/fixtures/hybrid_retrieval.npz'
 MAP = (2, 3, 4)  # Tiny (h, w, C) f4 maps.
-RETRIEVING_MODES = ('image', 'cot', 'text', 'image+cot')
+RETRIEVING_MODES = ('image', 'cot', 'text', 'image+text', 'image+cot')
 
 
 # ------------------------------------------------------------------------------------------
@@ -40,18 +40,20 @@ def reference_retrieve(feat, cot, text, ids, qf, qc, qt, *, mode, k_coarse, k, e
   n = feat.shape[0]
   key = _unit(feat.reshape(n, -1)).astype(key_dtype).astype(np.float64)
   q = _unit(qf.reshape(qf.shape[0], -1)).astype(key_dtype).astype(np.float64)
-  cot_table, cot_query = _around_mean(cot, qc, centre)
-  table, query = {'image': (key, q), 'image+cot': (key, q), 'cot': (cot_table, cot_query),
-                  'text': _around_mean(text, qt, centre)}[mode]
+  signals = {'image': (key, q), 'cot': _around_mean(cot, qc, centre),
+             'text': _around_mean(text, qt, centre)}
+  first, _, fine_signal = mode.partition('+')
+  table, query = signals[first]
   scores = query @ table.T
   if exclude is not None:
     scores[ids[None, :] == np.asarray(exclude)[:, None]] = -np.inf
   order = np.argsort(-scores, axis=1, kind='stable')
-  if mode != 'image+cot':
+  if not fine_signal:
     rows = order[:, :k]
     return rows, np.take_along_axis(scores, rows, 1)
   cand = order[:, :min(k_coarse, n)]
-  fine = np.einsum('bke,be->bk', cot_table[cand], cot_query)
+  fine_table, fine_query = signals[fine_signal]
+  fine = np.einsum('bke,be->bk', fine_table[cand], fine_query)
   fine[np.isneginf(np.take_along_axis(scores, cand, 1))] = -np.inf
   pos = np.argsort(-fine, axis=1, kind='stable')[:, :k]
   return np.take_along_axis(cand, pos, 1), np.take_along_axis(fine, pos, 1)

@@ -178,7 +178,7 @@ def test_semi_step_without_retrieval():
   assert 'retrieved_ids' not in out
 
 
-@pytest.mark.parametrize('mode', ['image', 'cot', 'text'])
+@pytest.mark.parametrize('mode', ['image', 'cot', 'text', 'image+text'])
 def test_eval_step_ranks_like_the_pool_in_every_mode(setup, mode):
   config, graphdef, tx, state, _ = setup
   cfg = ts.StepConfig(mode=mode, k_coarse=6, k=3)

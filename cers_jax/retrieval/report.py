@@ -39,7 +39,7 @@ from cers_jax.data.records import DataError
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
 
-REPORT_MODES = ('random', 'image', 'cot', 'text', 'image+cot', 'oracle')
+REPORT_MODES = ('random', 'image', 'cot', 'text', 'image+text', 'image+cot', 'oracle')
 MAX_TIE_SHARE = 0.01  # Above this, a mode's ranking is called tied.
 MIN_SCORE_RANGE = 1e-4  # Below this mean spread of the k+1 best scores, it is called flat.
 _QUERY_CHUNK = 256  # Queries retrieved per call (bounds the (queries, N) score matrix).

@@ -59,6 +59,8 @@ MODE_TABLE = {
     'image': Mode('image', None, 'cosine of the image features (flattened f4)'),
     'cot': Mode('cot', None, 'cosine of the CoT embeddings'),
     'text': Mode('text', None, 'cosine of the report-text embeddings'),
+    # Table 2's 'image then text' row: the fine stage reads the report text instead.
+    'image+text': Mode('image', 'text', 'report-text cosine among the top-K image matches'),
     'image+cot': Mode('image', 'cot', 'CoT cosine among the top-K image matches'),
     'random': Mode('random', None, 'a uniform random number', in_model=False),
     'oracle': Mode('mask', None, "Dice of the reference's mask with the query's own mask",
@@ -198,11 +200,12 @@ def retrieve(pool: KnowledgePool, query_feat: Array, query_cot: Array | None = N
 
   Args:
     pool: the knowledge pool.
-    query_feat: (B, h, w, C) raw f4 maps of the queries (used by 'image', 'image+cot').
+    query_feat: (B, h, w, C) raw f4 maps of the queries (used by 'image', 'image+text',
+      'image+cot').
     query_cot: (B, E) CoT embeddings of the queries ('cot', 'image+cot'), or None.
-    query_text: (B, E') report-text embeddings ('text'), or None.
-    mode: 'image' | 'cot' | 'text' | 'image+cot' (static); 'none' raises.
-    k_coarse: K, coarse candidates of 'image+cot' (static); clipped to N.
+    query_text: (B, E') report-text embeddings ('text', 'image+text'), or None.
+    mode: a name of `MODES` (static); 'none' raises.
+    k_coarse: K, coarse candidates of the two-stage modes (static); clipped to N.
     k: reference cases returned per query (static).
     exclude: (B,) global ids whose pool rows each query may not retrieve (its own), or None.
     centre: compare CoT and text embeddings around the pool's mean row (static; config
