@@ -80,7 +80,7 @@ def _predicted_slices(state, steps, data, rows: np.ndarray, batch_size: int,
   for index, out, _ in evaluate.predict_rows(state, steps, data, rows, batch_size,
                                              desc='predicting volumes'):
     for i, row in enumerate(index.tolist()):
-      masks[int(row)] = (out['prob_r'][i, ..., 0] >= threshold).astype(np.uint8)
+      masks[int(row)] = (out['prob_r'][i, ..., 0] > threshold).astype(np.uint8)  # As scored.
   return masks
 
 

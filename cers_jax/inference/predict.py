@@ -301,7 +301,8 @@ def _write_item(data, config, out_dir: str, item: PredictItem, x: _Loaded, out: 
   samples = data.cache.samples
   height, width = x.original.shape[:2]
   prob = out['prob_r'][i, ..., 0]
-  pred = _resize_nearest((prob >= config.eval.threshold).astype(np.uint8), height, width)
+  # Strictly above, as the eval step thresholds for the Dice this page reports.
+  pred = _resize_nearest((prob > config.eval.threshold).astype(np.uint8), height, width)
   refs = []
   if 'retrieved_ids' in out:
     refs = [(int(r), samples[int(r)].id, float(s))
