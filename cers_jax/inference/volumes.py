@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
+from cers_jax import stats
 from cers_jax import surface
 from cers_jax.data.records import Sample
 
@@ -70,8 +71,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = Non
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
   """Dice of two binary masks; 1 when both are empty (the authors' rule)."""
   pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-  total = int(pred.sum()) + int(gt.sum())
-  return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
+  return stats.pooled_dice(np.count_nonzero(pred & gt), np.count_nonzero(pred),
+                           np.count_nonzero(gt))
 
 
 def _binary(masks: np.ndarray, count: int) -> np.ndarray:
