@@ -7,6 +7,7 @@ import pytest
 
 from cers_jax.training import workdir
 from configs import base
+from tests.test_configs import _leaves
 
 # workdir.py's own registries before the classes moved beside the fields (issue 21).
 FIXED = (
@@ -23,14 +24,6 @@ DERIVED = ('model.text.vocab_size', 'model.cot.vocab_size')
 RETRIEVAL = ('pool.mode', 'pool.k_coarse', 'pool.k', 'pool.exclude_self', 'pool.momentum',
              'pool.update_rule', 'pool.centre_cot')
 TRAINING = ('train.batch_size', 'data.num_workers')
-
-
-def _leaves(tree, prefix=''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _leaves(value, f'{prefix}{key}.')
-    else:
-      yield prefix + key
 
 
 def _before(field):
