@@ -29,11 +29,11 @@ from flax import nnx
 from configs import base as base_config
 from configs import synthetic as synthetic_config
 from cers_jax import cli
+from cers_jax.core import steps as ts
+from cers_jax.core.optim import make_optimizer
+from cers_jax.core.state import create_train_state, empty_tables
 from cers_jax.models.cers import CERS
 from cers_jax.retrieval import pool as kp
-from cers_jax.training import steps as ts
-from cers_jax.training.experiment import make_optimizer
-from cers_jax.training.state import create_train_state, empty_tables
 
 _SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny'], 'Model size.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size B (per sub-batch).')

@@ -52,7 +52,8 @@ def resume_class(field: str) -> str:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # One seed for parameters, dropout, augmentation and the split.
-  _resume('', fixed=('seed',))
+  config.method = 'cers'  # Training method (cers_jax/core/method.py), or 'pkg.module:ATTR'.
+  _resume('', fixed=('seed', 'method'))
 
   # --- data -------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()

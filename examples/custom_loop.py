@@ -11,10 +11,10 @@ import sys
 import numpy as np
 
 from cers_jax import sharding
+from cers_jax.core import embed
+from cers_jax.core import losses
 from cers_jax.data import pipeline
-from cers_jax.retrieval import embed
 from cers_jax.training import experiment
-from cers_jax.training import losses
 from configs import synthetic
 
 

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 
 from cers_jax import sharding
+from cers_jax.core import embed
 from cers_jax.data import augment
 from cers_jax.data import images
 from cers_jax.data import tokenize
-from cers_jax.retrieval import embed
 from cers_jax.retrieval import search
 from cers_jax.training import experiment
 

@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 
-from cers_jax.retrieval.report import format_table
+from cers_jax.inference.retrieval_report import format_table
 
 
 def _load(path: str):

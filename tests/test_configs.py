@@ -7,10 +7,10 @@ import re
 import ml_collections
 import pytest
 
+from cers_jax.core import steps as ts
 from cers_jax.errors import ConfigError
 from cers_jax.retrieval import search
 from cers_jax.training import experiment
-from cers_jax.training import steps as ts
 from configs import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

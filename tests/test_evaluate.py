@@ -10,9 +10,9 @@ import pytest
 
 from cers_jax import sharding
 from cers_jax.data.cache import Cache
+from cers_jax.data.dataset import Data
 from cers_jax.data.records import Sample
 from cers_jax.inference import evaluate
-from cers_jax.training.experiment import Data
 from configs import base
 
 S, N, BATCH = 8, 7, 3

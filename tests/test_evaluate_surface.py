@@ -14,9 +14,9 @@ from cers_jax import sharding
 from cers_jax import stats
 from cers_jax import surface
 from cers_jax.data.cache import Cache
+from cers_jax.data.dataset import Data
 from cers_jax.errors import ConfigError
 from cers_jax.inference import evaluate
-from cers_jax.training.experiment import Data
 from configs import base
 
 S, N, BATCH = 16, 6, 4

@@ -1,7 +1,7 @@
 """The authors' checkpoint, evaluated and used for prediction through the real CLI.
 
 `--config.model.checkpoint=FILE` in a workdir without an orbax checkpoint: `--mode eval`
-and `--mode predict` score the imported weights (train.import_authors_state builds the
+and `--mode predict` score the imported weights (the CERS method's imported_state builds the
 CoT tables and the pool, which their state dict lacks) and write no checkpoint.
 
 The state dict is the authors' model as tests/fixtures/cers_torch_state_dict.json lists it

@@ -1,4 +1,4 @@
-"""Tests for cers_jax.training.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
+"""Tests for cers_jax.core.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
 
 
 import chex
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cers_jax.training import losses
+from cers_jax.core import losses
 from tests.fixture_utils import load_fixture, nhwc
 
 _RTOL = 1e-5

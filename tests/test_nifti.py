@@ -9,12 +9,12 @@ import pytest
 
 from configs import base
 from configs import nifti_example
+from cers_jax.core import steps as ts
 from cers_jax.data import layouts
 from cers_jax.data import nifti
 from cers_jax.data import prepare as prepare_lib
 from cers_jax.data import splits
 from cers_jax.data.records import DataError, Sample, sample_from_dict, sample_to_dict
-from cers_jax.training import steps as ts
 
 SHAPE = (20, 24, 6)  # Voxels (X, Y, Z): non-square in-plane, few slices.
 SPACING = (0.8, 0.9, 2.5)  # mm: anisotropic.

@@ -50,8 +50,9 @@ def test_write_predicted_volumes_writes_the_test_volumes(tmp_path, monkeypatch):
                                rows={'test': test_rows})
   full = np.ones((helpers.SIZE, helpers.SIZE), np.uint8)
 
-  def fake_slices(state, steps, data, rows, batch_size, threshold):
+  def fake_slices(state, steps, data, rows, batch_size, threshold, decoder):
     assert sorted(rows.tolist()) == list(range(6, 12))  # Only the slices of volumes.
+    assert decoder == 'r'  # CERS's result: the retrieval-aware decoder.
     return {int(r): full * (samples[r].slice_index % 2) for r in rows}
 
   monkeypatch.setattr(nifti_out, '_predicted_slices', fake_slices)

@@ -19,9 +19,9 @@ from cers_jax import sharding
 from cers_jax.data import augment
 from cers_jax.data import tokenize
 from cers_jax.data.cache import Cache
+from cers_jax.data.dataset import Data
 from cers_jax.data.records import DataError, Sample
 from cers_jax.inference import predict
-from cers_jax.training.experiment import Data
 from configs import base
 
 S = 16  # Model input size.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cers_jax import sharding
-from cers_jax.training import progress as progress_lib
-from cers_jax.training.progress import DONE, SEMI, WARMUP, Partial, Progress
+from cers_jax.core import progress as progress_lib
+from cers_jax.core.progress import DONE, SEMI, WARMUP, Partial, Progress
 
 
 def test_meta_json_round_trip_keeps_the_keys_checkpoints_have_always_had():

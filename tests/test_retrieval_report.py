@@ -1,4 +1,4 @@
-"""Tests for cers_jax.retrieval.report: metrics by hand, labels, and collapse detection."""
+"""Tests for cers_jax.inference.retrieval_report: metrics by hand, labels, and collapse detection."""
 
 import ml_collections
 import numpy as np
@@ -9,9 +9,9 @@ from flax import nnx
 
 from cers_jax.data import tokenize
 from cers_jax.data.records import DataError
+from cers_jax.inference import retrieval_report as rr
 from cers_jax.models.cers import CERS, unit_rows
 from cers_jax.retrieval import pool as kp
-from cers_jax.retrieval import report as rr
 from cers_jax.retrieval import search
 from tests import train_helpers
 

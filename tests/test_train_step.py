@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from cers_jax import sharding
+from cers_jax.core import embed
+from cers_jax.core import steps as ts
 from cers_jax.data.cache import Cache
+from cers_jax.data.dataset import Data
 from cers_jax.data.pipeline import PipelineArrays
 from cers_jax.data.records import Sample
-from cers_jax.retrieval import embed
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
 from cers_jax.training import epoch as epoch_lib
 from cers_jax.training import loop as train
-from cers_jax.training import steps as ts
-from cers_jax.training.experiment import Data
 from tests import train_helpers as th
 
 pytestmark = pytest.mark.slow  # Compiles the train steps (several devices, bfloat16).

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cers_jax.core import steps as ts
+from cers_jax.core.optim import make_optimizer
+from cers_jax.core.state import create_train_state, empty_tables
 from cers_jax.models.cers import CERS
 from cers_jax.retrieval import pool as kp
-from cers_jax.training import steps as ts
-from cers_jax.training.experiment import make_optimizer
-from cers_jax.training.state import create_train_state, empty_tables
 from tests.run_configs import tiny_run
 
 IMAGE = 32

@@ -31,11 +31,23 @@ from cers_jax.errors import ConfigError
 from cers_jax.inference import volumes as volumes_lib
 
 EMPTY_RULE = 'an image whose thresholded prediction and mask are both empty scores 1'
-SCORES = ('dice_r', 'iou_r', 'dice_s', 'iou_s')
-DECODERS = ('r', 's')
-SURFACE_SCORES = tuple(f'{m}_{d}' for d in DECODERS for m in surface_lib.KEYS)
-# (rows, pred_r, pred_s, gt): cache rows (B,) and binary masks (B, H, W) of one batch.
-BatchHook = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+DECODERS = ('r', 's')  # CERS's (the default method): D_r with retrieval, D_s standard.
+
+
+def overlap_keys(decoders) -> tuple[str, ...]:
+  """The eval step's per-image scores of `decoders`: ('dice_r', 'iou_r', 'dice_s', ...)."""
+  return tuple(f'{m}_{d}' for d in decoders for m in ('dice', 'iou'))
+
+
+def surface_keys(decoders) -> tuple[str, ...]:
+  return tuple(f'{m}_{d}' for d in decoders for m in surface_lib.KEYS)
+
+
+SCORES = overlap_keys(DECODERS)
+SURFACE_SCORES = surface_keys(DECODERS)
+# (rows, *preds, gt): cache rows (B,), then binary masks (B, H, W) of each decoder (in the
+# method's order) and of the truth, for one batch.
+BatchHook = Callable[..., None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +65,14 @@ class EvalOptions:
   empty_rule: surface_lib.EmptyRule = surface_lib.EmptyRule()
   bootstrap_resamples: int = 2000
   bootstrap_seed: int = 0
+  decoders: tuple[str, ...] = DECODERS  # What the method's eval step scores (prob_<d>).
 
   @classmethod
-  def from_config(cls, config) -> 'EvalOptions':
-    """The options of `config.eval` (fields missing from an older config keep defaults)."""
+  def from_config(cls, config, decoders: tuple[str, ...] = DECODERS) -> 'EvalOptions':
+    """The options of `config.eval` (fields missing from an older config keep defaults)
+    for a method scoring `decoders`."""
     ev, d = config.eval, cls()
-    return cls(threshold=float(ev.get('threshold', d.threshold)),
+    return cls(decoders=tuple(decoders), threshold=float(ev.get('threshold', d.threshold)),
                surface=bool(ev.get('surface', True)),
                pixel_spacing_mm=float(ev.get('pixel_spacing_mm', d.pixel_spacing_mm)),
                tolerance=float(ev.get('surface_tolerance', d.tolerance)),
@@ -120,14 +134,14 @@ def _image_record(data, row: int, out: dict, i: int, masks: dict, spacing, unit:
   """One CSV row: id, scores of the step, pixel counts for pooling, surface metrics."""
   gt = masks['gt'][i]
   record = dict(id=data.cache.samples[row].id, row=int(row), mask_empty=not gt.any(),
-                **{key: float(out[key][i]) for key in SCORES})
-  for d in DECODERS:
+                **{key: float(out[key][i]) for key in overlap_keys(options.decoders)})
+  for d in options.decoders:
     pred = masks[d][i]
     record[f'inter_px_{d}'] = int(np.count_nonzero(pred & gt))
     record[f'pred_px_{d}'] = int(np.count_nonzero(pred))
   record['gt_px'] = int(np.count_nonzero(gt))
   if options.surface:
-    for d in DECODERS:
+    for d in options.decoders:
       record.update(_surface_fields(masks[d][i], gt, d, spacing, options))
     record['surface_unit'] = unit
   return record
@@ -149,10 +163,10 @@ def per_image(state, steps, data, rows: np.ndarray, batch_size: int, *,
   spacing_of = {int(r): s for r, s in zip(rows, spacings)}
   records = []
   for index, out, batch in predict_rows(state, steps, data, rows, batch_size):
-    masks = dict(r=_binary(out['prob_r'], options.threshold),
-                 s=_binary(out['prob_s'], options.threshold), gt=_binary(batch['mask'], 0.5))
+    masks = {d: _binary(out[f'prob_{d}'], options.threshold) for d in options.decoders}
+    masks['gt'] = _binary(batch['mask'], 0.5)
     if on_batch is not None:
-      on_batch(np.asarray(index), masks['r'], masks['s'], masks['gt'])
+      on_batch(np.asarray(index), *(masks[d] for d in options.decoders), masks['gt'])
     for i, row in enumerate(index):
       records.append(_image_record(data, row, out, i, masks, spacing_of[int(row)], unit,
                                    options))
@@ -167,7 +181,7 @@ def _overlap_summary(records: list[dict], options: EvalOptions) -> dict:
   """Per-image mean/std (the legacy keys), median and CI; pooled Dice/IoU and their CI."""
   boot = dict(resamples=options.bootstrap_resamples, seed=options.bootstrap_seed)
   out = {}
-  for key in SCORES:
+  for key in overlap_keys(options.decoders):
     desc = stats.describe(_column(records, key), **boot)
     out[f'{key}_mean'], out[f'{key}_std'] = desc['mean'], desc['std']
     out[f'{key}_per_image_mean'] = desc['mean']
@@ -175,7 +189,7 @@ def _overlap_summary(records: list[dict], options: EvalOptions) -> dict:
     out[f'{key}_per_image_ci95'] = desc['ci95']
   if records and 'gt_px' in records[0]:
     gt = _column(records, 'gt_px')
-    for d in DECODERS:
+    for d in options.decoders:
       inter, pred = _column(records, f'inter_px_{d}'), _column(records, f'pred_px_{d}')
       for name, iou in (('dice', False), ('iou', True)):
         pooled = stats.pooled_iou if iou else stats.pooled_dice
@@ -190,10 +204,10 @@ def _surface_summary(records: list[dict], options: EvalOptions) -> dict:
   out = dict(surface_unit=records[0]['surface_unit'], surface_tolerance=options.tolerance,
              surface_empty_rule=options.empty_rule.describe())
   boot = dict(resamples=options.bootstrap_resamples, seed=options.bootstrap_seed)
-  for key in SURFACE_SCORES:
+  for key in surface_keys(options.decoders):
     for name, value in stats.describe(_column(records, key), **boot).items():
       out[f'{key}_{name}'] = value
-  for d in DECODERS:
+  for d in options.decoders:
     cases = [r[f'surface_case_{d}'] for r in records]
     out[f'surface_cases_{d}'] = {c: cases.count(c) for c in surface_lib.CASES}
   return out
@@ -209,7 +223,7 @@ def summarize(records: list[dict], options: EvalOptions | None = None) -> dict:
   if records and 'surface_unit' in records[0]:
     summary.update(_surface_summary(records, options))
   summary.update(bootstrap_resamples=options.bootstrap_resamples,
-                 bootstrap_seed=options.bootstrap_seed)
+                 bootstrap_seed=options.bootstrap_seed, decoders=list(options.decoders))
   return summary
 
 
@@ -243,7 +257,8 @@ def log_line(summary: dict) -> str:
   """The summary as one log line: per-image and pooled Dice/IoU, then surface metrics."""
   parts = [f'{summary["split"]} ({summary["checkpoint"]}, {summary["count"]} images, '
            f'{summary["empty_masks"]} empty masks; {EMPTY_RULE})']
-  for d in DECODERS:
+  decoders = summary.get('decoders', DECODERS)
+  for d in decoders:
     for m in ('dice', 'iou'):
       k = f'{m}_{d}'
       parts.append(f'{_NAMES[m]} D_{d} per image '
@@ -252,7 +267,7 @@ def log_line(summary: dict) -> str:
                    f'{_ci(summary[f"{k}_per_image_ci95"])}), pooled '
                    f'{summary[f"{k}_pooled"]:.4f} {_ci(summary[f"{k}_pooled_ci95"])}')
   if 'surface_unit' in summary:
-    for d in DECODERS:
+    for d in decoders:
       cases = summary[f'surface_cases_{d}']
       parts.append(
           f'D_{d} HD95 {summary[f"hd95_{d}_mean"]:.3f}, ASSD {summary[f"assd_{d}_mean"]:.3f} '
@@ -263,17 +278,19 @@ def log_line(summary: dict) -> str:
 
 
 def evaluate_split(state, steps, data, config, *, split: str, out_dir: str,
-                   meta: dict | None = None, on_batch: BatchHook | None = None) -> dict:
+                   meta: dict | None = None, on_batch: BatchHook | None = None,
+                   decoders: tuple[str, ...] = DECODERS) -> dict:
   """Scores every image of `split`, writes `<split>_per_image.csv` and `<split>_summary.json`
   into `out_dir` and returns the summary. `meta`: the checkpoint's (which, stage, epoch);
-  `on_batch`: see `per_image`."""
+  `on_batch`: see `per_image`; `decoders`: those the method's eval step scores."""
   rows = data.rows[split]
   if len(rows) == 0:
     raise ValueError(f'The {split!r} split of the manifest is empty: nothing to evaluate.')
   meta = meta or {}
-  options = EvalOptions.from_config(config)
+  options = EvalOptions.from_config(config, decoders)
   # Slices of NIfTI volumes are scored per volume in 3D too (README "Datasets").
-  per_volume = volumes_lib.accumulator_for(data.cache.samples, rows, options.empty_rule)
+  per_volume = volumes_lib.accumulator_for(data.cache.samples, rows, options.empty_rule,
+                                           decoders=options.decoders)
   records = per_image(state, steps, data, rows, config.train.eval_batch_size,
                       options=options, on_batch=volumes_lib.chain(on_batch, per_volume))
   summary = summarize(records, options)

@@ -74,18 +74,19 @@ def write_volume(path: str, source_path: str, slices: dict[int, np.ndarray],
 
 
 def _predicted_slices(state, steps, data, rows: np.ndarray, batch_size: int,
-                      threshold: float) -> dict[int, np.ndarray]:
-  """{cache row: D_r's (S, S) uint8 mask} of `rows`."""
+                      threshold: float, decoder: str = 'r') -> dict[int, np.ndarray]:
+  """{cache row: the (S, S) uint8 mask of `decoder` (D_r: CERS's result)} of `rows`."""
   masks = {}
   for index, out, _ in evaluate.predict_rows(state, steps, data, rows, batch_size,
                                              desc='predicting volumes'):
     for i, row in enumerate(index.tolist()):
-      masks[int(row)] = (out['prob_r'][i, ..., 0] > threshold).astype(np.uint8)  # As scored.
+      masks[int(row)] = (out[f'prob_{decoder}'][i, ..., 0] > threshold).astype(
+          np.uint8)  # As scored.
   return masks
 
 
 def write_predicted_volumes(state, steps, data, config: Any, out_dir: str, *,
-                            write: bool = True) -> list[str]:
+                            write: bool = True, decoder: str = 'r') -> list[str]:
   """Predicts every test-split slice of a volume and writes each volume's NIfTI.
 
   Returns the paths written ([] when the test split holds no slices of volumes). Every
@@ -97,7 +98,7 @@ def write_predicted_volumes(state, steps, data, config: Any, out_dir: str, *,
     return []
   rows = np.asarray(sorted(r for rs in by_volume.values() for r in rs), np.int32)
   masks = _predicted_slices(state, steps, data, rows, config.train.eval_batch_size,
-                            config.eval.threshold)
+                            config.eval.threshold, decoder)
   if not write:
     return []
   folder = os.path.join(out_dir, SUBFOLDER)
@@ -108,5 +109,6 @@ def write_predicted_volumes(state, steps, data, config: Any, out_dir: str, *,
     slices = {samples[r].slice_index: masks[r] for r in case_rows}
     written.append(write_volume(os.path.join(folder, f'{case}{SUFFIX}'),
                                 samples[case_rows[0]].image_path, slices, axis))
-  logging.info('Wrote %d predicted label volumes (D_r) into %s.', len(written), folder)
+  logging.info('Wrote %d predicted label volumes (D_%s) into %s.', len(written), decoder,
+               folder)
   return written

@@ -84,14 +84,21 @@ def _text_block(text: str | None) -> str:
   return f'<pre>{_esc(text)}</pre>' if text else '<p><em>(none)</em></p>'
 
 
-def _metrics_html(record: dict) -> str:
-  if record['dice_r'] == '':
+# How a page names a decoder; any other is 'D_<name>'.
+DECODER_LABELS = {'r': 'D_r (with retrieval)', 's': 'D_s (standard decoder)'}
+
+
+def _label(decoder: str, primary: str) -> str:
+  label = DECODER_LABELS.get(decoder, f'D_{decoder}')
+  return f'{label}, this mask' if decoder == primary else label
+
+
+def _metrics_html(record: dict, decoders: Sequence[str], primary: str) -> str:
+  if record[f'dice_{primary}'] == '':
     return '<p>No ground-truth mask given: no Dice.</p>'
-  return ('<table><tr><th>decoder</th><th>Dice</th><th>IoU</th></tr>'
-          f'<tr><td>D_r (with retrieval; this mask)</td><td>{record["dice_r"]:.4f}</td>'
-          f'<td>{record["iou_r"]:.4f}</td></tr>'
-          f'<tr><td>D_s (standard decoder)</td><td>{record["dice_s"]:.4f}</td>'
-          f'<td>{record["iou_s"]:.4f}</td></tr></table>')
+  rows = ''.join(f'<tr><td>{_esc(_label(d, primary))}</td><td>{record[f"dice_{d}"]:.4f}</td>'
+                 f'<td>{record[f"iou_{d}"]:.4f}</td></tr>' for d in decoders)
+  return f'<table><tr><th>decoder</th><th>Dice</th><th>IoU</th></tr>{rows}</table>'
 
 
 def _references_html(refs: list[Reference], mode: str, samples: Sequence) -> str:
@@ -113,13 +120,16 @@ def _references_html(refs: list[Reference], mode: str, samples: Sequence) -> str
 
 
 def render_page(item, record: dict, refs: list[Reference], *, mode: str,
-                samples: Sequence) -> str:
+                samples: Sequence, decoders: Sequence[str] = ('r', 's'),
+                primary: str = 'r') -> str:
   """The HTML evidence page of one `PredictItem` (links are relative to pages/).
 
-  `mode`: the retrieval mode; `samples`: the cache's samples, which `refs` index.
+  `mode`: the retrieval mode ('none' for a method that does not retrieve); `samples`: the
+  cache's samples, which `refs` index; `decoders`: those scored in `record` (`dice_<d>`),
+  `primary` the one whose mask the page shows.
   """
   truth_legend = ('<span style="color:#28dc3c">&#9632; ground truth</span>'
-                  if record['dice_r'] != '' else '')
+                  if record[f'dice_{primary}'] != '' else '')
   return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{_esc(item.id)}</title><style>{_STYLE}</style></head>
 <body>
@@ -130,9 +140,9 @@ def render_page(item, record: dict, refs: list[Reference], *, mode: str,
 <img src="../{_href('overlays', item.id)}" alt="overlay">
 <img src="../{_href('masks', item.id)}" alt="predicted mask">
 </div>
-<p class="legend"><span style="color:#e62828">&#9632; prediction (D_r)</span>{truth_legend}
+<p class="legend"><span style="color:#e62828">&#9632; prediction (D_{_esc(primary)})</span>{truth_legend}
  mean probability {record['mean_prob']:.4f}</p>
-{_metrics_html(record)}
+{_metrics_html(record, decoders, primary)}
 <h2>Report text</h2>
 {_text_block(item.text)}
 <h2>Query CoT</h2>
@@ -143,12 +153,14 @@ def render_page(item, record: dict, refs: list[Reference], *, mode: str,
 """
 
 
-def render_index(records: list[dict], title: str, curves_href: str | None = None) -> str:
+def render_index(records: list[dict], title: str, curves_href: str | None = None, *,
+                 decoders: Sequence[str] = ('r', 's')) -> str:
   """index.html: one table row per image, linking its page; `curves_href` links the
   training curves (curves.png) above the table."""
   rows = []
   for r in records:
-    dice = '' if r['dice_r'] == '' else f'{r["dice_r"]:.4f} / {r["dice_s"]:.4f}'
+    dice = ('' if r[f'dice_{decoders[0]}'] == ''
+            else ' / '.join(f'{r[f"dice_{d}"]:.4f}' for d in decoders))
     rows.append(
         f'<tr><td><a href="{_href("pages", r["id"], ".html")}">{_esc(r["id"])}</a></td>'
         f'<td><a href="{_href("pages", r["id"], ".html")}"><img src="'
@@ -161,7 +173,7 @@ def render_index(records: list[dict], title: str, curves_href: str | None = None
 <h1>{_esc(title)}</h1>
 {f'<p><a href="{_esc(curves_href)}">Training curves</a> of the model that predicted these '
  f'masks.</p>' if curves_href else ''}
-<table><tr><th>id</th><th>overlay</th><th>mean prob</th><th>Dice D_r / D_s</th>
+<table><tr><th>id</th><th>overlay</th><th>mean prob</th><th>Dice {' / '.join(f'D_{_esc(d)}' for d in decoders)}</th>
 <th>retrieved ids (best first)</th></tr>
 {''.join(rows)}
 </table>

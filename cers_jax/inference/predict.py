@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cers_jax import sharding
+from cers_jax.core import embed
 from cers_jax.data import annotations
 from cers_jax.data import augment
 from cers_jax.data import images as images_lib
@@ -53,7 +54,6 @@ from cers_jax.data import tokenize
 from cers_jax.data.records import DataError
 from cers_jax.inference import nifti_out
 from cers_jax.inference import pages
-from cers_jax.retrieval import embed
 from cers_jax.retrieval import search
 
 IMAGE_SUBFOLDERS = ('frames', 'images')  # Looked up in this order before the folder itself.
@@ -244,14 +244,15 @@ def _query_embeddings(state, steps, data, config,
 
 
 def _make_batch(data, config, items: list[PredictItem], loaded: list[_Loaded],
-                queries: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
+                queries: tuple[np.ndarray, np.ndarray] | None, *,
+                from_folder: bool) -> dict[str, np.ndarray]:
   """An eval batch padded to eval_batch_size; keys as the pipeline's (docs/design.md, habit 7)."""
   batch_size = config.train.eval_batch_size
   size = loaded[0].resized.shape[0]
   resized = np.stack([x.resized for x in loaded])  # (b, S, S, 3) uint8
   truth = np.stack([x.resized_truth if x.resized_truth is not None
                     else np.zeros((size, size), np.uint8) for x in loaded])
-  if queries is None:  # Cache rows: token arrays and query tables are indexed by row.
+  if not from_folder:  # Cache rows: token arrays and query tables are indexed by row.
     rows = np.asarray([it.row for it in items], np.int32)
     text_ids, text_mask = data.tokens['text_ids'][rows], data.tokens['text_mask'][rows]
     index = rows
@@ -275,32 +276,47 @@ def _make_batch(data, config, items: list[PredictItem], loaded: list[_Loaded],
   return batch
 
 
-_CSV_FIELDS = ('id', 'mask', 'mean_prob', 'dice_r', 'iou_r', 'dice_s', 'iou_s',
-               'retrieved_ids', 'retrieved_scores')
+@dataclasses.dataclass(frozen=True)
+class Heads:
+  """What the method's eval step predicts: its decoders (`prob_<d>`, `dice_<d>`), the one
+  whose masks are written, and whether it retrieves references (CERS: all three)."""
+
+  decoders: tuple[str, ...] = ('r', 's')
+  primary: str = 'r'
+  retrieves: bool = True
+
+  def csv_fields(self) -> tuple[str, ...]:
+    return ('id', 'mask', 'mean_prob',
+            *(f'{m}_{d}' for d in self.decoders for m in ('dice', 'iou')),
+            'retrieved_ids', 'retrieved_scores')
+
+  def mode(self, config) -> str:
+    """The retrieval mode predictions are made with ('none' without retrieval)."""
+    return config.pool.mode if self.retrieves else 'none'
 
 
-def _items_and_output(data, config,
-                      workdir: str) -> tuple[list[PredictItem], str, bool]:
+def _items_and_output(data, config, workdir: str, heads: Heads,
+                      split: str) -> tuple[list[PredictItem], str, bool]:
   """(items, output directory, whether items come from a folder)."""
   predictions = os.path.join(workdir, 'predictions')
   folder = config.eval.predict_dir
   if folder:
-    items = read_predict_folder(folder, config.pool.mode)
+    items = read_predict_folder(folder, heads.mode(config))
     name = os.path.basename(os.path.normpath(os.path.abspath(folder)))
     return items, os.path.join(predictions, name), True
-  rows = np.asarray(data.rows['test'])[:TEST_ROWS]
+  rows = np.asarray(data.rows[split])[:TEST_ROWS]
   if not len(rows):
-    raise DataError('The test split of the manifest is empty and --config.eval.predict_dir '
-                    'is not set: give a folder of images to predict on.')
+    raise DataError(f'The {split} split of the manifest is empty and --config.eval.'
+                    'predict_dir is not set: give a folder of images to predict on.')
   return _cache_items(data, rows), predictions, False
 
 
 def _write_item(data, config, out_dir: str, item: PredictItem, x: _Loaded, out: dict,
-                i: int, refs_written: set[int]) -> dict:
+                i: int, refs_written: set[int], heads: Heads) -> dict:
   """Writes the image, mask, overlay, references and page of batch row `i`; its record."""
   samples = data.cache.samples
   height, width = x.original.shape[:2]
-  prob = out['prob_r'][i, ..., 0]
+  prob = out[f'prob_{heads.primary}'][i, ..., 0]
   # Strictly above, as the eval step thresholds for the Dice this page reports.
   pred = _resize_nearest((prob > config.eval.threshold).astype(np.uint8), height, width)
   refs = []
@@ -316,40 +332,43 @@ def _write_item(data, config, out_dir: str, item: PredictItem, x: _Loaded, out: 
   has_truth = x.truth is not None
   record = dict(
       id=item.id, mask=f'masks/{item.id}.png', mean_prob=float(prob.mean()),
-      **{k: float(out[k][i]) if has_truth else '' for k in ('dice_r', 'iou_r', 'dice_s',
-                                                            'iou_s')},
+      **{k: float(out[k][i]) if has_truth else '' for k in heads.csv_fields()[3:-2]},
       retrieved_ids=';'.join(r[1] for r in refs),
       retrieved_scores=';'.join(f'{r[2]:.6f}' for r in refs))
   with open(os.path.join(out_dir, 'pages', f'{item.id}.html'), 'w', encoding='utf-8') as f:
-    f.write(pages.render_page(item, record, refs, mode=config.pool.mode, samples=samples))
+    f.write(pages.render_page(item, record, refs, mode=heads.mode(config), samples=samples,
+                              decoders=heads.decoders, primary=heads.primary))
   return record
 
 
-def _write_index(config, out_dir: str, records: list[dict], title: str,
-                 curves_png: str | None) -> None:
+def _write_index(out_dir: str, records: list[dict], title: str, curves_png: str | None,
+                 heads: Heads) -> None:
   """index.html (linking curves.png when it exists) and predictions.csv."""
   with open(os.path.join(out_dir, 'index.html'), 'w', encoding='utf-8') as f:
     curves_href = (os.path.relpath(curves_png, out_dir).replace(os.sep, '/')
                    if curves_png and os.path.isfile(curves_png) else None)
-    f.write(pages.render_index(records, title, curves_href))
+    f.write(pages.render_index(records, title, curves_href, decoders=heads.decoders))
   with open(os.path.join(out_dir, 'predictions.csv'), 'w', newline='',
             encoding='utf-8') as f:
-    writer = csv.DictWriter(f, fieldnames=list(_CSV_FIELDS))
+    writer = csv.DictWriter(f, fieldnames=list(heads.csv_fields()))
     writer.writeheader()
     writer.writerows(records)
 
 
 def predict(state, steps, data, config, workdir: str, *,
-            curves_png: str | None = None) -> str:
+            curves_png: str | None = None, heads: Heads = Heads(),
+            split: str = 'test') -> str:
   """Predicts masks with `state` and writes the evidence pages; returns the output folder.
 
-  `curves_png`: the training curves of the model, linked from index.html if the file exists.
+  `curves_png`: the training curves of the model, linked from index.html if the file exists;
+  `heads`: what the method's eval step predicts (CERS's by default); `split`: whose first
+  TEST_ROWS images are predicted when config eval.predict_dir is empty.
 
   Raises:
     DataError: bad predict folder or a required report text/CoT missing (before any
       model step runs).
   """
-  items, out_dir, from_folder = _items_and_output(data, config, workdir)
+  items, out_dir, from_folder = _items_and_output(data, config, workdir, heads, split)
   writes = sharding.is_main_process()  # Every process computes; the main one writes.
   if writes:
     for sub in ('images', 'masks', 'overlays', 'refs', 'pages'):
@@ -362,25 +381,28 @@ def predict(state, steps, data, config, workdir: str, *,
     chunk = items[start:start + batch_size]
     if from_folder:
       loaded = [_load_folder_item(it, config.data.image_size) for it in chunk]
-      queries = _query_embeddings(state, steps, data, config, chunk)
+      queries = (_query_embeddings(state, steps, data, config, chunk) if heads.retrieves
+                 else None)
     else:
       loaded = [_load_cache_item(data.cache, it) for it in chunk]
       queries = None
-    batch = _make_batch(data, config, chunk, loaded, queries)
+    batch = _make_batch(data, config, chunk, loaded, queries, from_folder=from_folder)
     # The batch's real rows are its first len(chunk) ones (padding marked not valid).
     [(_, out)] = sharding.host_outputs(steps.evaluate, state, [batch], steps.mesh)
     if writes:
-      records.extend(_write_item(data, config, out_dir, item, x, out, i, refs_written)
+      records.extend(_write_item(data, config, out_dir, item, x, out, i, refs_written, heads)
                      for i, (item, x) in enumerate(zip(chunk, loaded)))
   if not from_folder:  # Test slices of NIfTI volumes: whole predicted volumes too.
-    nifti_out.write_predicted_volumes(state, steps, data, config, out_dir, write=writes)
+    nifti_out.write_predicted_volumes(state, steps, data, config, out_dir, write=writes,
+                                      decoder=heads.primary)
   if not writes:
     return out_dir
-  title = (f'CERS predictions: {config.eval.predict_dir}' if from_folder
-           else f'CERS predictions: first {len(items)} test images')
-  _write_index(config, out_dir, records, title, curves_png)
-  scored = [r['dice_r'] for r in records if r['dice_r'] != '']
+  title = (f'Predictions: {config.eval.predict_dir}' if from_folder
+           else f'Predictions: first {len(items)} {split} images')
+  _write_index(out_dir, records, title, curves_png, heads)
+  key = f'dice_{heads.primary}'
+  scored = [r[key] for r in records if r[key] != '']
   logging.info('Predicted %d images into %s%s', len(records), out_dir,
-               f' (mean Dice D_r {np.mean(scored):.4f} over {len(scored)} with masks)'
-               if scored else '')
+               f' (mean Dice D_{heads.primary} {np.mean(scored):.4f} over {len(scored)} '
+               'with masks)' if scored else '')
   return out_dir

@@ -39,12 +39,12 @@ def has_volumes(samples: Sequence[Sample]) -> bool:
 
 
 def accumulator_for(samples: Sequence[Sample], rows,
-                    empty_rule: surface.EmptyRule | None = None
-                    ) -> 'VolumeAccumulator | None':
+                    empty_rule: surface.EmptyRule | None = None, *,
+                    decoders: Sequence[str] = DECODERS) -> 'VolumeAccumulator | None':
   """A VolumeAccumulator when some of `rows` are slices of a volume, else None."""
   if not has_volumes([samples[int(r)] for r in np.asarray(rows).tolist()]):
     return None
-  return VolumeAccumulator(samples, empty_rule=empty_rule)
+  return VolumeAccumulator(samples, empty_rule=empty_rule, decoders=decoders)
 
 
 def chain(*hooks):
@@ -85,25 +85,32 @@ class VolumeAccumulator:
   """Slices of evaluation batches stacked into volumes and scored in 3D.
 
   Usage: `acc = VolumeAccumulator(data.cache.samples)`, `acc.add(rows, pred_r, pred_s, gt)`
-  per batch (rows are cache rows, masks (B, H, W) binary), then `acc.records()`,
-  `acc.summary()` or `acc.write(out_dir, split)`. Rows that are not slices are ignored.
+  per batch (rows are cache rows, masks (B, H, W) binary: one per decoder of `decoders`,
+  then the truth), then `acc.records()`, `acc.summary()` or `acc.write(out_dir, split)`.
+  Rows that are not slices are ignored.
   """
 
   def __init__(self, samples: Sequence[Sample], *,
-               empty_rule: surface.EmptyRule | None = None):
-    """`empty_rule`: what HD95 is when a mask is empty (None: `surface.EmptyRule()`)."""
+               empty_rule: surface.EmptyRule | None = None,
+               decoders: Sequence[str] = DECODERS):
+    """`empty_rule`: what HD95 is when a mask is empty (None: `surface.EmptyRule()`);
+    `decoders`: the names of the predictions `add` takes, in order."""
     self._samples = samples
     self._empty_rule = empty_rule
+    self._decoders = tuple(decoders)
     # {volume: {slice_index: (packed pred_r, packed pred_s, packed gt)}}; packed bits keep
     # a whole test split of 224 px slices in a few hundred MB at most.
     self._slices: dict[str, dict[int, tuple[np.ndarray, ...]]] = {}
     self._meta: dict[str, tuple[tuple[float, float] | None, float]] = {}
     self._shape: tuple[int, int] | None = None
 
-  def add(self, rows, pred_r, pred_s, gt) -> None:
-    """Adds one batch: cache rows (B,) and binary masks (B, H, W) of D_r, D_s and truth."""
+  def add(self, rows, *masks) -> None:
+    """Adds one batch: cache rows (B,) and binary masks (B, H, W) of each decoder (D_r, D_s
+    for CERS) and of the truth."""
     rows = np.asarray(rows).reshape(-1)
-    masks = [_binary(m, len(rows)) for m in (pred_r, pred_s, gt)]
+    if len(masks) != len(self._decoders) + 1:
+      raise ValueError(f'{len(masks)} masks for the decoders {self._decoders} and the truth.')
+    masks = [_binary(m, len(rows)) for m in masks]
     for i, row in enumerate(rows.tolist()):
       sample = self._samples[row]
       volume = getattr(sample, 'volume', '')
@@ -117,17 +124,18 @@ class VolumeAccumulator:
   def __len__(self) -> int:
     return len(self._slices)
 
-  def _stack(self, volume: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pred_r, pred_s, gt), each (D, H, W) bool over the volume's slice range."""
+  def _stack(self, volume: str) -> np.ndarray:
+    """(decoders + 1, D, H, W) bool over the volume's slice range: each decoder's
+    prediction, then the truth."""
     slices = self._slices[volume]
     first, last = min(slices), max(slices)
     height, width = self._shape
-    out = np.zeros((3, last - first + 1, height, width), bool)
+    out = np.zeros((len(self._decoders) + 1, last - first + 1, height, width), bool)
     for index, packed in slices.items():
       for k, bits in enumerate(packed):
         out[k, index - first] = np.unpackbits(bits, count=height * width).reshape(
             height, width).astype(bool)
-    return out[0], out[1], out[2]
+    return out
 
   def _spacing(self, volume: str) -> tuple[float, float, float] | None:
     spacing, thickness = self._meta[volume]
@@ -139,11 +147,11 @@ class VolumeAccumulator:
     """One record per volume (sorted): slice count, ground-truth voxels, Dice and HD95."""
     records = []
     for volume in sorted(self._slices):
-      pred_r, pred_s, gt = self._stack(volume)
+      *preds, gt = self._stack(volume)
       spacing = self._spacing(volume)
       record: dict[str, Any] = dict(volume=volume, slices=len(self._slices[volume]),
                                     gt_voxels=int(gt.sum()))
-      for name, pred in zip(DECODERS, (pred_r, pred_s)):
+      for name, pred in zip(self._decoders, preds):
         record[f'dice_{name}'] = dice(pred, gt)
         record[f'hd95_{name}'] = hd95(pred, gt, spacing, self._empty_rule)
       records.append(record)
@@ -153,7 +161,7 @@ class VolumeAccumulator:
     """Volume means: `volume_dice_r_mean`, `volume_hd95_r_mean` (over defined HD95), ..."""
     records = self.records() if records is None else records
     summary: dict[str, Any] = dict(volume_count=len(records))
-    for name in DECODERS:
+    for name in self._decoders:
       dices = np.array([r[f'dice_{name}'] for r in records], np.float64)
       hds = np.array([r[f'hd95_{name}'] for r in records], np.float64)
       hds = hds[np.isfinite(hds)]
@@ -170,16 +178,20 @@ class VolumeAccumulator:
     records = self.records()
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f'{split}_per_volume.csv'), 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=list(FIELDS))
+      writer = csv.DictWriter(f, fieldnames=list(self.fields()))
       writer.writeheader()
       writer.writerows(records)
     summary = self.summary(records)
-    logging.info('%s per volume (%d volumes, 3D): Dice D_r %s, HD95 D_r %s %s; Dice D_s %s, '
-                 'HD95 D_s %s', split, summary['volume_count'],
-                 *(_fmt(summary[k]) for k in ('volume_dice_r_mean', 'volume_hd95_r_mean')),
-                 summary['volume_hd95_unit'],
-                 *(_fmt(summary[k]) for k in ('volume_dice_s_mean', 'volume_hd95_s_mean')))
+    scores = '; '.join(f'Dice D_{d} {_fmt(summary[f"volume_dice_{d}_mean"])}, HD95 D_{d} '
+                       f'{_fmt(summary[f"volume_hd95_{d}_mean"])}' for d in self._decoders)
+    logging.info('%s per volume (%d volumes, 3D, HD95 in %s): %s', split,
+                 summary['volume_count'], summary['volume_hd95_unit'], scores)
     return summary
+
+  def fields(self) -> tuple[str, ...]:
+    """The columns of `<split>_per_volume.csv` (FIELDS for CERS's decoders)."""
+    return ('volume', 'slices', 'gt_voxels',
+            *(f'{m}_{d}' for d in self._decoders for m in ('dice', 'hd95')))
 
 
 def _fmt(value: float | None) -> str:

@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cers_jax.training.state import TrainState
+from cers_jax.core.state import TrainState
 
 LATEST = 'latest'
 BEST = 'best'

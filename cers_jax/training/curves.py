@@ -1,12 +1,14 @@
 """Training curves of a run: `curves.png` and TensorBoard events from its epoch records.
 
-The loop appends one JSON record per epoch to `<workdir>/metrics.jsonl` (warm-up records:
-the warm-up loss terms; semi-supervised records: the semi loss terms and validation
-Dice/IoU of both decoders). This module turns them into
+The loop appends one JSON record per epoch to `<workdir>/metrics.jsonl`, tagged with the
+method's stage (CERS: warm-up records with the warm-up loss terms; semi-supervised records
+with the semi loss terms and validation Dice/IoU of both decoders). This module turns them
+into
 
-  curves.png    four panels on one epoch axis, warm-up then semi-supervised (the boundary
-                marked): the loss terms (log scale), val Dice of D_r (retrieval-aware, the
-                CERS result) and D_s (standard), the learning rate, the consistency weight;
+  curves.png    four panels on one epoch axis, the stages in the order they ran (the last
+                one's start marked): the loss terms (log scale), val Dice of every decoder
+                (CERS: D_r, retrieval-aware, the result, and D_s, standard), the learning
+                rate, the consistency weight;
   tensorboard/  the same records as TensorBoard scalars, `<stage>/<key>` at the optimizer
                 step (tensorboardX: no TensorFlow, no torch).
 
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 from absl import logging
 
 from cers_jax import sharding
-from cers_jax.training.progress import EPOCH_STAGES, SEMI, WARMUP
+from cers_jax.core.progress import DONE, INIT
 
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
@@ -39,8 +41,9 @@ TENSORBOARD_DIR = 'tensorboard'
 # Numeric record keys that are not loss terms; every other numeric key is one.
 _NOT_LOSSES = frozenset(('epoch', 'step', 'seconds', 'images_per_s', 'learning_rate',
                          'consistency_weight'))
-_DICE = (('val_dice_r_mean', 'D_r (retrieval-aware)', '#3b73b9'),
-         ('val_dice_s_mean', 'D_s (standard)', '#e08a2c'))
+# How the val-Dice panel draws a decoder; any other decoder: 'D_<name>', a colour of _MORE.
+_DECODERS = {'r': ('D_r (retrieval-aware)', '#3b73b9'), 's': ('D_s (standard)', '#e08a2c')}
+_MORE = ('#2e7d32', '#c62828', '#6a1b9a', '#00838f')
 
 
 def read_records(workdir: str) -> list[dict]:
@@ -79,24 +82,43 @@ def _number(value) -> float:
   return float(value)
 
 
+def stage_order(records: Sequence[dict]) -> list[str]:
+  """The stages of epoch records in the order the run went through them: by the smallest
+  optimizer step of each stage's records (records without one: in file order)."""
+  first_step: dict[str, float] = {}
+  for record in records:
+    stage = record.get('stage')
+    if stage in (None, INIT, DONE) or not isinstance(record.get('epoch'), int):
+      continue
+    step = record.get('step')
+    step = float(step) if isinstance(step, numbers.Real) else math.inf
+    first_step[stage] = min(first_step.get(stage, math.inf), step)
+  return sorted(first_step, key=lambda stage: first_step[stage])
+
+
 def epoch_axis(records: Sequence[dict]) -> tuple[list[dict], list[int], int]:
-  """The records on one epoch axis: warm-up epochs 1..W, then semi epochs W+1...
+  """The records on one epoch axis: the first stage's epochs 1..W1, the next's W1+1.., ...
 
   A (stage, epoch) written twice (a run stopped between writing a record and saving its
   checkpoint repeats that epoch when resumed) keeps its last record.
 
   Returns:
     (records, x, W): the records sorted by position, their 1-based positions, and the
-    number of warm-up epochs (the stage boundary lies at W + 0.5).
+    number of epochs before the last stage (CERS: the warm-up epochs; the boundary lies at
+    W + 0.5; 0 for a method with one stage).
   """
+  order = stage_order(records)
   last = {}
   for record in records:
-    if record.get('stage') in EPOCH_STAGES and isinstance(record.get('epoch'), int):
+    if record.get('stage') in order and isinstance(record.get('epoch'), int):
       last[(record['stage'], record['epoch'])] = record
-  warmup = 1 + max((epoch for stage, epoch in last if stage == WARMUP), default=-1)
-  placed = sorted(((epoch + 1 + (warmup if stage == SEMI else 0)), record)
-                  for (stage, epoch), record in last.items())
-  return [r for _, r in placed], [x for x, _ in placed], warmup
+  offsets, offset = {}, 0
+  for stage in order:
+    offsets[stage] = offset
+    offset += 1 + max((epoch for name, epoch in last if name == stage), default=-1)
+  before_last = offsets[order[-1]] if len(order) > 1 else 0
+  placed = sorted((epoch + 1 + offsets[stage], record) for (stage, epoch), record in last.items())
+  return [r for _, r in placed], [x for x, _ in placed], before_last
 
 
 def _loss_keys(records: Sequence[dict]) -> list[str]:
@@ -109,12 +131,20 @@ def _loss_keys(records: Sequence[dict]) -> list[str]:
   return keys
 
 
+# How the figure names CERS's stages; any other stage by its own name.
+_STAGE_NAMES = {'warmup': 'warm-up', 'semi': 'semi-supervised'}
+
+
 class _Series:
   """The records' values on the epoch axis, with a gap at the warm-up / semi boundary (the
   two stages' losses are different objectives)."""
 
   def __init__(self, records: list[dict], x: list[int], warmup: int):
     self.records, self.x, self.warmup = records, x, warmup
+    self.stages = stage_order(records)
+    self.last_stage = self.stages[-1] if self.stages else ''
+    self.last_name = _STAGE_NAMES.get(self.last_stage, self.last_stage)
+    self.first_names = ', '.join(_STAGE_NAMES.get(s, s) for s in self.stages[:-1])
     self.both_stages = bool(warmup) and bool(x) and x[-1] > warmup
     self.xs = x[:warmup] + [warmup + 0.5] + x[warmup:] if self.both_stages else x
 
@@ -147,19 +177,41 @@ def _draw_losses(ax, series: _Series, cmap) -> None:
   ax.set_title('loss terms (epoch means)', fontsize=10)
 
 
+def _decoders(records: Sequence[dict]) -> tuple[list[str], str | None]:
+  """(decoders with a val Dice in the records, the primary one: the best-Dice key's)."""
+  decoders, primary = [], None
+  for record in records:
+    for key in record:
+      if key.startswith('val_dice_') and key.endswith('_mean'):
+        name = key[len('val_dice_'):-len('_mean')]
+        if name not in decoders:
+          decoders.append(name)
+      if key.startswith('best_val_dice_'):
+        primary = key[len('best_val_dice_'):]
+  return decoders, primary or (decoders[0] if decoders else None)
+
+
 def _draw_dice(ax, series: _Series) -> None:
-  for key, label, colour in _DICE:
+  decoders, primary = _decoders(series.records)
+  colours = {}
+  for i, name in enumerate(decoders):
+    label, colours[name] = _DECODERS.get(name, (f'D_{name}', _MORE[i % len(_MORE)]))
+    key = f'val_dice_{name}_mean'
     if series.has(key):
-      ax.plot(series.xs, series(key), marker='.', ms=4, lw=1.2, color=colour, label=label)
-  dice = [_number(r.get('val_dice_r_mean')) for r in series.records]
+      ax.plot(series.xs, series(key), marker='.', ms=4, lw=1.2, color=colours[name],
+              label=label)
+  dice = [_number(r.get(f'val_dice_{primary}_mean')) for r in series.records]
   if any(math.isfinite(v) for v in dice):
     best = max((i for i, v in enumerate(dice) if math.isfinite(v)), key=lambda i: dice[i])
-    ax.plot([series.x[best]], [dice[best]], '*', ms=11, color='#3b73b9',
-            label=f'best D_r {dice[best]:.3f} (semi epoch {series.x[best] - series.warmup})')
+    where = (f'{series.last_stage} epoch {series.x[best] - series.warmup}' if series.warmup
+             else f'epoch {series.x[best]}')
+    ax.plot([series.x[best]], [dice[best]], '*', ms=11, color=colours[primary],
+            label=f'best D_{primary} {dice[best]:.3f} ({where})')
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, loc='lower right')
   else:
-    _missing(ax, 'no validation yet (validation runs after each semi-supervised epoch)')
+    _missing(ax, 'no validation yet (validation runs after each epoch of the stages that '
+             'validate)')
   ax.set_title('val Dice', fontsize=10)
 
 
@@ -179,11 +231,11 @@ def _mark_stages(axes, dice_ax, series: _Series) -> None:
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
   if series.both_stages:
-    dice_ax.text(warmup + 0.5, 1.0, ' semi-supervised', fontsize=7, color='#616161',
+    dice_ax.text(warmup + 0.5, 1.0, f' {series.last_name}', fontsize=7, color='#616161',
                  va='top', transform=dice_ax.get_xaxis_transform())
   for ax in axes[1]:
-    ax.set_xlabel(f'epoch (1-{warmup}: warm-up, then semi-supervised)' if warmup
-                  else 'epoch', fontsize=9)
+    ax.set_xlabel(f'epoch (1-{warmup}: {series.first_names}, then {series.last_name})'
+                  if warmup else 'epoch', fontsize=9)
 
 
 def write_curves(records: Sequence[dict], path: str) -> None:
@@ -206,9 +258,9 @@ def write_curves(records: Sequence[dict], path: str) -> None:
   _draw_one(weight_ax, series, 'consistency_weight', '#6a1b9a',
             'consistency weight (ramp-up)')
   _mark_stages(axes, dice_ax, series)
-  count, warmup = len(series.records), series.warmup
-  fig.suptitle(f'{count} epochs: {warmup} warm-up, {count - warmup} semi-supervised',
-               fontsize=10)
+  fig.suptitle(f'{len(series.records)} epochs: ' + ', '.join(
+      f'{sum(r.get("stage") == stage for r in series.records)} {_STAGE_NAMES.get(stage, stage)}'
+      for stage in series.stages), fontsize=10)
   fig.tight_layout()
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

@@ -1,9 +1,10 @@
 """The run behind `run.py`: which mode does what, with the workdir's lock where it writes.
 
-`train_and_evaluate(config, workdir, mode)` is what `run.py` calls. The stages themselves
-(warm-up, pool build, semi-supervised; resuming, checkpoints, early stopping) are
-`stages.run_training`; SIGTERM handling is `preemption`; an epoch and its record are
-`epoch`; where a run stands is `progress.Progress`.
+`train_and_evaluate(config, workdir, mode)` is what `run.py` calls. The training stages
+are the method's (`core.method`, config field `method`), run by `stages.run_training`
+(resuming, checkpoints, early stopping); SIGTERM handling is `preemption`; an epoch and its
+record are `epoch`; where a run stands is `core.progress.Progress`; scoring, the retrieval
+report and predictions are `inference.evaluators`.
 """
 
 from __future__ import annotations
@@ -12,26 +13,29 @@ import contextlib
 import json
 import os
 import time
+from typing import Any
 
 from absl import logging
 
 from cers_jax import sharding
+from cers_jax.core import method as method_lib
+from cers_jax.core.progress import INIT, Progress
+from cers_jax.data import dataset
 from cers_jax.errors import ConfigError, WorkdirError
 from cers_jax.inference import evaluate as evaluate_lib
-from cers_jax.inference import predict as predict_lib
-from cers_jax.retrieval import embed
-from cers_jax.retrieval import search
+from cers_jax.inference import evaluators
 from cers_jax.training import checkpoints as checkpointing
 from cers_jax.training import curves
 from cers_jax.training import experiment as experiment_lib
 from cers_jax.training import lock as lock_lib
 from cers_jax.training import workdir as workdir_lib
-# Re-exported: run.py and research code reach the run's vocabulary through this module.
-from cers_jax.training.epoch import NonFiniteLossError  # noqa: F401
 from cers_jax.training.preemption import Preempted, StopOnSigterm
-from cers_jax.training.progress import DONE, INIT, SEMI, WARMUP, Progress  # noqa: F401
-from cers_jax.training.stages import report_retrieval, run_training, validate  # noqa: F401
-from cers_jax.training.state import TrainState
+from cers_jax.training.stages import run_training
+
+# Re-exported: run.py and research code reach the run's vocabulary through this module.
+from cers_jax.core.progress import DONE, SEMI, WARMUP  # noqa: F401,E402
+from cers_jax.training.epoch import NonFiniteLossError  # noqa: F401,E402
+from cers_jax.training.stages import validate  # noqa: F401,E402
 
 MODES = ('prepare', 'warmup', 'train', 'eval', 'retrieval', 'predict', 'all')
 
@@ -43,10 +47,19 @@ def default_workdir(workdir: str | None, config_file: str) -> str:
   return os.path.join('runs', name)
 
 
-def retrieval_checkpoint(exp, state: TrainState, stop=None) -> tuple[TrainState, Progress]:
-  """The checkpoint to report on (eval.which); runs warm-up first if the pool is not built
-  yet. Returns (state, its progress)."""
-  state, progress = run_training(exp, state, until=WARMUP, stop=stop)
+def pool_stage(method) -> str:
+  """The stage after which a method's knowledge pool exists (CERS: warm-up)."""
+  names = tuple(method.stage_names)
+  if method.retrieval_stage not in names[1:]:
+    raise ConfigError(f'--config.method={method.name!r} has no knowledge pool to report on '
+                      '(--mode retrieval needs a method that retrieves).')
+  return names[names.index(method.retrieval_stage) - 1]
+
+
+def retrieval_checkpoint(exp, state, stop=None) -> tuple[Any, Progress]:
+  """The checkpoint to report on (eval.which); runs the stages before the pool exists
+  (CERS: warm-up) first if it is not built yet. Returns (state, its progress)."""
+  state, progress = run_training(exp, state, until=pool_stage(exp.method), stop=stop)
   which = exp.config.eval.which
   if which != 'latest' and exp.checkpoints.latest_step(which) is not None:
     state, meta = _restore_named(exp, state, which)
@@ -54,7 +67,7 @@ def retrieval_checkpoint(exp, state: TrainState, stop=None) -> tuple[TrainState,
   return state, progress
 
 
-def _restore_named(exp, state: TrainState, which: str) -> tuple[TrainState, dict]:
+def _restore_named(exp, state, which: str) -> tuple[Any, dict]:
   """The newest intact `which` checkpoint; when none is left, the error names the other."""
   try:
     return exp.checkpoints.restore(which, state)
@@ -70,36 +83,12 @@ def _no_weights_message(workdir: str, which: str) -> str:
           "authors' weights with --config.model.checkpoint=FILE.")
 
 
-def import_authors_state(exp, state: TrainState) -> tuple[TrainState, dict]:
-  """Readies the authors' imported weights (config model.checkpoint) for evaluation.
-
-  Their state dict holds the network only: no knowledge pool, no CoT BERT and no alignment
-  projections. The CoT features come from our CoT BERT (model.cot.weights) and the pool is
-  built from the labeled training images with the imported encoder, exactly as at the end
-  of our warm-up. Returns (state, meta for the eval summary).
-  """
-  config = exp.config
-  mode = search.mode_spec(config.pool.mode)
-  if config.pool.cot_space == 'projection' and (mode.uses('cot') or mode.uses('text')):
-    logging.warning(
-        "The authors' state dict has no alignment projections, so they are random here and "
-        "retrieval mode %r ranks by randomly projected CoTs. Use --config.pool.cot_space="
-        'features (with --config.model.cot.weights) or --config.pool.mode=image.',
-        config.pool.mode)
-  logging.info("Evaluating the authors' weights from %s (no orbax checkpoint in %s); the "
-               'pool is built from the %d labeled training images.', config.model.checkpoint,
-               exp.workdir, len(exp.data.rows['train_labeled']))
-  state = embed.with_text_features(state, exp.steps, exp.data, config)
-  state = embed.with_pool(state, exp.steps, exp.data, config)
-  return state, dict(stage='imported', epoch=None,
-                     checkpoint=os.path.abspath(config.model.checkpoint))
-
-
-def restore_for_eval(exp, state: TrainState, which: str) -> tuple[TrainState, dict]:
-  """The `which` checkpoint, or without one the authors' imported weights: (state, meta).
+def restore_for_eval(exp, state, which: str) -> tuple[Any, dict]:
+  """The `which` checkpoint, or without one the method's imported weights (CERS: the
+  authors', config model.checkpoint): (state, meta).
 
   Raises:
-    WorkdirError: neither a checkpoint nor config model.checkpoint.
+    WorkdirError: neither a checkpoint nor weights to import.
   """
   if exp.checkpoints.latest_step(which) is not None:
     if exp.config.model.checkpoint:
@@ -108,15 +97,20 @@ def restore_for_eval(exp, state: TrainState, which: str) -> tuple[TrainState, di
     state, meta = _restore_named(exp, state, which)
     meta.setdefault('checkpoint', which)
     return state, meta
-  if not exp.config.model.checkpoint:
+  imported = exp.method.imported_state(exp, state)
+  if imported is None:
     raise WorkdirError(_no_weights_message(exp.workdir, which))
-  return import_authors_state(exp, state)
+  return imported
 
 
 def _check_before_work(config, workdir: str, mode: str) -> None:
   """What can be refused before any data is prepared or any file written."""
   if mode not in MODES:
     raise ConfigError(f'Unknown mode {mode!r}; choose one of {MODES}.')
+  method = method_lib.of_config(config)
+  method.check(config)
+  if mode == 'retrieval':
+    pool_stage(method)
   weights = config.model.checkpoint
   if weights and not os.path.exists(weights):
     raise ConfigError(f'--config.model.checkpoint={weights}: no such file.')
@@ -131,14 +125,18 @@ def _check_before_work(config, workdir: str, mode: str) -> None:
     raise WorkdirError(_no_weights_message(workdir, which))
 
 
-def _writes(workdir: str, mode: str) -> bool:
+def _writes(workdir: str, mode: str, method: method_lib.Method | None = None) -> bool:
   """Whether `mode` writes the workdir's checkpoints, data or predictions (and so needs its
-  lock): `retrieval` does while warm-up has not finished, since it runs warm-up first."""
+  lock): `retrieval` does while the pool is not built, since it trains until it is.
+  `method`: the run's (default: CERS)."""
   if mode in lock_lib.WRITING_MODES:
     return True
   if mode == 'retrieval':
+    method = method or method_lib.resolve('cers')
     saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
-    return saved is None or saved[1].get('stage') in (INIT, WARMUP)
+    names = tuple(method.stage_names)
+    before_pool = (INIT, *names[:names.index(method.retrieval_stage)])
+    return saved is None or saved[1].get('stage') in before_pool
   return False
 
 
@@ -158,7 +156,7 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   workdir = os.path.abspath(workdir)
   _check_before_work(config, workdir, mode)
   workdir_lib.ensure_writable(workdir, '--workdir')
-  writes = _writes(workdir, mode)
+  writes = _writes(workdir, mode, method_lib.of_config(config))
   holds_lock = writes and sharding.is_main_process()  # Process 0 locks for all.
   with (lock_lib.WorkdirLock(workdir, mode) if holds_lock else contextlib.nullcontext()):
     summary = _locked_job(config, workdir, mode, read_only=not writes)
@@ -177,7 +175,7 @@ def _locked_job(config, workdir: str, mode: str, *, read_only: bool) -> dict:
   if sharding.is_main_process():
     workdir_lib.log_invocation(workdir, mode, config, changes)
   if mode == 'prepare':
-    data = experiment_lib.prepare_data_once(config, workdir)
+    data = dataset.prepare_data_once(config, workdir)
     return dict(workdir=workdir, mode=mode, cache_dir=config.data.cache_dir,
                 splits={name: len(rows) for name, rows in data.rows.items()})
   exp, state = experiment_lib.create(config, workdir, read_only=read_only)
@@ -189,14 +187,17 @@ def _locked_job(config, workdir: str, mode: str, *, read_only: bool) -> dict:
       workdir_lib.log_damaged(workdir, mode, exp.checkpoints.damaged)
 
 
-def _run_mode(exp, state: TrainState, mode: str) -> dict:
+def _run_mode(exp, state, mode: str) -> dict:
   summary: dict = dict(workdir=exp.workdir, mode=mode)
+  context = evaluators.Context.of(exp)
   with StopOnSigterm() as stop:
     if mode in ('warmup', 'train', 'all'):
-      state, progress = run_training(exp, state, until=WARMUP if mode == 'warmup' else SEMI,
-                                     stop=stop)
-      summary.update(stage=progress.stage, best_val_dice_r=progress.best_dice,
-                     best_epoch=progress.best_epoch)
+      # --mode warmup: the method's first stage only (CERS: warm-up and the pool build).
+      until = exp.stages[0].name if mode == 'warmup' else None
+      state, progress = run_training(exp, state, until=until, stop=stop)
+      summary['stage'] = progress.stage
+      summary[f'best_val_dice_{exp.method.primary}'] = progress.best_dice
+      summary['best_epoch'] = progress.best_epoch
     if mode == 'retrieval':
       state, progress = retrieval_checkpoint(exp, state, stop=stop)
     if stop.at_boundary():
@@ -204,18 +205,19 @@ def _run_mode(exp, state: TrainState, mode: str) -> dict:
                       f'{os.path.join(exp.workdir, "checkpoints")} are complete. Run the '
                       'same command again for what this one had left to do.')
   if mode == 'retrieval':
-    report = report_retrieval(exp, state, progress, '')
+    report = evaluators.build('retrieval', context).run(
+        state, exp.config.eval.split or 'val', stage=progress.stage,
+        epoch=progress.epoch).metrics
     summary['retrieval'] = {m: {k: v for k, v in r.items() if not isinstance(v, dict)}
                             for m, r in report['modes'].items()}
   if mode in ('eval', 'predict', 'all'):
     state, meta = restore_for_eval(exp, state, exp.config.eval.which)
     if mode in ('eval', 'all'):
       split = exp.config.eval.split or 'test'
-      summary[split] = evaluate_lib.evaluate_split(
-          state, exp.steps, exp.data, exp.config, split=split, meta=meta,
-          out_dir=os.path.join(exp.workdir, 'eval'))
+      summary[split] = dict(evaluators.build('segmentation', context).run(
+          state, split, meta=meta).metrics)
     if mode in ('predict', 'all'):
-      summary['predict_dir'] = predict_lib.predict(
-          state, exp.steps, exp.data, exp.config, exp.workdir,
-          curves_png=os.path.join(exp.workdir, curves.CURVES_FILE))
+      summary['predict_dir'] = evaluators.build('predictions', context).run(
+          state, 'test', curves_png=os.path.join(exp.workdir, curves.CURVES_FILE)
+      ).metrics['predict_dir']
   return summary

@@ -1,10 +1,14 @@
-"""The stage runner: warm-up, pool build, semi-supervised stage (docs/design.md section 9).
+"""The stage runner: a method's training stages, run or resumed (docs/design.md section 9).
 
-`run_training(exp, state)` runs or resumes them from `<workdir>/checkpoints/latest`. A
+`run_training(exp, state)` runs the stages of the experiment's method (`exp.stages`, see
+`cers_jax.core.method`) in order, or resumes them from `<workdir>/checkpoints/latest`. A
 checkpoint is written at the end of every epoch with the data iterators' state, so a
 resumed run repeats exactly the batches and random keys an uninterrupted one would have
-used; a SIGTERM saves mid-epoch (`preemption`). Every function takes the state and the
-run's `Progress` and returns new ones.
+used; a SIGTERM saves mid-epoch (`preemption`). A stage that validates scores val after
+every epoch (`evaluators.Validation`), keeps the best checkpoint by the method's primary
+decoder and stops early after `train.patience` epochs without a better one. Every function
+takes the state and the run's `Progress` and returns new ones; nothing here knows which
+method runs.
 """
 
 from __future__ import annotations
@@ -18,17 +22,14 @@ import numpy as np
 from absl import logging
 
 from cers_jax import sharding
+from cers_jax.core.method import Stage
+from cers_jax.core.progress import DONE, INIT, Partial, Progress
 from cers_jax.data import pipeline
-from cers_jax.inference import evaluate as evaluate_lib
-from cers_jax.retrieval import embed
-from cers_jax.retrieval import report as retrieval_report
+from cers_jax.inference import evaluators
 from cers_jax.training import checkpoints as checkpointing
 from cers_jax.training import epoch as epoch_lib
 from cers_jax.training import experiment as experiment_lib
-from cers_jax.training import losses
 from cers_jax.training.preemption import Preempted
-from cers_jax.training.progress import DONE, INIT, SEMI, WARMUP, Partial, Progress
-from cers_jax.training.state import TrainState
 
 _PROCESS_SEED_STRIDE = 1000  # Seed offset of each further process's data streams.
 
@@ -67,19 +68,13 @@ def train_loaders(exp, progress: Progress) -> dict:
   return loaders
 
 
-def validate(state: TrainState, exp) -> dict:
-  """Mean val Dice/IoU of both decoders (D_r with retrieval: the CERS result).
-
-  Model selection reads only these per-image means: no surface metrics and no bootstrap
-  every epoch, and metrics.jsonl keeps its four val keys."""
-  options = evaluate_lib.EvalOptions(threshold=exp.config.eval.threshold,
-                                     bootstrap_resamples=0)
-  summary = evaluate_lib.evaluate_rows(state, exp.steps, exp.data, exp.data.rows['val'],
-                                       exp.config.train.eval_batch_size, options=options)
-  return {f'val_{k}_mean': summary[f'{k}_mean'] for k in evaluate_lib.SCORES}
+def validate(state, exp) -> dict:
+  """Mean val Dice/IoU of every decoder of the method (`evaluators.Validation`)."""
+  context = evaluators.Context.of(exp)
+  return dict(evaluators.build('validation', context).run(state, 'val').metrics)
 
 
-def save(exp, state: TrainState, progress: Progress, loaders: dict | None,
+def save(exp, state, progress: Progress, loaders: dict | None,
          which: str = checkpointing.LATEST) -> Progress:
   """Saves a checkpoint and returns the progress it holds (with the loaders' positions
   when given); `config.json` is the config the latest one was trained with."""
@@ -117,14 +112,14 @@ class _Budget:
 class _Run:
   """What every epoch of one invocation needs besides the state and the progress."""
 
-  exp: Any  # experiment.Experiment
+  exp: experiment_lib.Experiment
   log: epoch_lib.MetricLog
   stop: Any  # preemption.StopOnSigterm, or None
   loaders: dict
   budget: _Budget
 
 
-def _finish_epoch(run: _Run, state: TrainState, progress: Progress, record: dict,
+def _finish_epoch(run: _Run, state, progress: Progress, record: dict,
                   num_steps: int) -> tuple[dict, Progress]:
   """(record, progress) of a whole epoch; a stopped one is saved and raises Preempted."""
   steps_done, sums = record.pop('steps_done'), record.pop('sums')
@@ -148,114 +143,100 @@ def _stop_between_epochs(run: _Run, progress: Progress) -> None:
         'resume.')
 
 
-def _epoch(run: _Run, state: TrainState, progress: Progress, stage: str, step_fn
-           ) -> tuple[TrainState, dict, Progress]:
+def _epoch(run: _Run, stage: Stage, state, progress: Progress) -> tuple[Any, dict, Progress]:
   """One epoch of `stage` (resuming a preempted one): (state, record, progress)."""
-  exp, config = run.exp, run.exp.config
-  if stage == WARMUP:
-    num_steps, total, images = (exp.warmup_steps_per_epoch, config.train.warmup_epochs,
-                                config.train.batch_size)
-  else:
-    num_steps, total, images = (exp.semi_steps_per_epoch, config.train.epochs,
-                                2 * config.train.batch_size)
-  partial = progress.partial_of(stage)
-  label = 'warm-up' if stage == WARMUP else 'semi'
+  exp = run.exp
+  step, extra = stage.epoch_step(progress.epoch)
+  mesh = exp.steps.mesh
+
+  def step_fn(state):
+    batches = {name: sharding.shard_batch(next(run.loaders[name]), mesh)
+               for name in stage.streams}
+    return step(state, batches)
+
+  partial = progress.partial_of(stage.name)
   state, record = epoch_lib.run_epoch(
-      state, step_fn, stage=stage, epoch=progress.epoch, num_steps=num_steps,
-      batch_images=images, desc=f'{label} {progress.epoch + 1}/{total}',
-      log_every=config.train.log_every, stop=run.stop,
+      state, step_fn, stage=stage.name, epoch=progress.epoch, num_steps=stage.steps_per_epoch,
+      batch_images=stage.images_per_step,
+      desc=f'{stage.name} {progress.epoch + 1}/{stage.epochs}',
+      log_every=exp.config.train.log_every, stop=run.stop,
       done=partial.as_done() if partial else None)
   record['learning_rate'] = float(exp.schedule(record['step']))
-  record, progress = _finish_epoch(run, state, progress, record, num_steps)
+  record, progress = _finish_epoch(run, state, progress, record, stage.steps_per_epoch)
+  record.update(extra)
   return state, record, progress
 
 
-def _warmup_stage(run: _Run, state: TrainState, progress: Progress
-                  ) -> tuple[TrainState, Progress, bool]:
-  """Warm-up epochs until the last; (state, progress, whether the budget ended the run)."""
-  exp, total = run.exp, run.exp.config.train.warmup_epochs
-
-  def warmup_fn(state):
-    batch = sharding.shard_batch(next(run.loaders['labeled']), exp.steps.mesh)
-    return exp.steps.warmup(state, batch)
-
-  if progress.stage == WARMUP and progress.epoch < total:
-    logging.info('Compiling the warm-up step at its first call (cached for later runs)...')
-  while progress.stage == WARMUP and progress.epoch < total:
-    state, record, progress = _epoch(run, state, progress, WARMUP, warmup_fn)
-    run.log.write(record)
-    logging.info('warm-up epoch %d: loss %.4f (%.1f img/s)', progress.epoch + 1,
-                 record['loss'], record['images_per_s'])
-    progress = save(exp, state, progress.replace(epoch=progress.epoch + 1), run.loaders)
-    if run.budget.spend():
-      return state, progress, True
-    _stop_between_epochs(run, progress)
-  return state, progress, False
-
-
-def _build_pool(run: _Run, state: TrainState, progress: Progress
-                ) -> tuple[TrainState, Progress]:
-  """The knowledge pool from the warmed-up encoder; the retrieval report, if asked."""
-  exp = run.exp
-  state = embed.with_pool(state, exp.steps, exp.data, exp.config)
-  progress = save(exp, state, progress.replace(stage=SEMI, epoch=0), run.loaders)
-  if exp.config.eval.retrieval_report:
-    report_retrieval(exp, state, progress, 'after_warmup')
-  return state, progress
-
-
-def _semi_epoch(run: _Run, state: TrainState, progress: Progress
-                ) -> tuple[TrainState, Progress]:
-  """One semi-supervised epoch, validated; saves the best and the latest checkpoint."""
-  exp, config, mesh = run.exp, run.exp.config, run.exp.steps.mesh
-  weight = float(losses.consistency_weight(
-      progress.epoch, consistency=config.train.consistency,
-      rampup=config.train.consistency_rampup))
-  device_weight = sharding.replicate(np.float32(weight), mesh)
-
-  def semi_fn(state):
-    return exp.steps.semi(state, sharding.shard_batch(next(run.loaders['labeled']), mesh),
-                          sharding.shard_batch(next(run.loaders['unlabeled']), mesh),
-                          device_weight)
-
-  state, record, progress = _epoch(run, state, progress, SEMI, semi_fn)
-  record['consistency_weight'] = weight
-  if config.pool.update_rule == 'epoch_refresh':
-    state = embed.with_refreshed_pool(state, exp.steps, exp.data, config)
+def _validated(run: _Run, stage: Stage, state, progress: Progress, record: dict,
+               last: bool) -> tuple[Progress, bool]:
+  """Scores val into `record`, saves a better model as best; (progress, stage over)."""
+  exp, config = run.exp, run.exp.config
+  primary = exp.method.primary
   record.update(validate(state, exp))
   progress, improved, stopping = progress.after_validation(
-      record['val_dice_r_mean'], patience=config.train.patience, epochs=config.train.epochs)
-  record['best_val_dice_r'] = progress.best_dice
-  run.log.write(record)
-  logging.info('semi epoch %d: loss %.4f, val Dice D_r %.4f / D_s %.4f (best %.4f @ %d), '
-               '%.1f img/s', progress.epoch, record['loss'], record['val_dice_r_mean'],
-               record['val_dice_s_mean'], progress.best_dice, progress.best_epoch,
-               record['images_per_s'])
+      record[f'val_dice_{primary}_mean'], patience=config.train.patience, epochs=stage.epochs)
+  record[f'best_val_dice_{primary}'] = progress.best_dice
+  over = progress.stage == DONE
+  if over and not last:  # The runner moves on to the next stage (`_leave`).
+    progress = progress.replace(stage=stage.name)
+  scores = ' / '.join(f'D_{d} {record[f"val_dice_{d}_mean"]:.4f}'
+                      for d in exp.method.decoders)
+  logging.info('%s epoch %d: loss %.4f, val Dice %s (best D_%s %.4f @ %d), %.1f img/s',
+               stage.name, progress.epoch, record['loss'], scores, primary,
+               progress.best_dice, progress.best_epoch, record['images_per_s'])
   if improved:
     save(exp, state, progress, None, which=checkpointing.BEST)
-  progress = save(exp, state, progress, run.loaders)
   if stopping:
     logging.info('Early stopping: no better val Dice for %d epochs.', config.train.patience)
-  return state, progress
+  return progress, over
 
 
-def _semi_stage(run: _Run, state: TrainState, progress: Progress
-                ) -> tuple[TrainState, Progress, bool]:
-  """Semi-supervised epochs until the last or early stopping; as `_warmup_stage`."""
-  epochs = run.exp.config.train.epochs
-  if progress.stage == SEMI and progress.epoch < epochs:
-    logging.info('Compiling the semi-supervised step at its first call (cached for later '
-                 'runs)...')
-  while progress.stage == SEMI and progress.epoch < epochs:
-    state, progress = _semi_epoch(run, state, progress)
+def _stage_epochs(run: _Run, stage: Stage, state, progress: Progress, last: bool
+                  ) -> tuple[Any, Progress, bool, bool]:
+  """The epochs of `stage` this invocation runs: (state, progress, stage over, whether the
+  budget ended the invocation)."""
+  if progress.epoch < stage.epochs:
+    logging.info('Compiling the %s step at its first call (cached for later runs)...',
+                 stage.name)
+  over = False
+  while not over and progress.epoch < stage.epochs:
+    state, record, progress = _epoch(run, stage, state, progress)
+    if stage.after_epoch is not None:
+      state = stage.after_epoch(state)
+    if stage.validates:
+      progress, over = _validated(run, stage, state, progress, record, last)
+    else:
+      progress = progress.replace(epoch=progress.epoch + 1)
+      logging.info('%s epoch %d: loss %.4f (%.1f img/s)', stage.name, progress.epoch,
+                   record['loss'], record['images_per_s'])
+    run.log.write(record)
+    progress = save(run.exp, state, progress, run.loaders)
     if run.budget.spend():
-      return state, progress, True
+      return state, progress, over, True
     if progress.stage != DONE:
       _stop_between_epochs(run, progress)
-  return state, progress, False
+  return state, progress, True, False
 
 
-def _resume(exp, state: TrainState) -> tuple[TrainState, Progress]:
+def _leave(run: _Run, stages: tuple[Stage, ...], index: int, state, progress: Progress
+           ) -> tuple[Any, Progress]:
+  """Ends stage `index` (its `finish`), starts the next one (its `start`) and saves; after
+  the last, the run is DONE and a run that never validated keeps its final model as best."""
+  exp = run.exp
+  if index + 1 == len(stages):
+    progress = progress.replace(stage=DONE)
+    save(exp, state, progress, None, which=checkpointing.BEST)
+    return state, save(exp, state, progress, run.loaders)
+  following = stages[index + 1]
+  progress = progress.replace(stage=following.name, epoch=0)
+  if stages[index].finish is not None:
+    state = stages[index].finish(state, progress)
+  if following.start is not None:
+    state = following.start(state)
+  return state, save(exp, state, progress, run.loaders)
+
+
+def _resume(exp, state) -> tuple[Any, Progress]:
   """The newest intact latest checkpoint's state and progress, or a fresh run's."""
   newest = exp.checkpoints.latest_step()
   if newest is None:
@@ -275,39 +256,29 @@ def _resume(exp, state: TrainState) -> tuple[TrainState, Progress]:
   return state, progress
 
 
-def run_training(exp, state: TrainState, *, until: str = SEMI,
-                 stop=None) -> tuple[TrainState, Progress]:
-  """Runs (or resumes) warm-up and, unless until == WARMUP, the semi-supervised stage.
+def run_training(exp, state, *, until: str | None = None, stop=None) -> tuple[Any, Progress]:
+  """Runs (or resumes) the method's stages; with `until`, none after the stage so named.
 
   `stop` (a `preemption.StopOnSigterm`) is asked after every step; when it says so, the
   runner saves a checkpoint of that step and raises `Preempted`.
   """
+  stages = exp.stages
   with epoch_lib.MetricLog(exp.workdir) as log:
     state, progress = _resume(exp, state)
     if progress.stage == INIT:
-      state = embed.with_text_features(state, exp.steps, exp.data, exp.config)
-      progress = progress.replace(stage=WARMUP, epoch=0)
+      if stages[0].start is not None:
+        state = stages[0].start(state)
+      progress = progress.replace(stage=stages[0].name, epoch=0)
     run = _Run(exp, log, stop, train_loaders(exp, progress),
                _Budget(exp.config.train.stop_after_epochs))
-    state, progress, ended = _warmup_stage(run, state, progress)
-    if ended:
-      return state, progress
-    if progress.stage == WARMUP:
-      state, progress = _build_pool(run, state, progress)
-    if until == WARMUP:
-      return state, progress
-    state, progress, ended = _semi_stage(run, state, progress)
-    if not ended and progress.stage == SEMI:  # epochs == 0: keep the warm-up model as best.
-      progress = progress.replace(stage=DONE)
-      save(exp, state, progress, None, which=checkpointing.BEST)
-      progress = save(exp, state, progress, run.loaders)
+    for index, stage in enumerate(stages):
+      if progress.stage == stage.name:
+        last = index + 1 == len(stages)
+        state, progress, over, ended = _stage_epochs(run, stage, state, progress, last)
+        if ended:
+          return state, progress
+        if over and progress.stage == stage.name:
+          state, progress = _leave(run, stages, index, state, progress)
+      if stage.name == until:
+        break
     return state, progress
-
-
-def report_retrieval(exp, state: TrainState, progress: Progress, name: str) -> dict:
-  """The retrieval report of `state` into <workdir>/retrieval[/name]."""
-  split = exp.config.eval.split or 'val'
-  out_dir = os.path.normpath(os.path.join(exp.workdir, 'retrieval', name))
-  return retrieval_report.write_report(
-      state, exp.steps, exp.data, exp.config, split, out_dir, stage=progress.stage,
-      epoch=progress.epoch, step=int(jax.device_get(state.step)))

@@ -10,7 +10,8 @@ the workdir as it was:
   each field is declared with beside it in configs/base.py (`base.resume_class`). Fields
   that change the data, the parameters or the pool ('fixed') are refused in every mode:
   the checkpoint would not load, or would be scored on other data. Retrieval settings
-  ('retrieval') may change only where no retrieval has been trained with yet — during
+  ('retrieval') may change only where no retrieval has been trained with yet (the stages
+  are the method's, `core.method`; for CERS:) during
   warm-up, at the end of warm-up (stage 'semi', epoch 0, before its first step: how
   scripts/brisc_study.sh continues one warmed-up run with several pool modes), after
   training is done, and in the evaluation-only modes; 'training' fields only where nothing
@@ -30,11 +31,11 @@ from typing import Any
 
 from absl import logging
 
+from cers_jax.core import method as method_lib
+from cers_jax.core.progress import DONE
 from cers_jax.errors import WorkdirError
 from cers_jax.training import checkpoints as checkpointing
 from configs import base as base_config
-
-_WARMUP, _SEMI, _DONE = 'warmup', 'semi', 'done'
 
 
 def ensure_writable(path: str, flag: str) -> None:
@@ -84,19 +85,25 @@ def _kind(field: str) -> str:
   return base_config.resume_class(field)
 
 
-def _trains(mode: str, meta: dict) -> bool:
-  """Whether this invocation runs training steps from the checkpoint's position."""
-  stage = meta.get('stage')
+def _trains(mode: str, meta: dict, method: method_lib.Method) -> bool:
+  """Whether this invocation runs training steps from the checkpoint's position: train and
+  all until the run is done, warmup in the method's first stage, retrieval in the stages
+  before its pool exists."""
+  stage, names = meta.get('stage'), tuple(method.stage_names)
   if mode in ('train', 'all'):
-    return stage != _DONE
-  if mode in ('warmup', 'retrieval'):
-    return stage == _WARMUP
+    return stage != DONE
+  if mode == 'warmup':
+    return stage == names[0]
+  if mode == 'retrieval' and method.retrieval_stage in names:
+    return stage in names[:names.index(method.retrieval_stage)]
   return False
 
 
-def _retrieval_trained(meta: dict) -> bool:
-  """Whether semi-supervised steps (which retrieve) have run into this checkpoint."""
-  return meta.get('stage') == _SEMI and (meta.get('epoch', 0) > 0 or bool(meta.get('partial')))
+def _retrieval_trained(meta: dict, method: method_lib.Method) -> bool:
+  """Whether steps that retrieve (the method's retrieval stage) have run into this
+  checkpoint."""
+  return (method.retrieval_stage is not None and meta.get('stage') == method.retrieval_stage
+          and (meta.get('epoch', 0) > 0 or bool(meta.get('partial'))))
 
 
 def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -112,15 +119,17 @@ def compare(saved_config: dict, meta: dict, config: dict, workdir: str
           if _relative(saved[k], old_workdir) != _relative(now[k], workdir)}
 
 
-def refused_changes(changes: dict[str, tuple[Any, Any]], mode: str, meta: dict
-                    ) -> dict[str, tuple[Any, Any]]:
-  """The differences `mode` cannot go on with from a checkpoint at `meta`'s position."""
-  trains = _trains(mode, meta)
+def refused_changes(changes: dict[str, tuple[Any, Any]], mode: str, meta: dict,
+                    method: method_lib.Method | None = None) -> dict[str, tuple[Any, Any]]:
+  """The differences `mode` cannot go on with from a checkpoint at `meta`'s position, for
+  the run's method (default: CERS)."""
+  method = method or method_lib.resolve('cers')
+  trains = _trains(mode, meta, method)
   refused = {}
   for field, values in changes.items():
     kind = _kind(field)
     if (kind == 'fixed' or (kind == 'training' and trains)
-        or (kind == 'retrieval' and trains and _retrieval_trained(meta))):
+        or (kind == 'retrieval' and trains and _retrieval_trained(meta, method))):
       refused[field] = values
   return refused
 
@@ -148,7 +157,7 @@ def check_resume(workdir: str, config, mode: str) -> dict[str, tuple[Any, Any]]:
     return {}
   saved_config, meta = saved
   changes = compare(saved_config, meta, json.loads(config.to_json_best_effort()), workdir)
-  refused = refused_changes(changes, mode, meta)
+  refused = refused_changes(changes, mode, meta, method_lib.of_config(config))
   if refused:
     why = ('change the data, the parameters or the pool the checkpoint was trained with'
            if any(_kind(f) == 'fixed' for f in refused) else

@@ -16,12 +16,12 @@ from flax import nnx
 
 from cers_jax import metrics as metrics_lib
 from cers_jax import sharding
+from cers_jax.core import losses
+from cers_jax.core.state import EmbeddingTables, TrainState, merge_model
 from cers_jax.errors import ConfigError
 from cers_jax.models import cers as cers_model
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
-from cers_jax.training import losses
-from cers_jax.training.state import EmbeddingTables, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
 UPDATE_RULES = ('ema', 'epoch_refresh')

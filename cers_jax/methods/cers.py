@@ -1,0 +1,211 @@
+"""CERS as a training method (docs/design.md section 9): warm-up, pool build, semi-supervised.
+
+Two stages of the protocol in `cers_jax.core.method`:
+
+  warmup  labeled batches only: DiceCE of both decoders + the image-CoT CLIP loss. Before a
+          fresh run's first epoch the frozen CoT BERT's features of every row are computed
+          once; after the last, the knowledge pool is built from the warmed-up encoder (and
+          the retrieval report written, eval.retrieval_report).
+  semi    a labeled and an unlabeled batch per step: retrieval, both decoders, DiceCE +
+          the ramped consistency term, the pool's EMA update; validated every epoch
+          (model selection on D_r, the retrieval-aware decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from cers_jax import sharding
+from cers_jax.convert.assign import WeightLoadError
+from cers_jax.core import embed
+from cers_jax.core import losses
+from cers_jax.core import optim
+from cers_jax.core import steps as ts
+from cers_jax.core.method import Built, Stage
+from cers_jax.core.progress import SEMI, WARMUP
+from cers_jax.core.state import TrainState, create_train_state, empty_tables
+from cers_jax.data.dataset import Data
+from cers_jax.errors import ConfigError
+from cers_jax.inference import retrieval_report
+from cers_jax.models import cers as cers_model
+from cers_jax.retrieval import pool as kp
+from cers_jax.retrieval import search
+
+
+def build_model(model_config, *, seed: int) -> cers_model.CERS:
+  """The CERS network, with whatever pretrained weights the config points to."""
+  from cers_jax.convert import bert as bert_convert
+  from cers_jax.convert import cers_torch
+  from cers_jax.convert import convnext as convnext_convert
+
+  model = cers_model.CERS(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  if model_config.encoder_weights:
+    convnext_convert.load_convnext(model.encoder, model_config.encoder_weights)
+  if model_config.text.weights:
+    bert_convert.load_bert(model.text_encoder, model_config.text.weights)
+  if model_config.cot.weights:
+    bert_convert.load_bert(model.cot_encoder, model_config.cot.weights)
+  elif model_config.cot.pooling == 'cls':
+    logging.warning(
+        'The CoT BERT is initialised at random and read by its [CLS] token, which hardly '
+        'depends on the text: CoT retrieval will not rank (see the retrieval report). Give '
+        'pretrained weights (--config.model.cot.weights) or --config.model.cot.pooling=mean.')
+  if model_config.checkpoint:
+    cers_torch.load_authors_checkpoint(model, model_config.checkpoint)
+  return model
+
+
+def steps_per_epoch(config, data: Data) -> tuple[int, int]:
+  """(warm-up steps, semi-supervised steps) per epoch; both need at least one batch."""
+  batch = config.train.batch_size
+  labeled = len(data.rows['train_labeled'])
+  if labeled < batch:
+    raise ConfigError(
+        f'Only {labeled} labeled training images for a batch of {batch}: lower '
+        '--config.train.batch_size or raise --config.data.labeled_fraction.')
+  unlabeled = len(data.rows['train_unlabeled'])
+  semi = config.train.steps_per_epoch or max(labeled, unlabeled) // batch
+  return labeled // batch, max(semi, 1)
+
+
+def _model(config) -> cers_model.CERS:
+  logging.info('Building the model (%d px input; its first build on a machine compiles many '
+               'small programs, later ones read them from the compilation cache)...',
+               config.data.image_size)
+  start = time.perf_counter()
+  try:
+    model = build_model(config.model, seed=config.seed)
+  except WeightLoadError as error:
+    if config.model.checkpoint and not config.tokenizer.text_dir and 'word_embeddings' in str(
+        error):
+      raise WeightLoadError(
+          f'{error} The report-text BERT of the checkpoint reads the token ids of its own '
+          'tokenizer: give its folder with --config.tokenizer.text_dir.') from error
+    raise
+  logging.info('Model built in %.1f s: %s parameters.', time.perf_counter() - start,
+               f'{cers_model.count_params(model, exclude=()):,}')
+  return model
+
+
+def report_retrieval(state: TrainState, steps: ts.Steps, data: Data, config, workdir: str,
+                     progress, name: str) -> dict:
+  """The retrieval report of `state` into <workdir>/retrieval[/name]."""
+  split = config.eval.split or 'val'
+  out_dir = os.path.normpath(os.path.join(workdir, 'retrieval', name))
+  return retrieval_report.write_report(
+      state, steps, data, config, split, out_dir, stage=progress.stage,
+      epoch=progress.epoch, step=int(jax.device_get(state.step)))
+
+
+def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int) -> Stage:
+  def epoch_step(epoch):
+    return (lambda state, batches: steps.warmup(state, batches['labeled'])), {}
+
+  def start(state):
+    return embed.with_text_features(state, steps, data, config)
+
+  def build_pool(state, progress):
+    state = embed.with_pool(state, steps, data, config)
+    if config.eval.retrieval_report:
+      report_retrieval(state, steps, data, config, workdir, progress, 'after_warmup')
+    return state
+
+  return Stage(name=WARMUP, epochs=config.train.warmup_epochs, steps_per_epoch=num_steps,
+               streams=('labeled',), epoch_step=epoch_step,
+               images_per_step=config.train.batch_size, start=start, finish=build_pool)
+
+
+def _semi(config, data: Data, steps: ts.Steps, num_steps: int) -> Stage:
+  def epoch_step(epoch):
+    weight = float(losses.consistency_weight(
+        epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup))
+    device_weight = sharding.replicate(np.float32(weight), steps.mesh)
+
+    def step(state, batches):
+      return steps.semi(state, batches['labeled'], batches['unlabeled'], device_weight)
+
+    return step, {'consistency_weight': weight}
+
+  refresh = None
+  if config.pool.update_rule == 'epoch_refresh':
+    refresh = lambda state: embed.with_refreshed_pool(state, steps, data, config)  # noqa: E731
+  return Stage(name=SEMI, epochs=config.train.epochs, steps_per_epoch=num_steps,
+               streams=('labeled', 'unlabeled'), epoch_step=epoch_step,
+               images_per_step=2 * config.train.batch_size, validates=True,
+               after_epoch=refresh)
+
+
+@dataclasses.dataclass(frozen=True)
+class CERSMethod:
+  """CERS: two decoders, D_r (retrieval-aware, the result) and D_s (standard)."""
+
+  name: str = 'cers'
+  decoders: tuple[str, ...] = ('r', 's')
+  primary: str = 'r'
+  stage_names: tuple[str, ...] = (WARMUP, SEMI)
+  retrieval_stage: str | None = SEMI
+
+  def check(self, config) -> None:
+    if config.model.cot.trainable:
+      raise ConfigError(
+          '--config.model.cot.trainable=True: training computes the CoT BERT features '
+          'once, before warm-up (the CoT BERT is frozen), so they would never be trained; '
+          'leave it False.')
+
+  def build(self, config, data: Data, workdir: str, mesh) -> Built:
+    warmup_spe, semi_spe = steps_per_epoch(config, data)
+    total = config.train.warmup_epochs * warmup_spe + config.train.epochs * semi_spe
+    tx = optim.make_optimizer(config, total)
+    model = _model(config)
+    f4_shape = model.f4_shape(config.data.image_size)
+    pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, embed.embed_dim(config))
+    tables = empty_tables(data.num_samples, config.model.cot.hidden_size,
+                          embed.embed_dim(config))
+    graphdef, state = create_train_state(
+        model, tx, text_trainable=config.model.text.trainable, pool=pool, tables=tables,
+        rng=jax.random.key(config.seed))
+    state = sharding.place_state(state, mesh, shard_pool_rows=config.pool.shard_rows)
+    steps = ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config), mesh=mesh,
+                          threshold=config.eval.threshold)
+    stages = (_warmup(config, data, workdir, steps, warmup_spe),
+              _semi(config, data, steps, semi_spe))
+    return Built(graphdef=graphdef, state=state, steps=steps,
+                 schedule=optim.make_schedule(config, total), stages=stages)
+
+  def imported_state(self, exp, state: TrainState) -> tuple[TrainState, dict] | None:
+    """The authors' imported weights (config model.checkpoint) readied for evaluation.
+
+    Their state dict holds the network only: no knowledge pool, no CoT BERT and no
+    alignment projections. The CoT features come from our CoT BERT (model.cot.weights) and
+    the pool is built from the labeled training images with the imported encoder, exactly
+    as at the end of our warm-up. None without config model.checkpoint.
+
+    `exp`: the run's `training.experiment.Experiment` (config, data, steps, workdir).
+    """
+    config, data, steps = exp.config, exp.data, exp.steps
+    if not config.model.checkpoint:
+      return None
+    mode = search.mode_spec(config.pool.mode)
+    if config.pool.cot_space == 'projection' and (mode.uses('cot') or mode.uses('text')):
+      logging.warning(
+          "The authors' state dict has no alignment projections, so they are random here "
+          'and retrieval mode %r ranks by randomly projected CoTs. Use --config.pool.'
+          'cot_space=features (with --config.model.cot.weights) or --config.pool.mode=image.',
+          config.pool.mode)
+    logging.info("Evaluating the authors' weights from %s (no orbax checkpoint in %s); the "
+                 'pool is built from the %d labeled training images.', config.model.checkpoint,
+                 exp.workdir, len(data.rows['train_labeled']))
+    state = embed.with_text_features(state, steps, data, config)
+    state = embed.with_pool(state, steps, data, config)
+    return state, dict(stage='imported', epoch=None,
+                       checkpoint=os.path.abspath(config.model.checkpoint))
+
+
+METHOD = CERSMethod()
