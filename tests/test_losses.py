@@ -1,4 +1,5 @@
-"""Tests for cers_jax.core.losses against the authors' PyTorch losses (fixture losses_and_metrics)."""
+"""Tests for cers_jax.core.losses against the authors' PyTorch losses (fixture
+losses_and_metrics)."""
 
 
 import chex

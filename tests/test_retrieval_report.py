@@ -1,4 +1,5 @@
-"""Tests for cers_jax.inference.retrieval_report: metrics by hand, labels, and collapse detection."""
+"""Tests for cers_jax.inference.retrieval_report: metrics by hand, labels, and collapse
+detection."""
 
 import ml_collections
 import numpy as np

@@ -16,8 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cers_jax import sharding
+from cers_jax.core.state import TrainState
+from cers_jax.core.steps import Steps
 from cers_jax.data import pipeline
 from cers_jax.data import tokenize
+from cers_jax.data.dataset import Data
 from cers_jax.retrieval import pool as kp
 
 
@@ -35,7 +38,7 @@ def _chunks(count: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
     yield sharding.pad_rows(chunk, batch_size), len(chunk)
 
 
-def cot_features(state, steps, ids: np.ndarray, mask: np.ndarray,
+def cot_features(state: TrainState, steps: Steps, ids: np.ndarray, mask: np.ndarray,
                  batch_size: int) -> np.ndarray:
   """Pooled CoT BERT features (n, H) of token rows (config model.cot.pooling)."""
   out = []
@@ -46,7 +49,7 @@ def cot_features(state, steps, ids: np.ndarray, mask: np.ndarray,
   return np.concatenate(out)
 
 
-def retrieval_embeddings(state, steps, features: np.ndarray,
+def retrieval_embeddings(state: TrainState, steps: Steps, features: np.ndarray,
                          batch_size: int) -> np.ndarray:
   """Unit-norm retrieval embeddings (n, E) of pooled CoT BERT features."""
   out = []
@@ -56,7 +59,7 @@ def retrieval_embeddings(state, steps, features: np.ndarray,
   return np.concatenate(out)
 
 
-def embed_texts(state, steps, tokenizer, texts: Sequence[str | None],
+def embed_texts(state: TrainState, steps: Steps, tokenizer, texts: Sequence[str | None],
                 config) -> np.ndarray:
   """Retrieval embeddings (n, E) of texts; zero rows where a text is None (not queried)."""
   out = np.zeros((len(texts), embed_dim(config)), np.float32)
@@ -71,7 +74,7 @@ def embed_texts(state, steps, tokenizer, texts: Sequence[str | None],
   return out
 
 
-def with_text_features(state, steps, data, config):
+def with_text_features(state: TrainState, steps: Steps, data: Data, config) -> TrainState:
   """The state with pooled CoT BERT features of every row (once per run, before warm-up).
 
   A labeled training image aligns with, and queries with, its mask-aware CoT; every other
@@ -93,7 +96,7 @@ def with_text_features(state, steps, data, config):
   return state.replace(tables=tables)
 
 
-def labeled_batches(data, rows: np.ndarray, batch_size: int):
+def labeled_batches(data: Data, rows: np.ndarray, batch_size: int):
   """Eval batches of labeled training rows, marked labeled where real (pool build/refresh)."""
   for batch in pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size):
     batch = dict(batch)
@@ -101,7 +104,7 @@ def labeled_batches(data, rows: np.ndarray, batch_size: int):
     yield batch
 
 
-def with_pool(state, steps, data, config):
+def with_pool(state: TrainState, steps: Steps, data: Data, config) -> TrainState:
   """After warm-up: fixed CoT/text retrieval embeddings of every row, then the labeled pool."""
   batch_size = config.train.eval_batch_size
   query_cot, query_text = (
@@ -124,7 +127,7 @@ def with_pool(state, steps, data, config):
                                                 shard_rows=config.pool.shard_rows))
 
 
-def with_refreshed_pool(state, steps, data, config):
+def with_refreshed_pool(state: TrainState, steps: Steps, data: Data, config) -> TrainState:
   """The authors' once-an-epoch refresh of every labeled row (config pool.update_rule)."""
   pool = state.pool
   for batch in labeled_batches(data, data.rows['train_labeled'],

@@ -41,6 +41,14 @@ StepFn = Callable[[Any, Mapping[str, Batch]], tuple[Any, Mapping[str, jax.Array]
 METHODS = {'cers': 'cers_jax.methods.cers:METHOD'}
 
 
+class EvalSteps(Protocol):
+  """What evaluation and prediction call of any method's jitted steps."""
+
+  mesh: jax.sharding.Mesh  # The data mesh batches are placed on.
+  # (state, batch) -> {'prob_<d>': (B, H, W, 1), 'dice_<d>', 'iou_<d>': (B,), ...}.
+  evaluate: Callable[[Any, Batch], Mapping[str, jax.Array]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One training stage: `epochs` epochs of `steps_per_epoch` steps of one step function.
@@ -70,7 +78,7 @@ class Built:
 
   graphdef: Any  # The network's nnx graph definition (what the steps close over).
   state: Any  # The fresh train state, placed on the mesh: also every restore's target.
-  steps: Any  # Jitted steps; needs `.mesh` and `.evaluate` (see the module docstring).
+  steps: EvalSteps  # The method's jitted steps: `.mesh`, `.evaluate` and its own.
   schedule: optax.Schedule  # The learning rate by optimizer step (logged per epoch).
   stages: tuple[Stage, ...]
 

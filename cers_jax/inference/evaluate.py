@@ -26,7 +26,9 @@ from tqdm import tqdm
 from cers_jax import sharding
 from cers_jax import stats
 from cers_jax import surface as surface_lib
+from cers_jax.core.method import EvalSteps
 from cers_jax.data import pipeline
+from cers_jax.data.dataset import Data
 from cers_jax.errors import ConfigError
 from cers_jax.inference import volumes as volumes_lib
 
@@ -83,7 +85,7 @@ class EvalOptions:
                bootstrap_seed=int(ev.get('bootstrap_seed', d.bootstrap_seed)))
 
 
-def predict_rows(state, steps, data, rows: np.ndarray, batch_size: int, *,
+def predict_rows(state, steps: EvalSteps, data: Data, rows: np.ndarray, batch_size: int, *,
                  desc: str = 'evaluating'):
   """Yields (cache rows, eval outputs, batch) as numpy for every real row, padding removed."""
   batches = pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size)
@@ -92,7 +94,7 @@ def predict_rows(state, steps, data, rows: np.ndarray, batch_size: int, *,
     yield batch['index'], out, batch
 
 
-def row_spacings(data, rows: np.ndarray, options: EvalOptions) -> tuple[list, str]:
+def row_spacings(data: Data, rows: np.ndarray, options: EvalOptions) -> tuple[list, str]:
   """Per-row pixel spacing (a tuple, or None for pixels) and the unit: 'mm' or 'px'.
 
   A sample's own `spacing` (in-plane (row, col) mm at the cached resolution, NIfTI data)
@@ -129,7 +131,7 @@ def _surface_fields(pred: np.ndarray, gt: np.ndarray, suffix: str, spacing,
   return fields
 
 
-def _image_record(data, row: int, out: dict, i: int, masks: dict, spacing, unit: str,
+def _image_record(data: Data, row: int, out: dict, i: int, masks: dict, spacing, unit: str,
                   options: EvalOptions) -> dict:
   """One CSV row: id, scores of the step, pixel counts for pooling, surface metrics."""
   gt = masks['gt'][i]
@@ -147,7 +149,7 @@ def _image_record(data, row: int, out: dict, i: int, masks: dict, spacing, unit:
   return record
 
 
-def per_image(state, steps, data, rows: np.ndarray, batch_size: int, *,
+def per_image(state, steps: EvalSteps, data: Data, rows: np.ndarray, batch_size: int, *,
               options: EvalOptions | None = None,
               on_batch: BatchHook | None = None) -> list[dict]:
   """One record per row: id, cache row, whether its mask is empty, the four scores, the
@@ -227,7 +229,7 @@ def summarize(records: list[dict], options: EvalOptions | None = None) -> dict:
   return summary
 
 
-def evaluate_rows(state, steps, data, rows: np.ndarray, batch_size: int, *,
+def evaluate_rows(state, steps: EvalSteps, data: Data, rows: np.ndarray, batch_size: int, *,
                   options: EvalOptions | None = None,
                   on_batch: BatchHook | None = None) -> dict:
   """The summary of `rows` scored with `state` (see `per_image` for the keywords)."""
@@ -277,7 +279,7 @@ def log_line(summary: dict) -> str:
   return '; '.join(parts)
 
 
-def evaluate_split(state, steps, data, config, *, split: str, out_dir: str,
+def evaluate_split(state, steps: EvalSteps, data: Data, config, *, split: str, out_dir: str,
                    meta: dict | None = None, on_batch: BatchHook | None = None,
                    decoders: tuple[str, ...] = DECODERS) -> dict:
   """Scores every image of `split`, writes `<split>_per_image.csv` and `<split>_summary.json`

@@ -19,7 +19,9 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from cers_jax.core.method import EvalSteps
 from cers_jax.data import nifti
+from cers_jax.data.dataset import Data
 from cers_jax.data.records import Sample
 from cers_jax.inference import evaluate
 
@@ -73,7 +75,7 @@ def write_volume(path: str, source_path: str, slices: dict[int, np.ndarray],
   return path
 
 
-def _predicted_slices(state, steps, data, rows: np.ndarray, batch_size: int,
+def _predicted_slices(state, steps: EvalSteps, data: Data, rows: np.ndarray, batch_size: int,
                       threshold: float, decoder: str = 'r') -> dict[int, np.ndarray]:
   """{cache row: the (S, S) uint8 mask of `decoder` (D_r: CERS's result)} of `rows`."""
   masks = {}
@@ -85,7 +87,7 @@ def _predicted_slices(state, steps, data, rows: np.ndarray, batch_size: int,
   return masks
 
 
-def write_predicted_volumes(state, steps, data, config: Any, out_dir: str, *,
+def write_predicted_volumes(state, steps: EvalSteps, data: Data, config: Any, out_dir: str, *,
                             write: bool = True, decoder: str = 'r') -> list[str]:
   """Predicts every test-split slice of a volume and writes each volume's NIfTI.
 

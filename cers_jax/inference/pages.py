@@ -140,7 +140,8 @@ def render_page(item, record: dict, refs: list[Reference], *, mode: str,
 <img src="../{_href('overlays', item.id)}" alt="overlay">
 <img src="../{_href('masks', item.id)}" alt="predicted mask">
 </div>
-<p class="legend"><span style="color:#e62828">&#9632; prediction (D_{_esc(primary)})</span>{truth_legend}
+<p class="legend"><span style="color:#e62828">&#9632; prediction (D_{_esc(primary)})</span>
+{truth_legend}
  mean probability {record['mean_prob']:.4f}</p>
 {_metrics_html(record, decoders, primary)}
 <h2>Report text</h2>
@@ -157,6 +158,7 @@ def render_index(records: list[dict], title: str, curves_href: str | None = None
                  decoders: Sequence[str] = ('r', 's')) -> str:
   """index.html: one table row per image, linking its page; `curves_href` links the
   training curves (curves.png) above the table."""
+  dice_header = ' / '.join(f'D_{_esc(d)}' for d in decoders)
   rows = []
   for r in records:
     dice = ('' if r[f'dice_{decoders[0]}'] == ''
@@ -173,7 +175,7 @@ def render_index(records: list[dict], title: str, curves_href: str | None = None
 <h1>{_esc(title)}</h1>
 {f'<p><a href="{_esc(curves_href)}">Training curves</a> of the model that predicted these '
  f'masks.</p>' if curves_href else ''}
-<table><tr><th>id</th><th>overlay</th><th>mean prob</th><th>Dice {' / '.join(f'D_{_esc(d)}' for d in decoders)}</th>
+<table><tr><th>id</th><th>overlay</th><th>mean prob</th><th>Dice {dice_header}</th>
 <th>retrieved ids (best first)</th></tr>
 {''.join(rows)}
 </table>

@@ -46,11 +46,15 @@ from tqdm import tqdm
 
 from cers_jax import sharding
 from cers_jax.core import embed
+from cers_jax.core.method import EvalSteps
+from cers_jax.core.state import TrainState
+from cers_jax.core.steps import Steps
 from cers_jax.data import annotations
 from cers_jax.data import augment
 from cers_jax.data import images as images_lib
 from cers_jax.data import layouts
 from cers_jax.data import tokenize
+from cers_jax.data.dataset import Data
 from cers_jax.data.records import DataError
 from cers_jax.inference import nifti_out
 from cers_jax.inference import pages
@@ -170,7 +174,7 @@ def read_predict_folder(root: str, mode: str) -> list[PredictItem]:
                       cot=cots.get(i)) for i in ids]
 
 
-def _cache_items(data, rows: np.ndarray) -> list[PredictItem]:
+def _cache_items(data: Data, rows: np.ndarray) -> list[PredictItem]:
   """Items of cache rows; a labeled training row queries with its mask CoT, as in training."""
   labeled = set(np.asarray(data.rows.get('train_labeled', [])).tolist())
   cache = data.cache
@@ -232,7 +236,7 @@ def _load_cache_item(cache, item: PredictItem) -> _Loaded:
                  resized_truth=resized_truth)
 
 
-def _query_embeddings(state, steps, data, config,
+def _query_embeddings(state: TrainState, steps: Steps, data: Data, config,
                       items: list[PredictItem]) -> tuple[np.ndarray, np.ndarray]:
   """(query_cot, query_text), each (n, E); only what the retrieval mode reads is computed."""
   mode = search.mode_spec(config.pool.mode)
@@ -243,7 +247,7 @@ def _query_embeddings(state, steps, data, config,
                for queries in (cots, texts))
 
 
-def _make_batch(data, config, items: list[PredictItem], loaded: list[_Loaded],
+def _make_batch(data: Data, config, items: list[PredictItem], loaded: list[_Loaded],
                 queries: tuple[np.ndarray, np.ndarray] | None, *,
                 from_folder: bool) -> dict[str, np.ndarray]:
   """An eval batch padded to eval_batch_size; keys as the pipeline's (docs/design.md, habit 7)."""
@@ -295,7 +299,7 @@ class Heads:
     return config.pool.mode if self.retrieves else 'none'
 
 
-def _items_and_output(data, config, workdir: str, heads: Heads,
+def _items_and_output(data: Data, config, workdir: str, heads: Heads,
                       split: str) -> tuple[list[PredictItem], str, bool]:
   """(items, output directory, whether items come from a folder)."""
   predictions = os.path.join(workdir, 'predictions')
@@ -311,7 +315,7 @@ def _items_and_output(data, config, workdir: str, heads: Heads,
   return _cache_items(data, rows), predictions, False
 
 
-def _write_item(data, config, out_dir: str, item: PredictItem, x: _Loaded, out: dict,
+def _write_item(data: Data, config, out_dir: str, item: PredictItem, x: _Loaded, out: dict,
                 i: int, refs_written: set[int], heads: Heads) -> dict:
   """Writes the image, mask, overlay, references and page of batch row `i`; its record."""
   samples = data.cache.samples
@@ -355,7 +359,7 @@ def _write_index(out_dir: str, records: list[dict], title: str, curves_png: str 
     writer.writerows(records)
 
 
-def predict(state, steps, data, config, workdir: str, *,
+def predict(state, steps: EvalSteps, data: Data, config, workdir: str, *,
             curves_png: str | None = None, heads: Heads = Heads(),
             split: str = 'test') -> str:
   """Predicts masks with `state` and writes the evidence pages; returns the output folder.

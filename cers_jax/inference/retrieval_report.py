@@ -33,8 +33,11 @@ import numpy as np
 from absl import logging
 
 from cers_jax import sharding
+from cers_jax.core.state import TrainState
+from cers_jax.core.steps import Steps
 from cers_jax.data import annotations
 from cers_jax.data import pipeline
+from cers_jax.data.dataset import Data
 from cers_jax.data.records import DataError
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
@@ -261,14 +264,16 @@ def plot_report(report: dict, path: str) -> None:
   plt.close(fig)
 
 
-def query_features(state, steps, data, rows: np.ndarray, batch_size: int) -> np.ndarray:
+def query_features(state: TrainState, steps: Steps, data: Data, rows: np.ndarray,
+                   batch_size: int) -> np.ndarray:
   """(len(rows), h, w, C) eval-mode f4 maps of cache rows."""
   batches = pipeline.make_eval_batches(data.arrays(), rows, batch_size=batch_size)
   return np.concatenate([f4 for _, f4 in sharding.host_outputs(steps.features, state,
                                                                  batches, steps.mesh)])
 
 
-def build_report(state, steps, data, config, split: str) -> tuple[dict, list[dict]]:
+def build_report(state: TrainState, steps: Steps, data: Data, config,
+                 split: str) -> tuple[dict, list[dict]]:
   """Ranks every query of `split` under every report mode; returns (report, CSV rows)."""
   rows = np.asarray(data.rows[split])
   if not len(rows):
@@ -341,7 +346,8 @@ def _reference_rows(rankings: dict[str, Ranking], rows: np.ndarray, k: int,
   return records
 
 
-def write_report(state, steps, data, config, split: str, out_dir: str, **context) -> dict:
+def write_report(state: TrainState, steps: Steps, data: Data, config, split: str, out_dir: str,
+                 **context) -> dict:
   """Builds the report of `split` (the state holds a built pool), writes report.json,
   references.csv and report.png into `out_dir`, logs it. `context`: extra JSON fields."""
   report, records = build_report(state, steps, data, config, split)

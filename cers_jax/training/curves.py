@@ -117,7 +117,8 @@ def epoch_axis(records: Sequence[dict]) -> tuple[list[dict], list[int], int]:
     offsets[stage] = offset
     offset += 1 + max((epoch for name, epoch in last if name == stage), default=-1)
   before_last = offsets[order[-1]] if len(order) > 1 else 0
-  placed = sorted((epoch + 1 + offsets[stage], record) for (stage, epoch), record in last.items())
+  placed = sorted((epoch + 1 + offsets[stage], record)
+                  for (stage, epoch), record in last.items())
   return [r for _, r in placed], [x for x, _ in placed], before_last
 
 
