@@ -39,6 +39,7 @@ StepFn = Callable[[Any, Mapping[str, Batch]], tuple[Any, Mapping[str, jax.Array]
 # Registered methods: name -> 'module:attribute', imported on first use (so this floor
 # imports no method, and a method may import anything below the training loop).
 METHODS = {'cers': 'cers_jax.methods.cers:METHOD'}
+DEFAULT = 'cers'  # The method of a config without the field (those before it existed).
 
 
 class EvalSteps(Protocol):
@@ -132,5 +133,10 @@ def resolve(name: str) -> Method:
 
 
 def of_config(config) -> Method:
-  """The method of `config` (its `method` field; configs older than the field: CERS)."""
-  return resolve(config.get('method', 'cers'))
+  """The method of `config` (its `method` field; configs older than the field: DEFAULT)."""
+  return resolve(config.get('method', DEFAULT))
+
+
+def default() -> Method:
+  """The method of configs that do not name one."""
+  return resolve(DEFAULT)

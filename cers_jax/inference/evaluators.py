@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 import jax
 import ml_collections
 
+from cers_jax.core import method as method_lib
 from cers_jax.data.dataset import Data
 from cers_jax.errors import ConfigError
 from cers_jax.inference import evaluate as evaluate_lib
@@ -142,8 +143,9 @@ class Predictions:
 
 def _retrieval(context: Context) -> Retrieval:
   if not context.heads.retrieves:
-    raise ConfigError(f'--config.method={context.config.get("method", "cers")!r} does not '
-                      'retrieve: it has no retrieval report (--mode retrieval).')
+    name = context.config.get('method', method_lib.DEFAULT)
+    raise ConfigError(f'--config.method={name!r} does not retrieve: it has no retrieval '
+                      'report (--mode retrieval).')
   return Retrieval(context)
 
 

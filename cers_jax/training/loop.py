@@ -128,11 +128,11 @@ def _check_before_work(config, workdir: str, mode: str) -> None:
 def _writes(workdir: str, mode: str, method: method_lib.Method | None = None) -> bool:
   """Whether `mode` writes the workdir's checkpoints, data or predictions (and so needs its
   lock): `retrieval` does while the pool is not built, since it trains until it is.
-  `method`: the run's (default: CERS)."""
+  `method`: the run's (default: `method_lib.DEFAULT`)."""
   if mode in lock_lib.WRITING_MODES:
     return True
   if mode == 'retrieval':
-    method = method or method_lib.resolve('cers')
+    method = method or method_lib.default()
     saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
     names = tuple(method.stage_names)
     before_pool = (INIT, *names[:names.index(method.retrieval_stage)])

@@ -122,8 +122,8 @@ def compare(saved_config: dict, meta: dict, config: dict, workdir: str
 def refused_changes(changes: dict[str, tuple[Any, Any]], mode: str, meta: dict,
                     method: method_lib.Method | None = None) -> dict[str, tuple[Any, Any]]:
   """The differences `mode` cannot go on with from a checkpoint at `meta`'s position, for
-  the run's method (default: CERS)."""
-  method = method or method_lib.resolve('cers')
+  the run's method (default: `method_lib.DEFAULT`)."""
+  method = method or method_lib.default()
   trains = _trains(mode, meta, method)
   refused = {}
   for field, values in changes.items():
