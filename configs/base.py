@@ -184,22 +184,26 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 16  # B: labeled batch (and unlabeled batch) size per step.
   train.warmup_epochs = 20  # Supervised warm-up epochs on labeled data only.
   train.epochs = 200  # Semi-supervised epochs (the ramp-up horizon too).
-  train.learning_rate = 0.01  # Peak SGD learning rate (cosine schedule).
+  train.optimizer = 'sgd'  # 'sgd' (authors': momentum, coupled decay) | 'adamw'.
+  train.learning_rate = 0.01  # Peak learning rate (cosine schedule).
   train.momentum = 0.9  # SGD momentum.
-  train.weight_decay = 1e-4  # L2 added to the gradient, as torch SGD does.
+  train.weight_decay = 1e-4  # SGD: L2 added to the gradient, as torch; AdamW: decoupled.
   train.clip_weight = 0.5  # Weight of the image-CoT CLIP loss in warm-up.
   train.consistency = 0.003  # Peak consistency weight lambda.
   train.consistency_rampup = 200  # Epochs of the exp(-5(1-e/T)^2) ramp-up.
   train.sharpen_temperature = 0.1  # sharpen(p) = p^(1/T) / (p^(1/T) + (1-p)^(1/T)).
   train.patience = 50  # Early stopping: epochs without a better val Dice.
+  train.validate_warmup = False  # Also score val after warm-up epochs (best, early stop).
   train.log_every = 10  # Steps between progress-bar metric refreshes.
   train.eval_batch_size = 16  # Batch size for validation, test and prediction.
   train.steps_per_epoch = 0  # 0 = one pass over the unlabeled (or labeled) train set.
   train.stop_after_epochs = 0  # Stop this invocation after N epochs (0 = never); resume later.
   _resume('train', training=('batch_size',),  # The iterator positions count these batches.
+          fixed=('optimizer',),  # The optimizer state's structure.
           free=('warmup_epochs', 'epochs', 'learning_rate', 'momentum', 'weight_decay',
                 'clip_weight', 'consistency', 'consistency_rampup', 'sharpen_temperature',
-                'patience', 'log_every', 'eval_batch_size', 'steps_per_epoch',
+                'patience', 'validate_warmup', 'log_every', 'eval_batch_size',
+                'steps_per_epoch',
                 'stop_after_epochs'))
 
   # --- checkpoints ------------------------------------------------------------------

@@ -4,7 +4,7 @@ evaluates and predicts with no change outside this file.
 
 `PlainMethod` is a two-layer convolutional segmenter with one decoder named 'seg' (not
 CERS's 'r'/'s') and two stages, 'fit' (labeled batches) and 'polish' (labeled and unlabeled
-batches, validated), with its own train state. It is chosen the way a research project
+batches), both validated, with its own train state. It is chosen the way a research project
 would choose its method: `--config.method=tests.test_method_protocol:METHOD`.
 """
 
@@ -111,7 +111,7 @@ class PlainMethod:
     fit = Stage(name='fit', epochs=config.train.warmup_epochs,
                 steps_per_epoch=steps_per_epoch, streams=('labeled',),
                 epoch_step=lambda epoch: (lambda s, b: steps.train(s, b['labeled']), {}),
-                images_per_step=config.train.batch_size)
+                images_per_step=config.train.batch_size, validates=True)
     polish = Stage(
         name='polish', epochs=config.train.epochs, steps_per_epoch=steps_per_epoch,
         streams=('labeled', 'unlabeled'),
@@ -172,7 +172,8 @@ def test_a_method_from_tests_trains_resumes_evaluates_and_predicts(tmp_path):
   records = _records(whole)
   assert [(r['stage'], r['epoch']) for r in records] == [
       ('fit', 0), ('fit', 1), ('polish', 0), ('polish', 1), ('polish', 2)]
-  assert records[-1]['polish_epoch'] == 2 and 'val_dice_seg_mean' in records[-1]
+  assert records[-1]['polish_epoch'] == 2
+  assert all('val_dice_seg_mean' in r for r in records)  # Both stages validate.
   assert records[0]['loss'] > records[-1]['loss']  # It learns.
 
   # Stopped after each epoch and resumed: the same records, and the same test scores.

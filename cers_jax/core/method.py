@@ -67,6 +67,7 @@ class Stage:
   epoch_step: Callable[[int], tuple[StepFn, Mapping[str, Any]]]
   images_per_step: int  # For images/s.
   validates: bool = False  # Val Dice after every epoch: best checkpoint, early stopping.
+  validation_steps: EvalSteps | None = None  # Steps validation uses here (None: Built's).
   start: Callable[[Any], Any] | None = None  # state -> state before a fresh run's first epoch.
   # (state, progress of the next stage) -> state once the last epoch ran, before the save.
   finish: Callable[[Any, Any], Any] | None = None

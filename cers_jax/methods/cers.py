@@ -104,7 +104,8 @@ def report_retrieval(state: TrainState, steps: ts.Steps, data: Data, config, wor
       epoch=progress.epoch, step=int(jax.device_get(state.step)))
 
 
-def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int) -> Stage:
+def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
+            plain_steps: ts.Steps) -> Stage:
   def epoch_step(epoch):
     return (lambda state, batches: steps.warmup(state, batches['labeled'])), {}
 
@@ -117,9 +118,13 @@ def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int) -
       report_retrieval(state, steps, data, config, workdir, progress, 'after_warmup')
     return state
 
+  # train.validate_warmup: val Dice after warm-up epochs too (a switch; not the authors'),
+  # scored as warm-up trains: the pool is not built yet, so D_r gets no reference stream.
   return Stage(name=WARMUP, epochs=config.train.warmup_epochs, steps_per_epoch=num_steps,
                streams=('labeled',), epoch_step=epoch_step,
-               images_per_step=config.train.batch_size, start=start, finish=build_pool)
+               images_per_step=config.train.batch_size, start=start, finish=build_pool,
+               validates=bool(config.train.get('validate_warmup', False)),
+               validation_steps=plain_steps)
 
 
 def _semi(config, data: Data, steps: ts.Steps, num_steps: int) -> Stage:
@@ -153,6 +158,7 @@ class CERSMethod:
   retrieval_stage: str | None = SEMI
 
   def check(self, config) -> None:
+    optim.check(config)
     if config.model.cot.trainable:
       raise ConfigError(
           '--config.model.cot.trainable=True: training computes the CoT BERT features '
@@ -172,9 +178,14 @@ class CERSMethod:
         model, tx, text_trainable=config.model.text.trainable, pool=pool, tables=tables,
         rng=jax.random.key(config.seed))
     state = sharding.place_state(state, mesh, shard_pool_rows=config.pool.shard_rows)
-    steps = ts.make_steps(graphdef, tx, ts.StepConfig.from_config(config), mesh=mesh,
+    step_config = ts.StepConfig.from_config(config)
+    steps = ts.make_steps(graphdef, tx, step_config, mesh=mesh,
                           threshold=config.eval.threshold)
-    stages = (_warmup(config, data, workdir, steps, warmup_spe),
+    # Warm-up's steps without retrieval (its validation, train.validate_warmup); jitted
+    # lazily, so nothing is compiled unless they run.
+    plain_steps = ts.make_steps(graphdef, tx, dataclasses.replace(step_config, mode='none'),
+                                mesh=mesh, threshold=config.eval.threshold)
+    stages = (_warmup(config, data, workdir, steps, warmup_spe, plain_steps),
               _semi(config, data, steps, semi_spe))
     return Built(graphdef=graphdef, state=state, steps=steps,
                  schedule=optim.make_schedule(config, total), stages=stages)

@@ -68,9 +68,12 @@ def train_loaders(exp, progress: Progress) -> dict:
   return loaders
 
 
-def validate(state, exp) -> dict:
-  """Mean val Dice/IoU of every decoder of the method (`evaluators.Validation`)."""
+def validate(state, exp, steps=None) -> dict:
+  """Mean val Dice/IoU of every decoder of the method (`evaluators.Validation`), with
+  `steps` (a stage's `validation_steps`) instead of the method's when given."""
   context = evaluators.Context.of(exp)
+  if steps is not None:
+    context = dataclasses.replace(context, steps=steps)
   return dict(evaluators.build('validation', context).run(state, 'val').metrics)
 
 
@@ -172,7 +175,7 @@ def _validated(run: _Run, stage: Stage, state, progress: Progress, record: dict,
   """Scores val into `record`, saves a better model as best; (progress, stage over)."""
   exp, config = run.exp, run.exp.config
   primary = exp.method.primary
-  record.update(validate(state, exp))
+  record.update(validate(state, exp, stage.validation_steps))
   progress, improved, stopping = progress.after_validation(
       record[f'val_dice_{primary}_mean'], patience=config.train.patience, epochs=stage.epochs)
   record[f'best_val_dice_{primary}'] = progress.best_dice
