@@ -173,10 +173,11 @@ def get_config() -> ml_collections.ConfigDict:
   pool.shard_rows = False  # Shard pool rows over the data mesh axis (multi-device).
   pool.cot_space = 'projection'  # CoT/text compared as: 'projection' (CLIP, authors) | 'features'.
   pool.centre_cot = False  # CoT/text cosines around the pool's mean row (False: authors').
+  pool.cot_source = 'mask'  # Pool rows' CoT: 'mask' (authors': written seeing it) | 'no_mask'.
   _resume('pool',
           retrieval=('mode', 'k_coarse', 'k', 'exclude_self', 'momentum', 'update_rule',
                      'centre_cot'),
-          fixed=('cot_space',),  # The pool's rows are of this space.
+          fixed=('cot_space', 'cot_source'),  # The pool's rows are of this space, this CoT.
           free=('shard_rows',))
 
   # --- training ---------------------------------------------------------------------

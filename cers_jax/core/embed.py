@@ -24,6 +24,10 @@ from cers_jax.data.dataset import Data
 from cers_jax.retrieval import pool as kp
 
 
+# pool.cot_source -> the CoT column labeled (pool) rows query with and enter the pool with.
+COT_SOURCES = {'mask': 'cot_mask', 'no_mask': 'cot_no_mask'}
+
+
 def embed_dim(config) -> int:
   """Width of the CoT and text retrieval embeddings (config pool.cot_space)."""
   return (config.model.cot.hidden_size if config.pool.cot_space == 'features'
@@ -77,8 +81,10 @@ def embed_texts(state: TrainState, steps: Steps, tokenizer, texts: Sequence[str 
 def with_text_features(state: TrainState, steps: Steps, data: Data, config) -> TrainState:
   """The state with pooled CoT BERT features of every row (once per run, before warm-up).
 
-  A labeled training image aligns with, and queries with, its mask-aware CoT; every other
-  image queries with the CoT written without the mask (docs/design.md section 3).
+  A labeled training image aligns with its mask-aware CoT and, with config pool.cot_source
+  'mask' (the authors'), queries and enters the pool with it too; with 'no_mask' it
+  queries and enters the pool with the CoT written without the mask, the kind every other
+  image queries with (docs/design.md section 3).
   """
   labeled = np.zeros(data.num_samples, bool)
   labeled[data.rows['train_labeled']] = True
@@ -88,7 +94,8 @@ def with_text_features(state: TrainState, steps: Steps, data: Data, config) -> T
                      leave=False):
     features[prefix] = cot_features(state, steps, data.tokens[f'{prefix}_ids'],
                                     data.tokens[f'{prefix}_mask'], batch_size)
-  query = np.where(labeled[:, None], features['cot_mask'], features['cot_no_mask'])
+  pool_cot = features[COT_SOURCES[config.pool.get('cot_source', 'mask')]]
+  query = np.where(labeled[:, None], pool_cot, features['cot_no_mask'])
   tables = state.tables.replace(
       **{name: sharding.replicate(value, steps.mesh) for name, value in (
           ('cot_cls', features['cot_mask']), ('query_cls', query),

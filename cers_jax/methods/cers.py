@@ -33,7 +33,8 @@ from cers_jax.core.progress import SEMI, WARMUP
 from cers_jax.core.state import TrainState, create_train_state, empty_tables
 from cers_jax.data.dataset import Data
 from cers_jax.errors import ConfigError
-from cers_jax.inference import retrieval_report
+from cers_jax.inference import evaluators
+from cers_jax.inference import predict
 from cers_jax.models import cers as cers_model
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
@@ -94,16 +95,6 @@ def _model(config) -> cers_model.CERS:
   return model
 
 
-def report_retrieval(state: TrainState, steps: ts.Steps, data: Data, config, workdir: str,
-                     progress, name: str) -> dict:
-  """The retrieval report of `state` into <workdir>/retrieval[/name]."""
-  split = config.eval.split or 'val'
-  out_dir = os.path.normpath(os.path.join(workdir, 'retrieval', name))
-  return retrieval_report.write_report(
-      state, steps, data, config, split, out_dir, stage=progress.stage,
-      epoch=progress.epoch, step=int(jax.device_get(state.step)))
-
-
 def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
             plain_steps: ts.Steps) -> Stage:
   def epoch_step(epoch):
@@ -115,7 +106,11 @@ def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
   def build_pool(state, progress):
     state = embed.with_pool(state, steps, data, config)
     if config.eval.retrieval_report:
-      report_retrieval(state, steps, data, config, workdir, progress, 'after_warmup')
+      context = evaluators.Context(config=config, workdir=workdir, data=data, steps=steps,
+                                   heads=predict.Heads())  # CERS's decoders, retrieving.
+      evaluators.Retrieval(context).run(state, config.eval.split or 'val',
+                                        folder='after_warmup', stage=progress.stage,
+                                        epoch=progress.epoch)
     return state
 
   # train.validate_warmup: val Dice after warm-up epochs too (a switch; not the authors'),
@@ -159,6 +154,10 @@ class CERSMethod:
 
   def check(self, config) -> None:
     optim.check(config)
+    source = config.pool.get('cot_source', 'mask')
+    if source not in embed.COT_SOURCES:
+      raise ConfigError(f'--config.pool.cot_source={source!r}: choose one of '
+                        f'{tuple(embed.COT_SOURCES)}.')
     if config.model.cot.trainable:
       raise ConfigError(
           '--config.model.cot.trainable=True: training computes the CoT BERT features '

@@ -228,10 +228,12 @@ def _leave(run: _Run, stages: tuple[Stage, ...], index: int, state, progress: Pr
   exp = run.exp
   if index + 1 == len(stages):
     progress = progress.replace(stage=DONE)
-    save(exp, state, progress, None, which=checkpointing.BEST)
+    if progress.best_epoch < 0:  # Nothing validated (CERS with train.epochs=0).
+      save(exp, state, progress, None, which=checkpointing.BEST)
     return state, save(exp, state, progress, run.loaders)
   following = stages[index + 1]
-  progress = progress.replace(stage=following.name, epoch=0)
+  # Patience counts epochs within a stage: one that stopped early does not stop the next.
+  progress = progress.replace(stage=following.name, epoch=0, bad_epochs=0)
   if stages[index].finish is not None:
     state = stages[index].finish(state, progress)
   if following.start is not None:
