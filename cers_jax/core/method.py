@@ -133,6 +133,15 @@ def resolve(name: str) -> Method:
   return method
 
 
+def stages_before_retrieval(method: Method) -> tuple[str, ...]:
+  """The stages that run before `method`'s knowledge pool exists (CERS: ('warmup',));
+  () for a method that does not retrieve."""
+  names = tuple(method.stage_names)
+  if method.retrieval_stage not in names:
+    return ()
+  return names[:names.index(method.retrieval_stage)]
+
+
 def of_config(config) -> Method:
   """The method of `config` (its `method` field; configs older than the field: DEFAULT)."""
   return resolve(config.get('method', DEFAULT))

@@ -49,11 +49,11 @@ def default_workdir(workdir: str | None, config_file: str) -> str:
 
 def pool_stage(method) -> str:
   """The stage after which a method's knowledge pool exists (CERS: warm-up)."""
-  names = tuple(method.stage_names)
-  if method.retrieval_stage not in names[1:]:
+  before = method_lib.stages_before_retrieval(method)
+  if not before:
     raise ConfigError(f'--config.method={method.name!r} has no knowledge pool to report on '
                       '(--mode retrieval needs a method that retrieves).')
-  return names[names.index(method.retrieval_stage) - 1]
+  return before[-1]
 
 
 def retrieval_checkpoint(exp, state, stop=None) -> tuple[Any, Progress]:
@@ -103,8 +103,9 @@ def restore_for_eval(exp, state, which: str) -> tuple[Any, dict]:
   return imported
 
 
-def _check_before_work(config, workdir: str, mode: str) -> None:
-  """What can be refused before any data is prepared or any file written."""
+def _check_before_work(config, workdir: str, mode: str) -> method_lib.Method:
+  """What can be refused before any data is prepared or any file written; returns the
+  config's method."""
   if mode not in MODES:
     raise ConfigError(f'Unknown mode {mode!r}; choose one of {MODES}.')
   method = method_lib.of_config(config)
@@ -123,6 +124,7 @@ def _check_before_work(config, workdir: str, mode: str) -> None:
   if (mode in ('eval', 'predict') and not weights
       and not checkpointing.has_checkpoint(workdir, which)):
     raise WorkdirError(_no_weights_message(workdir, which))
+  return method
 
 
 def _writes(workdir: str, mode: str, method: method_lib.Method | None = None) -> bool:
@@ -134,8 +136,7 @@ def _writes(workdir: str, mode: str, method: method_lib.Method | None = None) ->
   if mode == 'retrieval':
     method = method or method_lib.default()
     saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
-    names = tuple(method.stage_names)
-    before_pool = (INIT, *names[:names.index(method.retrieval_stage)])
+    before_pool = (INIT, *method_lib.stages_before_retrieval(method))
     return saved is None or saved[1].get('stage') in before_pool
   return False
 
@@ -154,9 +155,9 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   """
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
-  _check_before_work(config, workdir, mode)
+  method = _check_before_work(config, workdir, mode)
   workdir_lib.ensure_writable(workdir, '--workdir')
-  writes = _writes(workdir, mode, method_lib.of_config(config))
+  writes = _writes(workdir, mode, method)
   holds_lock = writes and sharding.is_main_process()  # Process 0 locks for all.
   with (lock_lib.WorkdirLock(workdir, mode) if holds_lock else contextlib.nullcontext()):
     summary = _locked_job(config, workdir, mode, read_only=not writes)

@@ -94,8 +94,8 @@ def _trains(mode: str, meta: dict, method: method_lib.Method) -> bool:
     return stage != DONE
   if mode == 'warmup':
     return stage == names[0]
-  if mode == 'retrieval' and method.retrieval_stage in names:
-    return stage in names[:names.index(method.retrieval_stage)]
+  if mode == 'retrieval':
+    return stage in method_lib.stages_before_retrieval(method)
   return False
 
 
