@@ -9,6 +9,11 @@ resampled as pairs) and the two-sided Wilcoxon signed-rank p-value (`cers_jax.st
 
   python -m cers_jax.compare runs/cers runs/none [--split test] [--decoders r,s]
                              [--json OUT] [--resamples 2000] [--seed 0]
+
+Runs of different methods name their decoders differently (CERS: r, s; the baselines: seg):
+`--decoders-b` names B's decoder paired with each of A's, e.g. CERS's D_r against the
+supervised U-Net: `python -m cers_jax.compare runs/cers runs/unet --decoders r
+--decoders-b seg`.
 """
 
 from __future__ import annotations
@@ -109,16 +114,30 @@ def _unit(table: Table) -> str:
   return units.pop() if len(units) == 1 else '/'.join(sorted(units))
 
 
+def decoders_of(table: Table) -> tuple[str, ...]:
+  """The decoders a per-image table scores (its dice_<d> columns), in column order."""
+  row = next(iter(table.values()), {})
+  return tuple(key[len('dice_'):] for key in row if key.startswith('dice_'))
+
+
+def _check_decoders(name: str, table: Table, decoders: Sequence[str]) -> None:
+  missing = [d for d in decoders if d not in decoders_of(table)]
+  if missing:
+    raise WorkdirError(f'{name} has no decoder {", ".join(missing)}: its per-image scores '
+                       f'name {", ".join(decoders_of(table)) or "none"}.')
+
+
 def compare_tables(per_image_a, per_image_b, *, decoders: Sequence[str] = ('r',),
-                   resamples: int = 2000, seed: int = 0,
-                   names: tuple[str, str] = ('A', 'B')) -> list[dict]:
+                   decoders_b: Sequence[str] | None = None, resamples: int = 2000,
+                   seed: int = 0, names: tuple[str, str] = ('A', 'B')) -> list[dict]:
   """Per metric of each decoder: means of A and B, the paired difference A - B with its
   bootstrap 95% CI, and the Wilcoxon signed-rank p-value.
 
   Args:
     per_image_a, per_image_b: {id: row} tables (or lists of rows with an 'id') of the same
       images, with columns such as dice_r, hd95_r; metrics absent from either are skipped.
-    decoders: 'r' (D_r, CERS) and/or 's' (D_s).
+    decoders: A's decoders: 'r' (D_r, CERS) and/or 's' (D_s); 'seg' for a baseline.
+    decoders_b: B's decoder paired with each of A's (None: the same names).
     resamples, seed: of the paired bootstrap.
     names: how a mismatch error names the two sides.
 
@@ -127,22 +146,31 @@ def compare_tables(per_image_a, per_image_b, *, decoders: Sequence[str] = ('r',)
     values finite), mean_a, mean_b, diff, ci95 ([lo, hi]), p (Wilcoxon), unit.
   """
   a, b = _by_id(per_image_a), _by_id(per_image_b)
+  decoders_b = tuple(decoders if decoders_b is None else decoders_b)
+  if len(decoders_b) != len(decoders):
+    raise WorkdirError(f'{len(decoders)} decoders of A ({", ".join(decoders)}) against '
+                       f'{len(decoders_b)} of B ({", ".join(decoders_b)}): pair them one '
+                       'to one.')
+  _check_decoders(names[0], a, decoders)
+  _check_decoders(names[1], b, decoders_b)
   check_same_images(names[0], a, names[1], b)
   if _unit(a) != _unit(b):
     raise WorkdirError(f'{names[0]} measured surfaces in {_unit(a) or "?"}, {names[1]} in '
                        f'{_unit(b) or "?"}: evaluate both with the same pixel spacing.')
   ids = sorted(a)
   out = []
-  for d in decoders:
+  for d, d_b in zip(decoders, decoders_b):
     for stem, name, better in METRICS:
-      key = f'{stem}_{d}'
-      if not all(key in a[i] and key in b[i] for i in ids):
+      key, key_b = f'{stem}_{d}', f'{stem}_{d_b}'
+      if not all(key in a[i] and key_b in b[i] for i in ids):
         continue
       va = np.array([a[i][key] for i in ids], np.float64)
-      vb = np.array([b[i][key] for i in ids], np.float64)
+      vb = np.array([b[i][key_b] for i in ids], np.float64)
+      label = f'{name} D_{d}' if d == d_b else f'{name} {d} vs {d_b}'
       pa, pb = stats.paired(va, vb)
       diff = stats.paired_bootstrap_diff(va, vb, resamples=resamples, seed=seed)
-      out.append(dict(metric=key, name=f'{name} D_{d}', better=better, n=diff['count'],
+      out.append(dict(metric=key if d == d_b else f'{key}-{key_b}', name=label,
+                      better=better, n=diff['count'],
                       mean_a=float(pa.mean()) if len(pa) else math.nan,
                       mean_b=float(pb.mean()) if len(pb) else math.nan,
                       diff=diff['diff'], ci95=diff['ci95'], p=stats.wilcoxon_p(va, vb),
@@ -170,7 +198,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('run_a', help='workdir, or comma-separated workdirs (seeds) pooled')
   parser.add_argument('run_b', help='the same for the other side')
   parser.add_argument('--split', default='test', help='eval/<split>_per_image.csv to read')
-  parser.add_argument('--decoders', default='r', help="'r' (D_r), 's' (D_s) or 'r,s'")
+  parser.add_argument('--decoders', default='r',
+                      help="A's decoders: 'r' (D_r), 's' (D_s), 'r,s'; 'seg' (a baseline)")
+  parser.add_argument('--decoders-b', default='',
+                      help="B's decoder paired with each of A's ('': the same names)")
   parser.add_argument('--json', default='', help='also write the rows to this JSON file')
   parser.add_argument('--resamples', type=int, default=2000, help='paired bootstrap resamples')
   parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
@@ -180,11 +211,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   args = _parser().parse_args(argv)
   decoders = [d for d in args.decoders.split(',') if d]
-  if not decoders or set(decoders) - {'r', 's'}:
-    sys.exit(f"error: --decoders={args.decoders}: give 'r', 's' or 'r,s'.")
+  decoders_b = [d for d in args.decoders_b.split(',') if d] or None
+  if not decoders:
+    sys.exit(f"error: --decoders={args.decoders!r}: give 'r', 's', 'r,s' or 'seg'.")
   try:
     a, b = read_side(args.run_a, args.split), read_side(args.run_b, args.split)
-    rows = compare_tables(a, b, decoders=decoders, resamples=args.resamples, seed=args.seed,
+    rows = compare_tables(a, b, decoders=decoders, decoders_b=decoders_b,
+                          resamples=args.resamples, seed=args.seed,
                           names=(args.run_a, args.run_b))
   except WorkdirError as error:
     sys.exit(f'error: {error}')

@@ -207,6 +207,32 @@ def get_config() -> ml_collections.ConfigDict:
                 'steps_per_epoch',
                 'stop_after_epochs'))
 
+  # --- baselines of Table 1 (docs/design.md section 16), read when `method` names them ---
+  # Their own authors' settings; optimizer, schedule, batch and budget are train.*'s.
+  config.mean_teacher = mt = ml_collections.ConfigDict()  # SSL4MIS train_mean_teacher_2D.py
+  mt.ema_decay = 0.99  # Teacher EMA decay alpha (--ema_decay).
+  mt.consistency = 0.1  # Peak weight of the student-teacher MSE (--consistency).
+  mt.rampup = 1.0  # Share of the semi stage the sigmoid ramp-up spans (theirs: all).
+  mt.noise_std = 0.1  # Teacher input noise: clamp(N(0, std^2), -clip, clip).
+  mt.noise_clip = 0.2  # Bound of that noise.
+  _resume('mean_teacher', free=('ema_decay', 'consistency', 'rampup', 'noise_std',
+                                'noise_clip'))
+
+  config.bcp = bcp = ml_collections.ConfigDict()  # DeepMed-Lab-ECNU/BCP ACDC_BCP_train.py
+  bcp.u_weight = 0.5  # Weight of the pseudo-labelled region in mix_loss (--u_weight).
+  bcp.ema_decay = 0.99  # Teacher EMA decay, fixed (update_model_ema).
+  bcp.patch_ratio = 2 / 3  # Side of the copy-paste box over the image side (generate_mask).
+  _resume('bcp', free=('u_weight', 'ema_decay', 'patch_ratio'))
+
+  config.ucmt = ucmt = ml_collections.ConfigDict()  # Senyh/UCMT train.py (2-D, ISIC)
+  ucmt.alpha = 0.1  # Weight of the unsupervised terms (cps + cmt) at full ramp.
+  ucmt.rampup = 0.2  # Share of the semi stage the sigmoid ramp spans (theirs: 5 of 25 epochs).
+  ucmt.ema_decay = 0.99  # Teacher EMA decay (d = min(1 - 1/(t + 1), this)).
+  ucmt.coefficient = 0.99  # Student 1's share of the teacher's update (student 2: the rest).
+  ucmt.grid = 16  # UMIX: the image is cut into grid x grid patches.
+  ucmt.topk = 2  # UMIX: patches swapped per image and direction.
+  _resume('ucmt', free=('alpha', 'rampup', 'ema_decay', 'coefficient', 'grid', 'topk'))
+
   # --- checkpoints ------------------------------------------------------------------
   config.checkpoint = ckpt = ml_collections.ConfigDict()
   ckpt.keep = 2  # Latest checkpoints kept (the best by val Dice is kept besides).

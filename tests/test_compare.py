@@ -107,5 +107,27 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
   assert saved['rows'] == json.loads(json.dumps(rows)) and saved['images'] == 12
   with pytest.raises(SystemExit, match='error: .*no eval/test_per_image.csv'):
     compare.main([a, b])
-  with pytest.raises(SystemExit, match='error: --decoders=x'):
-    compare.main([a, b, '--decoders', 'x'])
+  with pytest.raises(SystemExit, match='error: .*/a has no decoder x: its per-image scores '
+                     'name r, s'):
+    compare.main([a, b, '--split', 'val', '--decoders', 'x'])
+  with pytest.raises(SystemExit, match="error: --decoders=''"):
+    compare.main([a, b, '--decoders', ''])
+
+
+def test_runs_of_two_methods_pair_their_own_decoders(tmp_path, capsys):
+  cers = _write(tmp_path / 'cers', _rows(0, shift=0.05))
+  baseline_rows = [{k.replace('_r', '_seg'): v for k, v in row.items()
+                    if not k.endswith('_s')} for row in _rows(0)]
+  baseline = _write(tmp_path / 'unet', baseline_rows)
+  rows = compare.main([cers, baseline, '--decoders', 'r', '--decoders-b', 'seg',
+                       '--resamples', '50'])
+  dice = next(r for r in rows if r['metric'] == 'dice_r-dice_seg')
+  want_a = np.mean([r['dice_r'] for r in _rows(0, shift=0.05)])
+  want_b = np.mean([r['dice_r'] for r in _rows(0)])
+  assert dice['mean_a'] == pytest.approx(want_a) and dice['mean_b'] == pytest.approx(want_b)
+  assert dice['diff'] == pytest.approx(want_a - want_b)
+  assert 'Dice r vs seg' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='unet has no decoder r: its per-image scores name seg'):
+    compare.main([cers, baseline, '--decoders', 'r'])
+  with pytest.raises(SystemExit, match='pair them one to one'):
+    compare.main([cers, baseline, '--decoders', 'r,s', '--decoders-b', 'seg'])

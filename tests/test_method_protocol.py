@@ -153,7 +153,7 @@ def test_resolve_finds_registered_and_importable_methods():
 
 
 @pytest.mark.parametrize('name, message', [
-    ('nope', "choose one of \\('cers',\\)"),
+    ('nope', "choose one of \\('cers', 'supervised', 'mean_teacher', 'ucmt', 'bcp'\\)"),
     ('tests.no_such_module:METHOD', 'cannot load'),
     ('tests.test_method_protocol:PlainNet', 'is not a training method'),
 ])

@@ -38,7 +38,8 @@ StepFn = Callable[[Any, Mapping[str, Batch]], tuple[Any, Mapping[str, jax.Array]
 
 # Registered methods: name -> 'module:attribute', imported on first use (so this floor
 # imports no method, and a method may import anything below the training loop).
-METHODS = {'cers': 'cers_jax.methods.cers:METHOD'}
+METHODS = {name: f'cers_jax.methods.{name}:METHOD'
+           for name in ('cers', 'supervised', 'mean_teacher', 'ucmt', 'bcp')}
 DEFAULT = 'cers'  # The method of a config without the field (those before it existed).
 
 

@@ -35,6 +35,7 @@ from cers_jax.data.dataset import Data
 from cers_jax.errors import ConfigError
 from cers_jax.inference import evaluators
 from cers_jax.inference import predict
+from cers_jax.methods.budget import steps_per_epoch
 from cers_jax.models import cers as cers_model
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
@@ -61,19 +62,6 @@ def build_model(model_config, *, seed: int) -> cers_model.CERS:
   if model_config.checkpoint:
     cers_torch.load_authors_checkpoint(model, model_config.checkpoint)
   return model
-
-
-def steps_per_epoch(config, data: Data) -> tuple[int, int]:
-  """(warm-up steps, semi-supervised steps) per epoch; both need at least one batch."""
-  batch = config.train.batch_size
-  labeled = len(data.rows['train_labeled'])
-  if labeled < batch:
-    raise ConfigError(
-        f'Only {labeled} labeled training images for a batch of {batch}: lower '
-        '--config.train.batch_size or raise --config.data.labeled_fraction.')
-  unlabeled = len(data.rows['train_unlabeled'])
-  semi = config.train.steps_per_epoch or max(labeled, unlabeled) // batch
-  return labeled // batch, max(semi, 1)
 
 
 def _model(config) -> cers_model.CERS:

@@ -1,0 +1,195 @@
+"""The paper's Table 1 on one protocol: methods x labeled fractions x seeds, resumable.
+
+  python scripts/table1.py --config configs/brisc_small.py --out runs/table1 \
+      [--methods cers,supervised,mean_teacher,ucmt,bcp] [--fractions 0.25,0.5,1.0] \
+      [--seeds 0,1,2] [--dry-run] [--table-only] [--config.x=y ...]
+
+Every run is `python run.py --config CONFIG --workdir OUT/frac<f>/seed<s>/<method>
+--config.method=<method> --config.seed=<s> --config.data.labeled_fraction=<f> --mode=all`
+plus the extra `--config.*` flags given here (the dataset's paths, for one). One run at a
+time; the runs of one seed and fraction share one data cache and split manifest
+(OUT/data/seed<s>_frac<f>), so every method trains on the same labeled images and is
+scored on the same test images. A run whose eval/test_summary.json exists is skipped, a
+run stopped half-way resumes from its checkpoint (run.py resumes by itself), so a later
+invocation with more seeds adds them. Each run's command and wall-clock go to OUT/runs.json.
+
+Then it prints Table 1's layout (test Dice and IoU of each method's primary decoder, in %,
+mean ± std over seeds; per-image means as the paper) and, per fraction, every method's
+paired per-image difference to CERS (images' scores averaged over seeds first) with its
+bootstrap 95% CI and Wilcoxon p; both go to OUT/table1.md and OUT/table1.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cers_jax import compare  # noqa: E402
+from cers_jax.core import method as method_lib  # noqa: E402
+
+METHODS = ('cers', 'supervised', 'mean_teacher', 'ucmt', 'bcp')
+REFERENCE = 'cers'
+# The paper's Table 1 rows that are not implemented here, and why (README "Table 1").
+NOT_IMPLEMENTED = ('DuCiSC', 'LeFeD', 'LViT')
+
+
+def _list(text: str, kind=str) -> list:
+  return [kind(x) for x in text.split(',') if x]
+
+
+def workdir(out: str, fraction: float, seed: int, method: str) -> str:
+  return os.path.join(out, f'frac{fraction:g}', f'seed{seed}', method)
+
+
+def command(config: str, out: str, fraction: float, seed: int, method: str,
+            extra: list[str]) -> list[str]:
+  """The run.py command of one cell of the grid."""
+  return [sys.executable, 'run.py', f'--config={config}',
+          f'--workdir={workdir(out, fraction, seed, method)}', f'--config.method={method}',
+          f'--config.seed={seed}', f'--config.data.labeled_fraction={fraction:g}',
+          f'--config.data.cache_dir={os.path.join(out, "data", f"seed{seed}_frac{fraction:g}")}',
+          '--mode=all', *extra]
+
+
+def _summary(run: str) -> dict | None:
+  path = os.path.join(run, 'eval', 'test_summary.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_grid(args, extra: list[str]) -> None:
+  log_path = os.path.join(args.out, 'runs.json')
+  log = {}
+  if os.path.isfile(log_path):
+    with open(log_path) as f:
+      log = json.load(f)
+  cells = [(f, s, m) for f in args.fractions for s in args.seeds for m in args.methods]
+  for index, (fraction, seed, method) in enumerate(cells, 1):
+    run = workdir(args.out, fraction, seed, method)
+    cmd = command(args.config, args.out, fraction, seed, method, extra)
+    if _summary(run) is not None:
+      print(f'[{index}/{len(cells)}] {run}: done, skipped', flush=True)
+      continue
+    print(f'[{index}/{len(cells)}] {shlex.join(cmd[1:])}', flush=True)
+    if args.dry_run:
+      continue
+    start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    log[run] = dict(command=shlex.join(cmd[1:]), seconds=round(time.time() - start, 1),
+                    finished=time.strftime('%Y-%m-%d %H:%M:%S'))
+    os.makedirs(args.out, exist_ok=True)
+    with open(log_path, 'w') as f:
+      json.dump(log, f, indent=2)
+
+
+def _mean_std(values: list[float]) -> str:
+  if not values:
+    return '-'
+  mean = sum(values) / len(values)
+  std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(
+      values) > 1 else 0.0
+  return f'{100 * mean:.2f} ± {100 * std:.2f}' if len(values) > 1 else f'{100 * mean:.2f}'
+
+
+def score_table(args) -> tuple[list[str], dict]:
+  """Markdown lines of the Dice/IoU table, and its numbers."""
+  header = '| method | ' + ' | '.join(f'Dice {f:g} | IoU {f:g}' for f in args.fractions) + ' |'
+  lines = [header, '|---|' + '---:|---:|' * len(args.fractions)]
+  numbers = {}
+  for method in args.methods:
+    primary = method_lib.resolve(method).primary
+    cells = []
+    for fraction in args.fractions:
+      scores = [s for s in (_summary(workdir(args.out, fraction, seed, method))
+                            for seed in args.seeds) if s is not None]
+      dice = [s[f'dice_{primary}_mean'] for s in scores]
+      iou = [s[f'iou_{primary}_mean'] for s in scores]
+      numbers[f'{method}/{fraction:g}'] = dict(decoder=primary, seeds=len(scores), dice=dice,
+                                               iou=iou)
+      cells += [_mean_std(dice), _mean_std(iou)]
+    lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
+  return lines, numbers
+
+
+def paired_table(args) -> tuple[list[str], list[dict]]:
+  """Markdown lines of every method's paired per-image difference to CERS."""
+  reference = method_lib.resolve(REFERENCE).primary
+  lines = ['| labeled | method - CERS | images | Dice diff | 95% CI | Wilcoxon p |',
+           '|---:|---|---:|---:|---:|---:|']
+  rows = []
+  for fraction in args.fractions:
+    ref_runs = [workdir(args.out, fraction, s, REFERENCE) for s in args.seeds]
+    ref_runs = [r for r in ref_runs if _summary(r) is not None]
+    for method in args.methods:
+      runs = [workdir(args.out, fraction, s, method) for s in args.seeds]
+      runs = [r for r in runs if _summary(r) is not None]
+      if method == REFERENCE or not runs or len(runs) != len(ref_runs):
+        continue
+      a, b = compare.read_side(','.join(runs)), compare.read_side(','.join(ref_runs))
+      out = compare.compare_tables(a, b, decoders=(method_lib.resolve(method).primary,),
+                                   decoders_b=(reference,), resamples=args.resamples,
+                                   names=(runs[0], ref_runs[0]))
+      dice = next(r for r in out if r['metric'].startswith('dice_'))
+      rows.append(dict(fraction=fraction, method=method, seeds=len(runs), **dice))
+      lines.append(f'| {fraction:g} | {method} | {dice["n"]} | {100 * dice["diff"]:+.2f} | '
+                   f'[{100 * dice["ci95"][0]:+.2f}, {100 * dice["ci95"][1]:+.2f}] | '
+                   f'{dice["p"]:.3g} |')
+  return lines, rows
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python scripts/table1.py', description=__doc__.split('\n\n')[0],
+      epilog='Flags this script does not know (--config.x=y) are passed to every run.py.')
+  parser.add_argument('--config', required=True, help='config file of every run')
+  parser.add_argument('--out', required=True, help='folder of the grid')
+  parser.add_argument('--methods', type=_list, default=list(METHODS))
+  parser.add_argument('--fractions', type=lambda t: _list(t, float), default=[0.25])
+  parser.add_argument('--seeds', type=lambda t: _list(t, int), default=[0])
+  parser.add_argument('--resamples', type=int, default=2000, help='bootstrap resamples')
+  parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+  parser.add_argument('--table-only', action='store_true', help='train nothing; print')
+  return parser
+
+
+def main(argv=None) -> dict:
+  args, extra = _parser().parse_known_args(argv)
+  unknown = [x for x in extra if not x.startswith('--config.')]
+  if unknown:
+    sys.exit(f'error: {" ".join(unknown)}: only --config.* flags are passed to run.py.')
+  for method in args.methods:
+    method_lib.resolve(method)  # A misspelt method fails before hours of training.
+  if not args.table_only:
+    run_grid(args, extra)
+  if args.dry_run:
+    return {}
+  scores, numbers = score_table(args)
+  paired, rows = paired_table(args)
+  text = '\n'.join([f'Test split; seeds {",".join(map(str, args.seeds))}; config '
+                    f'{args.config} {" ".join(extra)}'.rstrip(), '', *scores, '',
+                    'Paired per-image Dice difference to CERS (D_r), in points:', '',
+                    *paired, '',
+                    f'Not implemented: {", ".join(NOT_IMPLEMENTED)} (README "Table 1").'])
+  print(text)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'table1.md'), 'w') as f:
+    f.write(text + '\n')
+  result = dict(config=args.config, extra=extra, seeds=args.seeds, scores=numbers,
+                paired_to_cers=rows)
+  with open(os.path.join(args.out, 'table1.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == '__main__':
+  main()
