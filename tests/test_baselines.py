@@ -4,14 +4,13 @@ every epoch and resumed gives the same records and test scores as one that never
 Tiny shapes: 32x32 synthetic images, batch 4, one warm-up and two semi-supervised epochs."""
 
 import csv
-import json
 import os
 
 import pytest
 
 from cers_jax.core import method as method_lib
 from cers_jax.training import loop
-from tests.run_configs import tiny_run
+from tests.run_configs import method_runs
 
 BASELINES = ('supervised', 'mean_teacher', 'bcp', 'ucmt')
 # The record field that must fall between the two semi-supervised epochs: UCMT's whole loss
@@ -20,21 +19,10 @@ LEARNING = {'ucmt': 'sup'}
 
 
 def _config(name, **train):
-  config = tiny_run.get_config()
-  config.method = name
-  config.train.warmup_epochs = 1
-  config.train.epochs = 2
-  config.eval.surface = False
-  config.eval.bootstrap_resamples = 0
-  for key, value in train.items():
-    config.train[key] = value
-  return config
+  return method_runs.method_config(name, warmup_epochs=1, epochs=2, **train)
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in json.loads(line).items()
-             if k not in ('seconds', 'images_per_s')} for line in f]
+_records = method_runs.records
 
 
 def test_every_baseline_is_registered_with_its_decoder():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 
 import flax
@@ -32,7 +31,7 @@ from cers_jax.errors import ConfigError
 from cers_jax.training import curves
 from cers_jax.training import experiment
 from cers_jax.training import loop
-from tests.run_configs import tiny_run
+from tests.run_configs import method_runs
 
 NAME = 'tests.test_method_protocol:METHOD'
 STAGES = ('fit', 'polish')
@@ -129,21 +128,10 @@ METHOD = PlainMethod()
 
 
 def _config(**train):
-  config = tiny_run.get_config()
-  config.method = NAME
-  config.train.warmup_epochs = 2
-  config.train.epochs = 3
-  config.eval.surface = False
-  config.eval.bootstrap_resamples = 0
-  for key, value in train.items():
-    config.train[key] = value
-  return config
+  return method_runs.method_config(NAME, warmup_epochs=2, epochs=3, **train)
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in json.loads(line).items()
-             if k not in ('seconds', 'images_per_s')} for line in f]
+_records = method_runs.records
 
 
 def test_resolve_finds_registered_and_importable_methods():
