@@ -45,21 +45,20 @@ class Hyper:
 
   @classmethod
   def from_config(cls, config) -> 'Hyper':
-    return cls(**{field.name: float(config.bcp[field.name])
-                  for field in dataclasses.fields(cls)})
+    return st.settings(cls, config.bcp)
 
 
-def _halves(batch):
-  half = batch['image'].shape[0] // 2
-  return ((batch['image'][:half], batch['image'][half:]),
-          (batch.get('mask', batch['image'][..., :1])[:half],
-           batch.get('mask', batch['image'][..., :1])[half:]))
+def _halves(x):
+  """Their a and b sub-batches: the first and the second half of the batch."""
+  half = x.shape[0] // 2
+  return x[:half], x[half:]
 
 
 def pretrain_step(state, labeled, *, graphdef, tx, hyper: Hyper):
   """Their pre-train step: one labeled half pasted into the other, both regions weight 1."""
   student_key, box_key = st.step_keys(state, 2)
-  (img_a, img_b), (lab_a, lab_b) = _halves(labeled)
+  img_a, img_b = _halves(labeled['image'])
+  lab_a, lab_b = _halves(labeled['mask'])
   box = bcp_ops.copy_paste_mask(box_key, img_a.shape[1], hyper.patch_ratio)
 
   def loss_fn(params):
@@ -75,8 +74,9 @@ def pretrain_step(state, labeled, *, graphdef, tx, hyper: Hyper):
 def self_train_step(state, labeled, unlabeled, *, graphdef, tx, hyper: Hyper):
   """Their self-train step (module docstring): the bidirectional copy-paste."""
   student_key, box_key, teacher_key_a, teacher_key_b = st.step_keys(state, 4)
-  (img_a, img_b), (lab_a, lab_b) = _halves(labeled)
-  (uimg_a, uimg_b), _ = _halves(unlabeled)
+  img_a, img_b = _halves(labeled['image'])
+  lab_a, lab_b = _halves(labeled['mask'])
+  uimg_a, uimg_b = _halves(unlabeled['image'])
   box = bcp_ops.copy_paste_mask(box_key, img_a.shape[1], hyper.patch_ratio)
   # Two teacher passes, as theirs: BatchNorm statistics of each half on its own.
   plab_a = bcp_ops.pseudo_label(

@@ -51,8 +51,7 @@ class Hyper:
 
   @classmethod
   def from_config(cls, config) -> 'Hyper':
-    return cls(**{field.name: float(config.mean_teacher[field.name])
-                  for field in dataclasses.fields(cls)})
+    return st.settings(cls, config.mean_teacher)
 
 
 def two_class_dice_loss(prob: jax.Array, target: jax.Array) -> jax.Array:

@@ -55,6 +55,13 @@ class StudentState:
   rng: jax.Array  # Root key; per-step keys are fold_in(rng, step).
 
 
+def settings(cls, section):
+  """A frozen settings dataclass `cls` from a config section (e.g. `config.bcp`), each field
+  cast to its default's type, so the jitted steps never close over the mutable ConfigDict."""
+  return cls(**{field.name: type(field.default)(section[field.name])
+                for field in dataclasses.fields(cls)})
+
+
 def build_network(config, num_decoders: int) -> ConvNeXtUNet:
   """The student network, with the pretrained ConvNeXt the config points to."""
   from cers_jax.convert import convnext as convnext_convert

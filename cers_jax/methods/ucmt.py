@@ -101,9 +101,7 @@ class Hyper:
 
   @classmethod
   def from_config(cls, config) -> 'Hyper':
-    # Each field takes its default's type: the UMIX grid and topk are sizes (ints).
-    return cls(**{field.name: type(field.default)(config.ucmt[field.name])
-                  for field in dataclasses.fields(cls)})
+    return st.settings(cls, config.ucmt)
 
 
 @nnx.jit
