@@ -3,6 +3,8 @@
   python benchmarks/train_step.py                          # full model, B=16, 224x224
   python benchmarks/train_step.py --size=tiny --image=64 --batch=8 --steps=20
   python benchmarks/train_step.py --dtypes=float32,bfloat16 --pool=3700
+  python benchmarks/train_step.py --size=tiny --image=96 --modes=none,text,cot,image,image+text,image+cot \
+      --latency_json=benchmarks/results/latency_cpu.json  # Table 2's latency column
 
 The model is the full-size CERS (ConvNeXt-T, BERT-base report encoder, 64 text tokens) or
 the synthetic default's tiny one; inputs and the knowledge pool are random (retrieval cost
@@ -13,10 +15,16 @@ from XLA's cost analysis, the achieved TFLOP/s, XLA's memory footprint of each p
 (arguments + temporaries + outputs not aliased to donated inputs) and the compile time.
 Under the table: the device's peak memory over the whole run (GPU/TPU only), and the
 retrieval's share of the semi-supervised step, from timing the step's two retrievals alone.
+
+`--modes` adds Table 2's latency column: the semi-supervised step timed once per retrieval
+mode (`pool.mode`) in the same process, first dtype only, and each mode's time minus the
+time of `none` (the paper: +0.047 s to +0.103 s per step on an RTX 4090).
+`--latency_json` also writes those rows (scripts/ablate.py table2 --latency reads them).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -42,6 +50,9 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per function (median).')
 _POOL = flags.DEFINE_integer('pool', 3700, 'Knowledge-pool rows (labeled images).')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 _TEXT_LEN = flags.DEFINE_integer('text_len', 64, 'Report-text tokens.')
+_MODES = flags.DEFINE_list('modes', [], 'Retrieval modes (pool.mode) whose semi-supervised '
+                           'step to time against none: the latency column of Table 2.')
+_LATENCY_JSON = flags.DEFINE_string('latency_json', '', 'Write the per-mode rows here.')
 _SCAN_BLOCKS = flags.DEFINE_bool(
     'scan_blocks', False, 'config.model.scan_blocks: ConvNeXt stages and BERT layers as '
     'lax.scan (default: unrolled loops).')
@@ -129,6 +140,30 @@ def _time(fn, args, steps: int, *, carry_state: bool):
   return statistics.median(times), flops, _memory(compiled), compile_s
 
 
+def _mode_latency(batch: int, size: int) -> list[dict]:
+  """The semi-supervised step's median time per retrieval mode, first dtype, one pool."""
+  config = _config(_DTYPES.value[0])
+  config.pool.k_coarse = min(config.pool.k_coarse, _POOL.value)
+  graphdef, tx, state = _state(config, num_samples=_POOL.value + 4 * batch)
+  rng = np.random.default_rng(1)
+  labeled = {k: jnp.asarray(v) for k, v in _random_batch(rng, config, batch, size, 0).items()}
+  unlabeled = {k: jnp.asarray(v) for k, v in
+               _random_batch(rng, config, batch, size, _POOL.value).items()}
+  modes = list(dict.fromkeys(['none', *_MODES.value]))  # `none` first: the reference.
+  rows = []
+  for mode in modes:
+    config.pool.mode = mode
+    cfg = ts.StepConfig.from_config(config)
+    fn = lambda s, l, u, cfg=cfg: ts.semi_step(  # noqa: E731
+        s, l, u, jnp.float32(0.003), graphdef=graphdef, tx=tx, cfg=cfg)
+    seconds, *_ = _time(fn, (jax.tree.map(jnp.copy, state), labeled, unlabeled),
+                        _STEPS.value, carry_state=True)
+    rows.append(dict(mode=mode, seconds=seconds))
+  for row in rows:
+    row['added_seconds'] = row['seconds'] - rows[0]['seconds']
+  return rows
+
+
 def main(argv):
   del argv
   batch, size = _BATCH.value, _IMAGE.value
@@ -183,6 +218,19 @@ def main(argv):
     if name.startswith('retrieval'):
       print(f'Retrieval, {dtype}: {ms:.2f} ms = {100 * ms / semi[dtype]:.2f}% of the '
             'semi-supervised step (timed alone: an upper bound on its share).')
+  if _MODES.value:
+    latency = _mode_latency(batch, size)
+    print(f'\nTable 2 latency, {_DTYPES.value[0]}: the semi-supervised step per retrieval '
+          'mode, against none\n')
+    print('| pool.mode | ms/step | added s/step |')
+    print('|---|---:|---:|')
+    for row in latency:
+      print(f'| {row["mode"]} | {1e3 * row["seconds"]:.1f} | {row["added_seconds"]:+.4f} |')
+    if _LATENCY_JSON.value:
+      with open(_LATENCY_JSON.value, 'w') as f:
+        json.dump(dict(device=f'{device.platform} ({device.device_kind})', size=_SIZE.value,
+                       batch=batch, image=size, pool=_POOL.value, steps=_STEPS.value,
+                       dtype=_DTYPES.value[0], modes=latency), f, indent=2)
 
 
 if __name__ == '__main__':

@@ -143,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.fusion_dropout = 0.1  # Attention dropout in retrieval cross-attention.
   model.decoder_dims = (384, 192, 96, 48)  # Decoder block outputs, deepest first.
   model.coord_reduction = 16  # MCAM coordinate gate: mip = max(8, C / reduction).
+  model.mcam = ml_collections.ConfigDict()  # D_r's parts (paper Table 3's MCAM ablation).
+  model.mcam.coord_attention = True  # False: no coordinate gate, conv1x1 fusion (PlainFusion).
+  model.mcam.multi_scale = True  # False: the 7x7 / 5x5 depthwise convolutions become 1x1.
   model.embed_dim = 512  # Image/CoT alignment embedding width.
   model.logit_scale_init = 2.6592600  # log(1 / 0.07), CLIP's initial temperature.
   model.compute_dtype = 'float32'  # 'bfloat16' = mixed precision (params stay float32).
@@ -156,7 +159,8 @@ def get_config() -> ml_collections.ConfigDict:
                 'text.dropout', 'cot.dropout', 'fusion_dropout'),
           derived=('text.vocab_size', 'cot.vocab_size'),  # From the tokenizers (tokenizer.*).
           fixed=('encoder_depths', 'encoder_dims', 'attn_dim', 'attn_heads', 'decoder_dims',
-                 'coord_reduction', 'embed_dim', 'scan_blocks',
+                 'coord_reduction', 'mcam.coord_attention', 'mcam.multi_scale',
+                 'embed_dim', 'scan_blocks',
                  *(f'{bert}.{name}' for bert in ('text', 'cot')
                    for name in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size',
                                 'max_position', 'type_vocab_size', 'trainable')),

@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cers_jax import compare  # noqa: E402
+from cers_jax import grid  # noqa: E402
 from cers_jax.core import method as method_lib  # noqa: E402
 
 METHODS = ('cers', 'supervised', 'mean_teacher', 'ucmt', 'bcp')
@@ -51,54 +48,22 @@ def workdir(out: str, fraction: float, seed: int, method: str) -> str:
 
 def command(config: str, out: str, fraction: float, seed: int, method: str,
             extra: list[str]) -> list[str]:
-  """The run.py command of one cell of the grid."""
-  return [sys.executable, 'run.py', f'--config={config}',
+  """The run.py command (after the interpreter) of one cell of the grid."""
+  return ['run.py', f'--config={config}',
           f'--workdir={workdir(out, fraction, seed, method)}', f'--config.method={method}',
           f'--config.seed={seed}', f'--config.data.labeled_fraction={fraction:g}',
           f'--config.data.cache_dir={os.path.join(out, "data", f"seed{seed}_frac{fraction:g}")}',
           '--mode=all', *extra]
 
 
-def _summary(run: str) -> dict | None:
-  path = os.path.join(run, 'eval', 'test_summary.json')
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def run_grid(args, extra: list[str]) -> None:
-  log_path = os.path.join(args.out, 'runs.json')
-  log = {}
-  if os.path.isfile(log_path):
-    with open(log_path) as f:
-      log = json.load(f)
   cells = [(f, s, m) for f in args.fractions for s in args.seeds for m in args.methods]
   for index, (fraction, seed, method) in enumerate(cells, 1):
-    run = workdir(args.out, fraction, seed, method)
     cmd = command(args.config, args.out, fraction, seed, method, extra)
-    if _summary(run) is not None:
-      print(f'[{index}/{len(cells)}] {run}: done, skipped', flush=True)
-      continue
-    print(f'[{index}/{len(cells)}] {shlex.join(cmd[1:])}', flush=True)
-    if args.dry_run:
-      continue
-    start = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    log[run] = dict(command=shlex.join(cmd[1:]), seconds=round(time.time() - start, 1),
-                    finished=time.strftime('%Y-%m-%d %H:%M:%S'))
-    os.makedirs(args.out, exist_ok=True)
-    with open(log_path, 'w') as f:
-      json.dump(log, f, indent=2)
-
-
-def _mean_std(values: list[float]) -> str:
-  if not values:
-    return '-'
-  mean = sum(values) / len(values)
-  std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(
-      values) > 1 else 0.0
-  return f'{100 * mean:.2f} ± {100 * std:.2f}' if len(values) > 1 else f'{100 * mean:.2f}'
+    grid.run_command(workdir(args.out, fraction, seed, method), cmd,
+                     label=f'[{index}/{len(cells)}]', log_path=os.path.join(args.out,
+                                                                           'runs.json'),
+                     dry_run=args.dry_run)
 
 
 def score_table(args) -> tuple[list[str], dict]:
@@ -110,13 +75,13 @@ def score_table(args) -> tuple[list[str], dict]:
     primary = method_lib.resolve(method).primary
     cells = []
     for fraction in args.fractions:
-      scores = [s for s in (_summary(workdir(args.out, fraction, seed, method))
+      scores = [s for s in (grid.summary(workdir(args.out, fraction, seed, method))
                             for seed in args.seeds) if s is not None]
       dice = [s[f'dice_{primary}_mean'] for s in scores]
       iou = [s[f'iou_{primary}_mean'] for s in scores]
       numbers[f'{method}/{fraction:g}'] = dict(decoder=primary, seeds=len(scores), dice=dice,
                                                iou=iou)
-      cells += [_mean_std(dice), _mean_std(iou)]
+      cells += [grid.mean_std(dice), grid.mean_std(iou)]
     lines.append(f'| {method} | ' + ' | '.join(cells) + ' |')
   return lines, numbers
 
@@ -128,22 +93,15 @@ def paired_table(args) -> tuple[list[str], list[dict]]:
            '|---:|---|---:|---:|---:|---:|']
   rows = []
   for fraction in args.fractions:
-    ref_runs = [workdir(args.out, fraction, s, REFERENCE) for s in args.seeds]
-    ref_runs = [r for r in ref_runs if _summary(r) is not None]
+    ref_runs = grid.finished([workdir(args.out, fraction, s, REFERENCE) for s in args.seeds])
     for method in args.methods:
-      runs = [workdir(args.out, fraction, s, method) for s in args.seeds]
-      runs = [r for r in runs if _summary(r) is not None]
+      runs = grid.finished([workdir(args.out, fraction, s, method) for s in args.seeds])
       if method == REFERENCE or not runs or len(runs) != len(ref_runs):
         continue
-      a, b = compare.read_side(','.join(runs)), compare.read_side(','.join(ref_runs))
-      out = compare.compare_tables(a, b, decoders=(method_lib.resolve(method).primary,),
-                                   decoders_b=(reference,), resamples=args.resamples,
-                                   names=(runs[0], ref_runs[0]))
-      dice = next(r for r in out if r['metric'].startswith('dice_'))
+      dice = grid.paired_dice(runs, ref_runs, decoder=method_lib.resolve(method).primary,
+                              reference_decoder=reference, resamples=args.resamples)
       rows.append(dict(fraction=fraction, method=method, seeds=len(runs), **dice))
-      lines.append(f'| {fraction:g} | {method} | {dice["n"]} | {100 * dice["diff"]:+.2f} | '
-                   f'[{100 * dice["ci95"][0]:+.2f}, {100 * dice["ci95"][1]:+.2f}] | '
-                   f'{dice["p"]:.3g} |')
+      lines.append(f'| {fraction:g} | {method} | {dice["n"]} | {grid.paired_cells(dice)} |')
   return lines, rows
 
 
@@ -164,9 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
   args, extra = _parser().parse_known_args(argv)
-  unknown = [x for x in extra if not x.startswith('--config.')]
-  if unknown:
-    sys.exit(f'error: {" ".join(unknown)}: only --config.* flags are passed to run.py.')
+  grid.passthrough_flags(extra)
   for method in args.methods:
     method_lib.resolve(method)  # A misspelt method fails before hours of training.
   if not args.table_only:

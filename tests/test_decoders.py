@@ -161,3 +161,71 @@ def test_decoder_init():
   bn = block.coord_gate.out_bn
   assert np.all(np.asarray(bn.scale[...]) == 1) and np.all(np.asarray(bn.bias[...]) == 0)
   assert np.all(np.asarray(bn.var[...]) == 1) and np.all(np.asarray(bn.mean[...]) == 0)
+
+
+def _params(module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize('coord_attention,multi_scale', [(False, True), (True, False),
+                                                         (False, False)])
+def test_mcam_ablations_build_what_the_paper_describes(coord_attention, multi_scale):
+  """Table 3's MCAM parts: the gate becomes a 1x1 fusion, the 7x7/5x5 kernels 1x1."""
+  full = decoders.MCAMBlock(24, 8, 16, rngs=nnx.Rngs(0))
+  block = decoders.MCAMBlock(24, 8, 16, coord_attention=coord_attention,
+                             multi_scale=multi_scale, rngs=nnx.Rngs(0))
+  gate_type = decoders.CoordAttGatedFusion if coord_attention else decoders.PlainFusion
+  assert isinstance(block.coord_gate, gate_type)
+  kernels = {name: getattr(block, name).kernel.shape[:2]
+             for name in ('dw_main', 'dw_rag', 'dw_shared')}
+  assert kernels == ({'dw_main': (7, 7), 'dw_rag': (7, 7), 'dw_shared': (5, 5)}
+                     if multi_scale else dict.fromkeys(kernels, (1, 1)))
+  assert _params(block) < _params(full)
+
+  keys = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(keys[0], (2, 4, 4, 24))
+  skip = jax.random.normal(keys[1], (2, 4, 4, 8))
+  rag = jax.random.normal(keys[2], (2, 4, 4, 24))
+  main_out, rag_out = block(x, skip, rag)
+  chex.assert_shape((main_out, rag_out), (2, 8, 8, 16))
+  chex.assert_tree_all_finite((main_out, rag_out))
+
+  def loss(module, rag):
+    main, r = module(x, skip, rag)
+    return jnp.sum(main ** 2) + jnp.sum(r ** 2)
+
+  param_grads, rag_grad = nnx.grad(loss, argnums=(0, 1))(block, rag)
+  assert float(jnp.abs(rag_grad).max()) > 0  # The retrieval stream still reaches the output.
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(param_grads)
+             if g.ndim > 1)  # Every weight matrix learns.
+
+
+def test_plain_fusion_is_a_1x1_conv_of_the_sum_and_passes_rag_through():
+  fusion = decoders.PlainFusion(8, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(2), 2)
+  main = jax.random.normal(keys[0], (2, 5, 5, 8))
+  rag = jax.random.normal(keys[1], (2, 5, 5, 8))
+  out_main, out_rag = _eval(fusion)(main, rag)
+  kernel = np.asarray(fusion.out_conv.kernel[...])[0, 0]  # (8, 8)
+  pre = np.einsum('bhwc,cd->bhwd', np.asarray(main + rag), kernel)
+  pre = pre / np.sqrt(1.0 + fusion.out_bn.epsilon)  # BN at its initial running stats 0 / 1.
+  expected = 0.5 * pre * (1.0 + jax.scipy.special.erf(pre / np.sqrt(2.0)))
+  np.testing.assert_allclose(out_main, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out_rag, rag)
+
+
+def test_config_switches_reach_the_model_and_refuse_the_authors_weights():
+  from cers_jax.errors import ConfigError
+  from cers_jax.methods import cers as cers_method
+  from cers_jax.models.cers import CERS
+  from tests.train_helpers import tiny_config
+
+  config = tiny_config()
+  config.model.mcam.coord_attention = False
+  config.model.mcam.multi_scale = False
+  model = nnx.eval_shape(lambda: CERS(config.model, rngs=nnx.Rngs(0)))
+  assert all(isinstance(b.coord_gate, decoders.PlainFusion) for b in model.decoder_r.blocks)
+  assert model.decoder_r.blocks[0].dw_shared.kernel.shape[:2] == (1, 1)
+  config.model.checkpoint = 'cers_authors.pth'
+  with pytest.raises(ConfigError, match='coord_attention=False.*multi_scale=False'):
+    cers_method.build_model(config.model, seed=0)

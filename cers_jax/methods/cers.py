@@ -41,12 +41,25 @@ from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
 
 
+def _check_importable(model_config) -> None:
+  """Refuses the authors' whole checkpoint for a model their weights do not fit."""
+  ablated = [f'--config.model.mcam.{part}=False'
+             for part in ('coord_attention', 'multi_scale')
+             if not model_config.get('mcam', {}).get(part, True)]
+  if model_config.checkpoint and ablated:
+    raise ConfigError(
+        f'--config.model.checkpoint={model_config.checkpoint}: the authors\' weights are '
+        f'for the whole MCAM decoder, and {", ".join(ablated)} builds a different one. '
+        'Drop the ablation flags to import them, or train the ablated model from scratch.')
+
+
 def build_model(model_config, *, seed: int) -> cers_model.CERS:
   """The CERS network, with whatever pretrained weights the config points to."""
   from cers_jax.convert import bert as bert_convert
   from cers_jax.convert import cers_torch
   from cers_jax.convert import convnext as convnext_convert
 
+  _check_importable(model_config)
   model = cers_model.CERS(model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   if model_config.encoder_weights:
     convnext_convert.load_convnext(model.encoder, model_config.encoder_weights)

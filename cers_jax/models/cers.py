@@ -129,8 +129,12 @@ class CERS(nnx.Module):
     ])
     self.fusion = RetrievalFusion(dims[3], cfg.attn_heads, dropout=cfg.fusion_dropout,
                                   dtype=dtype, rngs=rngs)
+    mcam = cfg.get('mcam', {})
     self.decoder_r = MCAMDecoder(dims, tuple(cfg.decoder_dims),
-                                 reduction=cfg.coord_reduction, dtype=dtype, rngs=rngs)
+                                 reduction=cfg.coord_reduction,
+                                 coord_attention=bool(mcam.get('coord_attention', True)),
+                                 multi_scale=bool(mcam.get('multi_scale', True)),
+                                 dtype=dtype, rngs=rngs)
     self.decoder_s = ResUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
     self.alignment = Alignment(dims[3], cfg.cot.hidden_size, cfg.embed_dim,
                                cfg.logit_scale_init, dtype=dtype, rngs=rngs)

@@ -104,6 +104,21 @@ class CoordAttGatedFusion(nnx.Module):
     return main, rag
 
 
+class PlainFusion(nnx.Module):
+  """The coordinate gate's ablation (paper Table 3, "w/o coordinate attention"): no gate.
+
+  rag' = rag; main' = GELU(BN(conv1x1(main + rag))): the gate's pooled profiles and
+  sigmoids removed and its 3x3 output convolution replaced by a 1x1 one.
+  """
+
+  def __init__(self, channels: int, *, dtype: Dtype | None = None, rngs: nnx.Rngs):
+    self.out_conv = conv(channels, channels, 1, dtype=dtype, rngs=rngs)
+    self.out_bn = batch_norm(channels, dtype=dtype, rngs=rngs)
+
+  def __call__(self, main: Array, rag: Array) -> tuple[Array, Array]:
+    return gelu_exact(self.out_bn(self.out_conv(main + rag))), rag
+
+
 class MCAMBlock(nnx.Module):
   """One block of the retrieval-aware decoder D_r.
 
@@ -111,6 +126,10 @@ class MCAMBlock(nnx.Module):
   bilinear x2, align_corners=True); coordinate gate; then per stream t: own branch
   GELU(conv1x1(C -> 4C)(LN(dw7x7_t(t)))) plus a shared branch with dw5x5 whose weights
   both streams use; out_t = conv1x1_t(4C -> C)(own + shared) + t.
+
+  The paper's Table 3 ablations: `coord_attention=False` puts `PlainFusion` in the gate's
+  place; `multi_scale=False` makes the 7x7 and 5x5 depthwise convolutions 1x1 (per-channel
+  scales), so the block keeps its branches but sees no neighbourhood beyond the upsampling.
   """
 
   def __init__(
@@ -120,24 +139,29 @@ class MCAMBlock(nnx.Module):
       out_channels: int,
       *,
       reduction: int = 16,
+      coord_attention: bool = True,
+      multi_scale: bool = True,
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
     """skip_channels=0 builds a block without an encoder skip (the deepest)."""
     c, hidden = out_channels, 4 * out_channels
+    own_kernel, shared_kernel = (7, 5) if multi_scale else (1, 1)
     self.skip_channels = skip_channels
     self.conv_main = conv(in_channels + skip_channels, c, 1, dtype=dtype, rngs=rngs)
     self.conv_rag = conv(in_channels, c, 1, dtype=dtype, rngs=rngs)
-    self.coord_gate = CoordAttGatedFusion(c, reduction=reduction, dtype=dtype, rngs=rngs)
-    self.dw_main = conv(c, c, 7, groups=c, dtype=dtype, rngs=rngs)
+    self.coord_gate = (
+        CoordAttGatedFusion(c, reduction=reduction, dtype=dtype, rngs=rngs)
+        if coord_attention else PlainFusion(c, dtype=dtype, rngs=rngs))
+    self.dw_main = conv(c, c, own_kernel, groups=c, dtype=dtype, rngs=rngs)
     self.ln_main = _layer_norm(c, dtype=dtype, rngs=rngs)
     self.expand_main = conv(c, hidden, 1, dtype=dtype, rngs=rngs)
     self.project_main = conv(hidden, c, 1, dtype=dtype, rngs=rngs)
-    self.dw_rag = conv(c, c, 7, groups=c, dtype=dtype, rngs=rngs)
+    self.dw_rag = conv(c, c, own_kernel, groups=c, dtype=dtype, rngs=rngs)
     self.ln_rag = _layer_norm(c, dtype=dtype, rngs=rngs)
     self.expand_rag = conv(c, hidden, 1, dtype=dtype, rngs=rngs)
     self.project_rag = conv(hidden, c, 1, dtype=dtype, rngs=rngs)
-    self.dw_shared = conv(c, c, 5, groups=c, dtype=dtype, rngs=rngs)
+    self.dw_shared = conv(c, c, shared_kernel, groups=c, dtype=dtype, rngs=rngs)
     self.ln_shared = _layer_norm(c, dtype=dtype, rngs=rngs)
     self.expand_shared = conv(c, hidden, 1, dtype=dtype, rngs=rngs)
 
@@ -199,15 +223,21 @@ class MCAMDecoder(nnx.Module):
       decoder_dims: Sequence[int],
       *,
       reduction: int = 16,
+      coord_attention: bool = True,
+      multi_scale: bool = True,
       dtype: Dtype | None = None,
       rngs: nnx.Rngs,
   ):
-    """`encoder_dims` are a1..a4's channels, shallowest first; `decoder_dims` deepest first."""
+    """`encoder_dims` are a1..a4's channels, shallowest first; `decoder_dims` deepest first.
+
+    `coord_attention`, `multi_scale`: `MCAMBlock`'s ablation switches, for every block.
+    """
     _check_dims(encoder_dims, decoder_dims)
     skips = (0, *reversed(encoder_dims[:3]))
     ins = (encoder_dims[3], *decoder_dims[:3])
     self.blocks = nnx.List([
-        MCAMBlock(i, s, o, reduction=reduction, dtype=dtype, rngs=rngs)
+        MCAMBlock(i, s, o, reduction=reduction, coord_attention=coord_attention,
+                  multi_scale=multi_scale, dtype=dtype, rngs=rngs)
         for i, s, o in zip(ins, skips, decoder_dims)
     ])
     self.head = SegmentationHead(2 * decoder_dims[3], decoder_dims[3] // 2, dtype=dtype,

@@ -1,0 +1,289 @@
+"""The paper's ablations as grids of CERS runs, resumable: Table 2, Table 3's MCAM parts,
+the pool's CoT source and Fig. 3's number of references.
+
+  python scripts/ablate.py STUDY --config configs/brisc_small.py --out runs/ablate \
+      [--seeds 0,1,2] [--fractions 0.25,0.5,1.0] [--variants a,b] [--latency JSON] \
+      [--dry-run] [--table-only] [--config.x=y ...]
+
+STUDY is one of:
+
+  table2       pool.mode none / text / cot / image / image+text / image+cot (default
+               image+cot). Retrieval modes differ only after the warm-up, so every mode of
+               a seed and fraction continues one warmed-up run (a copy of it).
+               `--latency` names the JSON of `benchmarks/train_step.py --modes=...
+               --latency_json=...`, whose per-mode added seconds per step become the
+               table's last column, as the paper's.
+  mcam         model.mcam: the whole MCAM (default), coord_attention=False,
+               multi_scale=False (Table 3's "w/o" rows; each a run from scratch, since the
+               decoder differs from the first step).
+  cot_source   pool.cot_source mask (default, the authors') / no_mask; runs from scratch
+               (the pool is built from these CoTs at the end of the warm-up).
+  topk         pool.k 1 / 3 / 5 / 7 / 9 (default 5), continuing one warm-up per seed and
+               fraction; also draws Fig. 3 (test Dice of D_r against k, one line per
+               labeled fraction) as OUT/topk/fig3.png.
+
+Every run is `python run.py --config CONFIG --workdir OUT/STUDY/frac<f>/seed<s>/<variant>
+--config.seed=<s> --config.data.labeled_fraction=<f> <the variant's flags> --mode=all` plus
+the extra `--config.*` flags given here; the runs of a seed and fraction share one data
+cache and split manifest (OUT/data/seed<s>_frac<f>), and the studies that continue a
+warm-up share it too (OUT/warmup/frac<f>/seed<s>, `--mode=warmup` with the default
+variant's flags). One run at a time; finished runs are skipped, interrupted ones resume
+(cers_jax/grid.py), so a later invocation with more seeds adds them.
+
+Prints, per labeled fraction, the study's table: test Dice and IoU of D_r and Dice of D_s
+(mean ± std over seeds) and each variant's paired per-image Dice difference (D_r) to the
+default variant with its bootstrap 95% CI and Wilcoxon p; also to OUT/STUDY/table.md and
+table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cers_jax import grid  # noqa: E402
+
+WARMUP_DONE = 'ablate_warmup_done.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  name: str
+  flags: tuple[tuple[str, object], ...]  # (config field, value) pairs.
+
+  def args(self) -> list[str]:
+    return [f'--config.{field}={value}' for field, value in self.flags]
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  title: str
+  variants: tuple[Variant, ...]
+  default: str
+  forks: bool  # Variants continue one warmed-up run instead of training from scratch.
+
+  def variant(self, name: str) -> Variant:
+    return next(v for v in self.variants if v.name == name)
+
+
+def _one(name: str, field: str, value) -> Variant:
+  return Variant(name, ((field, value),))
+
+
+MODES = ('none', 'text', 'cot', 'image', 'image+text', 'image+cot')
+STUDIES = {
+    'table2': Study('Table 2: retrieval signals (pool.mode)',
+                    tuple(_one(m, 'pool.mode', m) for m in MODES), 'image+cot', forks=True),
+    'mcam': Study('Table 3: MCAM parts (model.mcam)', (
+        Variant('mcam', (('model.mcam.coord_attention', True),
+                         ('model.mcam.multi_scale', True))),
+        _one('no_coord_attention', 'model.mcam.coord_attention', False),
+        _one('no_multi_scale', 'model.mcam.multi_scale', False)), 'mcam', forks=False),
+    'cot_source': Study("The pool's CoT (pool.cot_source)",
+                        tuple(_one(s, 'pool.cot_source', s) for s in ('mask', 'no_mask')),
+                        'mask', forks=False),
+    'topk': Study('Fig. 3: references fused (pool.k)',
+                  tuple(_one(f'k{k}', 'pool.k', k) for k in (1, 3, 5, 7, 9)), 'k5',
+                  forks=True),
+}
+
+
+def _list(text: str, kind=str) -> list:
+  return [kind(x) for x in text.split(',') if x]
+
+
+def cache_dir(out: str, fraction: float, seed: int) -> str:
+  return os.path.join(out, 'data', f'seed{seed}_frac{fraction:g}')
+
+
+def workdir(out: str, study: str, fraction: float, seed: int, variant: str) -> str:
+  return os.path.join(out, study, f'frac{fraction:g}', f'seed{seed}', variant)
+
+
+def warmup_dir(out: str, fraction: float, seed: int) -> str:
+  return os.path.join(out, 'warmup', f'frac{fraction:g}', f'seed{seed}')
+
+
+def command(config: str, run: str, fraction: float, seed: int, out: str, flags: list[str],
+            mode: str, extra: list[str]) -> list[str]:
+  """A run.py command (after the interpreter)."""
+  return ['run.py', f'--config={config}', f'--workdir={run}', f'--config.seed={seed}',
+          f'--config.data.labeled_fraction={fraction:g}',
+          f'--config.data.cache_dir={cache_dir(out, fraction, seed)}', *flags, f'--mode={mode}',
+          *extra]
+
+
+def _warm_up(args, study: Study, fraction: float, seed: int, extra: list[str]) -> str:
+  """The shared warmed-up run of a seed and fraction (trained once, marked when done)."""
+  warm = warmup_dir(args.out, fraction, seed)
+  marker = os.path.join(warm, WARMUP_DONE)
+  cmd = command(args.config, warm, fraction, seed, args.out,
+                study.variant(study.default).args(), 'warmup', extra)
+  if grid.run_command(warm, cmd, label='warm-up', dry_run=args.dry_run,
+                      log_path=os.path.join(args.out, 'warmup', 'runs.json'),
+                      done=lambda: os.path.isfile(marker)):
+    with open(marker, 'w') as f:
+      json.dump(dict(command=cmd), f, indent=2)
+  return warm
+
+
+def run_study(args, study: Study, extra: list[str]) -> None:
+  cells = [(f, s, v) for f in args.fractions for s in args.seeds for v in args.variants]
+  warm = {}
+  for index, (fraction, seed, name) in enumerate(cells, 1):
+    run = workdir(args.out, args.study, fraction, seed, name)
+    prepare = None
+    if study.forks and grid.summary(run) is None:
+      if (fraction, seed) not in warm:
+        warm[fraction, seed] = _warm_up(args, study, fraction, seed, extra)
+      source = warm[fraction, seed]
+
+      def prepare(run=run, source=source):
+        if not os.path.isdir(run):  # A half-finished fork resumes from its own checkpoint.
+          shutil.copytree(source, run)
+          os.remove(os.path.join(run, WARMUP_DONE))
+
+    grid.run_command(run, command(args.config, run, fraction, seed, args.out,
+                                  study.variant(name).args(), 'all', extra),
+                     label=f'[{index}/{len(cells)}]',
+                     log_path=os.path.join(args.out, args.study, 'runs.json'),
+                     dry_run=args.dry_run, prepare=prepare)
+
+
+def _latency(path: str | None) -> dict[str, float]:
+  if not path:
+    return {}
+  with open(path) as f:
+    return {row['mode']: row['added_seconds'] for row in json.load(f)['modes']}
+
+
+def tables(args, study: Study) -> tuple[list[str], dict]:
+  """Markdown lines of the study's table per fraction, and its numbers."""
+  latency = _latency(args.latency)
+  lines, numbers = [], {}
+  for fraction in args.fractions:
+    default_runs = grid.finished([workdir(args.out, args.study, fraction, s, study.default)
+                                  for s in args.seeds])
+    header = ('| variant | flags | Dice D_r | IoU D_r | Dice D_s | D_r − default | 95% CI '
+              '| Wilcoxon p |')
+    rule = '|---|---|---:|---:|---:|---:|---:|---:|'
+    if latency:
+      header, rule = header + ' added s/step |', rule + '---:|'
+    lines += [f'Labeled fraction {fraction:g}, test split, seeds '
+              f'{",".join(map(str, args.seeds))}; paired differences in points:', '',
+              header, rule]
+    for name in args.variants:
+      variant = study.variant(name)
+      runs = grid.finished([workdir(args.out, args.study, fraction, s, name)
+                            for s in args.seeds])
+      scores = [grid.summary(r) for r in runs]
+      row = dict(seeds=len(runs), dice_r=[s['dice_r_mean'] for s in scores],
+                 iou_r=[s['iou_r_mean'] for s in scores],
+                 dice_s=[s['dice_s_mean'] for s in scores if 'dice_s_mean' in s])
+      paired = '– | – | –'
+      if name != study.default and runs and len(runs) == len(default_runs):
+        row['paired'] = grid.paired_dice(runs, default_runs, decoder='r',
+                                         reference_decoder='r', resamples=args.resamples)
+        paired = grid.paired_cells(row['paired'])
+      flags = ' '.join(f'{field}={value}' for field, value in variant.flags)
+      cells = (f'| {name} | `{flags}` | {grid.mean_std(row["dice_r"])} | '
+               f'{grid.mean_std(row["iou_r"])} | {grid.mean_std(row["dice_s"])} | {paired} |')
+      if latency:
+        mode = dict(variant.flags).get('pool.mode')
+        cells += f' {latency[mode]:+.4f} |' if mode in latency else ' – |'
+      lines.append(cells)
+      numbers[f'{name}/{fraction:g}'] = row
+    lines.append('')
+  return lines, numbers
+
+
+def draw_fig3(args, numbers: dict, path: str) -> None:
+  """Test Dice of D_r against pool.k, one line per labeled fraction (error bars: std)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for fraction in args.fractions:
+    ks, means, stds = [], [], []
+    for name in args.variants:
+      dice = numbers[f'{name}/{fraction:g}']['dice_r']
+      if dice:
+        ks.append(int(name[1:]))
+        means.append(100 * np.mean(dice))
+        stds.append(100 * np.std(dice, ddof=1) if len(dice) > 1 else 0.0)
+    ax.errorbar(ks, means, yerr=stds, marker='o', capsize=3,
+                label=f'{100 * fraction:g}% labeled')
+  ax.set_xlabel('references fused (pool.k)')
+  ax.set_ylabel('test Dice of D_r (%)')
+  ax.set_title(f'Fig. 3 at this config ({os.path.basename(args.config)})')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python scripts/ablate.py', description=__doc__.split('\n\n')[0],
+      epilog='Flags this script does not know (--config.x=y) are passed to every run.py.')
+  parser.add_argument('study', choices=sorted(STUDIES))
+  parser.add_argument('--config', required=True, help='config file of every run')
+  parser.add_argument('--out', required=True, help='folder of the grids')
+  parser.add_argument('--variants', type=_list, default=None,
+                      help="a subset of the study's variants (default: all); the default "
+                      'variant always runs')
+  parser.add_argument('--fractions', type=lambda t: _list(t, float), default=[0.25])
+  parser.add_argument('--seeds', type=lambda t: _list(t, int), default=[0])
+  parser.add_argument('--latency', default=None,
+                      help='table2: benchmarks/train_step.py --latency_json output')
+  parser.add_argument('--resamples', type=int, default=2000, help='bootstrap resamples')
+  parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+  parser.add_argument('--table-only', action='store_true', help='train nothing; print')
+  return parser
+
+
+def main(argv=None) -> dict:
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  grid.passthrough_flags(extra)
+  study = STUDIES[args.study]
+  names = [v.name for v in study.variants]
+  chosen = args.variants or names
+  unknown = sorted(set(chosen) - set(names))
+  if unknown:
+    parser.error(f'--variants: {args.study} has no {unknown}; it has {names}.')
+  # The default variant always runs: it is every paired difference's reference.
+  args.variants = [n for n in names if n in chosen or n == study.default]
+  if not args.table_only:
+    run_study(args, study, extra)
+  if args.dry_run:
+    return {}
+  lines, numbers = tables(args, study)
+  text = '\n'.join([f'{study.title}; config {args.config} {" ".join(extra)}'.rstrip(), '',
+                    *lines])
+  print(text)
+  folder = os.path.join(args.out, args.study)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, 'table.md'), 'w') as f:
+    f.write(text + '\n')
+  result = dict(study=args.study, config=args.config, extra=extra, seeds=args.seeds,
+                default=study.default, variants=numbers)
+  if args.study == 'topk':
+    result['figure'] = os.path.join(folder, 'fig3.png')
+    draw_fig3(args, numbers, result['figure'])
+  with open(os.path.join(folder, 'table.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,125 @@
+"""scripts/ablate.py: its grids' commands (one warm-up continued per variant, or runs from
+scratch), the study table with paired differences and the latency column, Fig. 3, and one
+real grid of run.py processes on the tiny config."""
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from tests import cli_helpers
+
+_SPEC = importlib.util.spec_from_file_location(
+    'ablate', os.path.join(os.path.dirname(__file__), '..', 'scripts', 'ablate.py'))
+ablate = importlib.util.module_from_spec(_SPEC)
+sys.modules['ablate'] = ablate  # Its dataclasses look their module up by name.
+_SPEC.loader.exec_module(ablate)
+
+IDS = [f'img{i}' for i in range(12)]
+TINY = os.path.join('tests', 'run_configs', 'tiny_run.py')
+
+
+def _fake_run(run, dice_r, dice_s):
+  os.makedirs(os.path.join(run, 'eval'))
+  with open(os.path.join(run, 'eval', 'test_per_image.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['id', 'dice_r', 'iou_r', 'dice_s', 'iou_s'])
+    writer.writerows([i, r, r / (2 - r), s, s / (2 - s)]
+                     for i, r, s in zip(IDS, dice_r, dice_s))
+  with open(os.path.join(run, 'eval', 'test_summary.json'), 'w') as f:
+    json.dump({'dice_r_mean': float(np.mean(dice_r)),
+               'iou_r_mean': float(np.mean(dice_r / (2 - dice_r))),
+               'dice_s_mean': float(np.mean(dice_s))}, f)
+
+
+def test_forking_studies_warm_up_once_and_the_others_train_from_scratch(tmp_path, capsys):
+  out = str(tmp_path)
+  ablate.main(['table2', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
+               '--config.train.epochs=3'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith('warm-up run.py') and '--mode=warmup' in lines[0]
+  assert '--config.pool.mode=image+cot' in lines[0]  # The default variant's flags.
+  forks = lines[1:]
+  assert len(forks) == len(ablate.MODES)
+  for mode, line in zip(ablate.MODES, forks):
+    assert f'--config.pool.mode={mode} --mode=all --config.train.epochs=3' in line
+    assert f'--workdir={out}/table2/frac0.25/seed0/{mode}' in line
+  ablate.main(['mcam', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
+               '--seeds', '0,1'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 6 and not any('warm-up' in line for line in lines)
+  assert sum('--config.model.mcam.multi_scale=False' in line for line in lines) == 2
+  with pytest.raises(SystemExit):
+    ablate.main(['topk', '--config', 'c.py', '--out', out, '--variants', 'k4'])
+  with pytest.raises(SystemExit, match='only --config'):
+    ablate.main(['topk', '--config', 'c.py', '--out', out, '--epochs', '3'])
+
+
+def test_table_pairs_each_variant_with_the_default_and_reads_latency(tmp_path, capsys):
+  out = str(tmp_path)
+  rng = np.random.default_rng(0)
+  base = rng.uniform(0.4, 0.8, len(IDS))
+  shifts = {'none': -0.05, 'image': -0.02, 'image+cot': 0.0}
+  for mode, shift in shifts.items():
+    _fake_run(ablate.workdir(out, 'table2', 0.25, 0, mode), base + shift, base - 0.1)
+  latency = tmp_path / 'latency.json'
+  latency.write_text(json.dumps({'modes': [
+      {'mode': 'none', 'added_seconds': 0.0}, {'mode': 'image', 'added_seconds': 0.012},
+      {'mode': 'image+cot', 'added_seconds': 0.02}]}))
+  result = ablate.main(['table2', '--config', 'configs/synthetic.py', '--out', out,
+                        '--table-only', '--variants', 'none,image,image+cot', '--latency',
+                        str(latency), '--resamples', '100'])
+  text = capsys.readouterr().out
+  assert result['variants']['none/0.25']['paired']['diff'] == pytest.approx(-0.05)
+  assert 'paired' not in result['variants']['image+cot/0.25']
+  assert f'| none | `pool.mode=none` | {100 * np.mean(base - 0.05):.2f} |' in text
+  assert '| -5.00 | [-5.00, -5.00] |' in text and text.count('+0.0120 |') == 1
+  assert os.path.isfile(os.path.join(out, 'table2', 'table.md'))
+
+
+def test_topk_draws_fig3(tmp_path):
+  out = str(tmp_path)
+  for seed in (0, 1):
+    for k in (1, 3, 5):
+      value = np.full(len(IDS), 0.5 + 0.01 * k + 0.01 * seed)
+      _fake_run(ablate.workdir(out, 'topk', 0.25, seed, f'k{k}'), value, value)
+  result = ablate.main(['topk', '--config', 'configs/synthetic.py', '--out', out,
+                        '--table-only', '--variants', 'k1,k3,k5', '--seeds', '0,1',
+                        '--resamples', '50'])
+  assert result['variants']['k1/0.25']['dice_r'] == pytest.approx([0.51, 0.52])
+  with open(result['figure'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.slow
+def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
+  """table2's forks continue the one warm-up; mcam's ablated decoder trains from scratch."""
+  for name, value in cli_helpers.run_env().items():
+    monkeypatch.setenv(name, value)
+  out = str(tmp_path)
+  flags = ['--config', TINY, '--out', out, '--resamples', '50',
+           '--config.train.epochs=1', '--config.eval.surface=False',
+           '--config.eval.bootstrap_resamples=0']
+  result = ablate.main(['table2', '--variants', 'none', *flags])  # + image+cot, the default.
+  warm = ablate.warmup_dir(out, 0.25, 0)
+  with open(os.path.join(warm, 'metrics.jsonl')) as f:
+    warm_records = [json.loads(line) for line in f]
+  for mode in ('none', 'image+cot'):
+    run = ablate.workdir(out, 'table2', 0.25, 0, mode)
+    with open(os.path.join(run, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    assert records[:len(warm_records)] == warm_records  # Continued, not retrained.
+    assert any(r.get('stage') == 'semi' for r in records[len(warm_records):])
+  assert result['variants']['none/0.25']['paired']['n'] > 0
+  capsys.readouterr()
+  # Runs again: everything is done, nothing is retrained.
+  ablate.main(['table2', '--variants', 'none', *flags])
+  assert capsys.readouterr().out.count('done, skipped') == 2
+  result = ablate.main(['mcam', '--variants', 'no_multi_scale', *flags,
+                        '--config.train.warmup_epochs=1'])
+  assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'no_multi_scale']
+  assert result['variants']['no_multi_scale/0.25']['paired']['n'] > 0
