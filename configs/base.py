@@ -143,6 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.fusion_dropout = 0.1  # Attention dropout in retrieval cross-attention.
   model.decoder_dims = (384, 192, 96, 48)  # Decoder block outputs, deepest first.
   model.coord_reduction = 16  # MCAM coordinate gate: mip = max(8, C / reduction).
+  model.decoder = 'mcam'  # D_r: 'mcam' (authors') | 'unet' (Table 3: U-Net, r joins at a4).
   model.mcam = ml_collections.ConfigDict()  # D_r's parts (paper Table 3's MCAM ablation).
   model.mcam.coord_attention = True  # False: no coordinate gate, conv1x1 fusion (PlainFusion).
   model.mcam.multi_scale = True  # False: the 7x7 / 5x5 depthwise convolutions become 1x1.
@@ -159,7 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
                 'text.dropout', 'cot.dropout', 'fusion_dropout'),
           derived=('text.vocab_size', 'cot.vocab_size'),  # From the tokenizers (tokenizer.*).
           fixed=('encoder_depths', 'encoder_dims', 'attn_dim', 'attn_heads', 'decoder_dims',
-                 'coord_reduction', 'mcam.coord_attention', 'mcam.multi_scale',
+                 'coord_reduction', 'decoder', 'mcam.coord_attention', 'mcam.multi_scale',
                  'embed_dim', 'scan_blocks',
                  *(f'{bert}.{name}' for bert in ('text', 'cot')
                    for name in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size',

@@ -13,9 +13,10 @@ STUDY is one of:
                `--latency` names the JSON of `benchmarks/train_step.py --modes=...
                --latency_json=...`, whose per-mode added seconds per step become the
                table's last column, as the paper's.
-  mcam         model.mcam: the whole MCAM (default), coord_attention=False,
-               multi_scale=False (Table 3's "w/o" rows; each a run from scratch, since the
-               decoder differs from the first step).
+  table3       D_r: MCAM (default), a U-Net decoder (model.decoder=unet), MCAM without
+               its coordinate attention or its multi-scale branch (model.mcam.*=False):
+               Table 3's rows, each a run from scratch (the decoder differs from the first
+               step).
   cot_source   pool.cot_source mask (default, the authors') / no_mask; runs from scratch
                (the pool is built from these CoTs at the end of the warm-up).
   topk         pool.k 1 / 3 / 5 / 7 / 9 (default 5), continuing one warm-up per seed and
@@ -81,9 +82,10 @@ MODES = ('none', 'text', 'cot', 'image', 'image+text', 'image+cot')
 STUDIES = {
     'table2': Study('Table 2: retrieval signals (pool.mode)',
                     tuple(_one(m, 'pool.mode', m) for m in MODES), 'image+cot', forks=True),
-    'mcam': Study('Table 3: MCAM parts (model.mcam)', (
-        Variant('mcam', (('model.mcam.coord_attention', True),
+    'table3': Study('Table 3: the retrieval-aware decoder (model.decoder, model.mcam)', (
+        Variant('mcam', (('model.decoder', 'mcam'), ('model.mcam.coord_attention', True),
                          ('model.mcam.multi_scale', True))),
+        _one('unet', 'model.decoder', 'unet'),
         _one('no_coord_attention', 'model.mcam.coord_attention', False),
         _one('no_multi_scale', 'model.mcam.multi_scale', False)), 'mcam', forks=False),
     'cot_source': Study("The pool's CoT (pool.cot_source)",

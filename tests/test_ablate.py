@@ -48,10 +48,11 @@ def test_forking_studies_warm_up_once_and_the_others_train_from_scratch(tmp_path
   for mode, line in zip(ablate.MODES, forks):
     assert f'--config.pool.mode={mode} --mode=all --config.train.epochs=3' in line
     assert f'--workdir={out}/table2/frac0.25/seed0/{mode}' in line
-  ablate.main(['mcam', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
+  ablate.main(['table3', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
                '--seeds', '0,1'])
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 6 and not any('warm-up' in line for line in lines)
+  assert len(lines) == 8 and not any('warm-up' in line for line in lines)
+  assert sum('--config.model.decoder=unet' in line for line in lines) == 2
   assert sum('--config.model.mcam.multi_scale=False' in line for line in lines) == 2
   with pytest.raises(SystemExit):
     ablate.main(['topk', '--config', 'c.py', '--out', out, '--variants', 'k4'])
@@ -97,7 +98,7 @@ def test_topk_draws_fig3(tmp_path):
 
 @pytest.mark.slow
 def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
-  """table2's forks continue the one warm-up; mcam's ablated decoder trains from scratch."""
+  """table2's forks continue the one warm-up; table3's ablated decoder trains from scratch."""
   for name, value in cli_helpers.run_env().items():
     monkeypatch.setenv(name, value)
   out = str(tmp_path)
@@ -119,7 +120,7 @@ def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   # Runs again: everything is done, nothing is retrained.
   ablate.main(['table2', '--variants', 'none', *flags])
   assert capsys.readouterr().out.count('done, skipped') == 2
-  result = ablate.main(['mcam', '--variants', 'no_multi_scale', *flags,
+  result = ablate.main(['table3', '--variants', 'no_multi_scale', *flags,
                         '--config.train.warmup_epochs=1'])
   assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'no_multi_scale']
   assert result['variants']['no_multi_scale/0.25']['paired']['n'] > 0

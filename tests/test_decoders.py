@@ -226,6 +226,54 @@ def test_config_switches_reach_the_model_and_refuse_the_authors_weights():
   model = nnx.eval_shape(lambda: CERS(config.model, rngs=nnx.Rngs(0)))
   assert all(isinstance(b.coord_gate, decoders.PlainFusion) for b in model.decoder_r.blocks)
   assert model.decoder_r.blocks[0].dw_shared.kernel.shape[:2] == (1, 1)
+  config.model.decoder = 'unet'
+  model = nnx.eval_shape(lambda: CERS(config.model, rngs=nnx.Rngs(0)))
+  assert isinstance(model.decoder_r, decoders.RetrievalUNetDecoder)
   config.model.checkpoint = 'cers_authors.pth'
-  with pytest.raises(ConfigError, match='coord_attention=False.*multi_scale=False'):
+  with pytest.raises(ConfigError,
+                     match='coord_attention=False.*multi_scale=False.*decoder=unet'):
     cers_method.build_model(config.model, seed=0)
+
+
+def test_unet_decoder_r_takes_the_retrieval_stream_at_the_bottleneck():
+  rngs = nnx.Rngs(jax.random.key(0, impl='rbg'))
+  d_r = decoders.RetrievalUNetDecoder(ENC, DEC, rngs=rngs)
+  keys = jax.random.split(jax.random.key(3), 5)
+  attended = tuple(jax.random.normal(keys[i], (2, 32 // s, 32 // s, c))
+                   for i, (s, c) in enumerate(zip((4, 8, 16, 32), ENC)))
+  rag = jax.random.normal(keys[4], (2, 1, 1, ENC[3]))
+  with_rag, without = d_r(attended, rag), d_r(attended, None)
+  chex.assert_shape((with_rag, without), (2, 32, 32, 1))
+  assert np.abs(with_rag - without).max() > 1e-5
+  # Without retrieval the bottleneck reads [a4 ; a4].
+  np.testing.assert_allclose(without, d_r(attended, attended[3]), rtol=1e-6, atol=1e-6)
+  assert d_r.fuse.kernel.shape == (1, 1, 2 * ENC[3], ENC[3])
+
+
+def test_full_size_parameter_counts_of_each_decoder_r():
+  """Beside the paper's Table 3 (48.49 M MCAM, 51.36 M U-Net); README explains the gap.
+
+  Only D_r is built (abstractly): the rest of the full-size network is the same for all.
+  """
+  from configs import base
+  from cers_jax.errors import ConfigError
+  from cers_jax.models.cers import CERS, count_params
+
+  model = base.get_config().model
+  enc, dec = tuple(model.encoder_dims), tuple(model.decoder_dims)
+  builders = {
+      'mcam': lambda: decoders.MCAMDecoder(enc, dec, rngs=nnx.Rngs(0)),
+      'unet': lambda: decoders.RetrievalUNetDecoder(enc, dec, rngs=nnx.Rngs(0)),
+      'no_coord': lambda: decoders.MCAMDecoder(enc, dec, coord_attention=False,
+                                               rngs=nnx.Rngs(0)),
+      'no_multi_scale': lambda: decoders.MCAMDecoder(enc, dec, multi_scale=False,
+                                                     rngs=nnx.Rngs(0)),
+  }
+  rest = 48_728_354 - 6_741_301  # The authors' whole count (design.md section 7) less MCAM.
+  totals = {name: rest + count_params(nnx.eval_shape(build), exclude=())
+            for name, build in builders.items()}
+  assert totals == dict(mcam=48_728_354, unet=49_829_270, no_coord=47_109_350,
+                        no_multi_scale=48_641_954)
+  model.decoder = 'swin'
+  with pytest.raises(ConfigError, match="model.decoder='swin'"):
+    CERS(model, rngs=nnx.Rngs(0))

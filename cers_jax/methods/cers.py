@@ -46,6 +46,8 @@ def _check_importable(model_config) -> None:
   ablated = [f'--config.model.mcam.{part}=False'
              for part in ('coord_attention', 'multi_scale')
              if not model_config.get('mcam', {}).get(part, True)]
+  if model_config.get('decoder', 'mcam') != 'mcam':
+    ablated.append(f'--config.model.decoder={model_config.decoder}')
   if model_config.checkpoint and ablated:
     raise ConfigError(
         f'--config.model.checkpoint={model_config.checkpoint}: the authors\' weights are '

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from cers_jax.errors import ConfigError
 from cers_jax.models.bert import BertEncoder
 from cers_jax.models.convnext import ConvNeXt
 from cers_jax.models.decoders import MCAMDecoder
 from cers_jax.models.decoders import ResUNetDecoder
+from cers_jax.models.decoders import RetrievalUNetDecoder
 from cers_jax.models.fusion import RetrievalFusion
 from cers_jax.models.fusion import TextCrossAttention
 from cers_jax.models.layers import xavier_uniform
@@ -100,6 +102,26 @@ class Alignment(nnx.Module):
     self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
 
 
+DECODERS = ('mcam', 'unet')  # model.decoder: D_r's architecture (paper Table 3).
+
+
+def _decoder_kind(cfg) -> str:
+  kind = cfg.get('decoder', 'mcam')  # .get: configs written before the switch existed.
+  if kind not in DECODERS:
+    raise ConfigError(f'--config.model.decoder={kind!r}: choose one of {DECODERS}.')
+  return kind
+
+
+def _decoder_r(cfg, dims: tuple[int, ...], *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+  """D_r as `model.decoder` names it; `model.mcam.*` switch MCAM's parts."""
+  if _decoder_kind(cfg) == 'unet':
+    return RetrievalUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
+  mcam = cfg.get('mcam', {})
+  return MCAMDecoder(dims, tuple(cfg.decoder_dims), reduction=cfg.coord_reduction,
+                     coord_attention=bool(mcam.get('coord_attention', True)),
+                     multi_scale=bool(mcam.get('multi_scale', True)), dtype=dtype, rngs=rngs)
+
+
 class CERS(nnx.Module):
   """CERS: ConvNeXt + text BERT + cross-attention, retrieval fusion, two decoders.
 
@@ -115,6 +137,7 @@ class CERS(nnx.Module):
     self.text_trainable = bool(cfg.text.trainable)
     self.cot_trainable = bool(cfg.cot.trainable)
     self.cot_pooling = str(cfg.cot.pooling)
+    _decoder_kind(cfg)  # Refused before minutes of initialising the encoders.
     if self.cot_pooling not in POOLINGS:
       raise ValueError(f'config.model.cot.pooling={self.cot_pooling!r} is not one of '
                        f'{POOLINGS}.')
@@ -129,12 +152,7 @@ class CERS(nnx.Module):
     ])
     self.fusion = RetrievalFusion(dims[3], cfg.attn_heads, dropout=cfg.fusion_dropout,
                                   dtype=dtype, rngs=rngs)
-    mcam = cfg.get('mcam', {})
-    self.decoder_r = MCAMDecoder(dims, tuple(cfg.decoder_dims),
-                                 reduction=cfg.coord_reduction,
-                                 coord_attention=bool(mcam.get('coord_attention', True)),
-                                 multi_scale=bool(mcam.get('multi_scale', True)),
-                                 dtype=dtype, rngs=rngs)
+    self.decoder_r = _decoder_r(cfg, dims, dtype=dtype, rngs=rngs)
     self.decoder_s = ResUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
     self.alignment = Alignment(dims[3], cfg.cot.hidden_size, cfg.embed_dim,
                                cfg.logit_scale_init, dtype=dtype, rngs=rngs)

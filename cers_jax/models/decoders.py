@@ -323,3 +323,33 @@ class ResUNetDecoder(nnx.Module):
     for block, skip in zip(self.blocks, skips):
       x = block(x, skip)
     return self.head(x)
+
+
+class RetrievalUNetDecoder(nnx.Module):
+  """D_r as a standard U-Net decoder (paper Table 3's "U-Net" row, `model.decoder='unet'`).
+
+  The retrieval stream joins once, at the bottleneck, where MCAM's first block takes it:
+  x4 = GELU(conv1x1([a4 ; r])) with C4 channels, r = a4 itself when nothing is retrieved
+  (warm-up, mode `none`; MCAM's block 4 likewise feeds up(a4) to its retrieval stream);
+  then the residual U-Net blocks and head of D_s on (a1, a2, a3, x4).
+  """
+
+  def __init__(
+      self,
+      encoder_dims: Sequence[int],
+      decoder_dims: Sequence[int],
+      *,
+      dtype: Dtype | None = None,
+      rngs: nnx.Rngs,
+  ):
+    _check_dims(encoder_dims, decoder_dims)
+    c4 = encoder_dims[3]
+    self.fuse = conv(2 * c4, c4, 1, dtype=dtype, rngs=rngs)
+    self.unet = ResUNetDecoder(encoder_dims, decoder_dims, dtype=dtype, rngs=rngs)
+
+  def __call__(self, attended: Sequence[Array], rag: Array | None = None) -> Array:
+    """(a1, a2, a3, a4) and r, (B, h, w, C4) or None -> (B, H, W, 1) logits."""
+    a4 = attended[3]
+    rag = a4 if rag is None else rag
+    x4 = gelu_exact(self.fuse(jnp.concatenate([a4, rag], axis=-1)))
+    return self.unet((*attended[:3], x4))
