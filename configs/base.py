@@ -143,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.fusion_dropout = 0.1  # Attention dropout in retrieval cross-attention.
   model.decoder_dims = (384, 192, 96, 48)  # Decoder block outputs, deepest first.
   model.coord_reduction = 16  # MCAM coordinate gate: mip = max(8, C / reduction).
-  model.decoder = 'mcam'  # D_r: 'mcam' (authors') | 'unet' (Table 3: U-Net, r joins at a4).
+  model.decoder = 'mcam'  # D_r (Table 3): 'mcam' (authors') | 'unet' | 'swin_unet'.
   model.mcam = ml_collections.ConfigDict()  # D_r's parts (paper Table 3's MCAM ablation).
   model.mcam.coord_attention = True  # False: no coordinate gate, conv1x1 fusion (PlainFusion).
   model.mcam.multi_scale = True  # False: the 7x7 / 5x5 depthwise convolutions become 1x1.

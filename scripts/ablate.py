@@ -13,7 +13,8 @@ STUDY is one of:
                `--latency` names the JSON of `benchmarks/train_step.py --modes=...
                --latency_json=...`, whose per-mode added seconds per step become the
                table's last column, as the paper's.
-  table3       D_r: MCAM (default), a U-Net decoder (model.decoder=unet), MCAM without
+  table3       D_r: MCAM (default), a U-Net or Swin-UNet decoder (model.decoder=unet,
+               swin_unet), MCAM without
                its coordinate attention or its multi-scale branch (model.mcam.*=False):
                Table 3's rows, each a run from scratch (the decoder differs from the first
                step).
@@ -86,6 +87,7 @@ STUDIES = {
         Variant('mcam', (('model.decoder', 'mcam'), ('model.mcam.coord_attention', True),
                          ('model.mcam.multi_scale', True))),
         _one('unet', 'model.decoder', 'unet'),
+        _one('swin_unet', 'model.decoder', 'swin_unet'),
         _one('no_coord_attention', 'model.mcam.coord_attention', False),
         _one('no_multi_scale', 'model.mcam.multi_scale', False)), 'mcam', forks=False),
     'cot_source': Study("The pool's CoT (pool.cot_source)",

@@ -51,7 +51,7 @@ def test_forking_studies_warm_up_once_and_the_others_train_from_scratch(tmp_path
   ablate.main(['table3', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
                '--seeds', '0,1'])
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 8 and not any('warm-up' in line for line in lines)
+  assert len(lines) == 10 and not any('warm-up' in line for line in lines)
   assert sum('--config.model.decoder=unet' in line for line in lines) == 2
   assert sum('--config.model.mcam.multi_scale=False' in line for line in lines) == 2
   with pytest.raises(SystemExit):
@@ -120,7 +120,11 @@ def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   # Runs again: everything is done, nothing is retrained.
   ablate.main(['table2', '--variants', 'none', *flags])
   assert capsys.readouterr().out.count('done, skipped') == 2
-  result = ablate.main(['table3', '--variants', 'no_multi_scale', *flags,
-                        '--config.train.warmup_epochs=1'])
-  assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'no_multi_scale']
-  assert result['variants']['no_multi_scale/0.25']['paired']['n'] > 0
+  # Swin widths must double: (8, 16, 32, 64) for every run of this grid.
+  result = ablate.main(['table3', '--variants', 'swin_unet,no_multi_scale', *flags,
+                        '--config.train.warmup_epochs=1',
+                        '--config.model.encoder_dims=(8,16,32,64)'])
+  assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'swin_unet',
+                                                                  'no_multi_scale']
+  for name in ('swin_unet', 'no_multi_scale'):
+    assert result['variants'][f'{name}/0.25']['paired']['n'] > 0

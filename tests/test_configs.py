@@ -100,3 +100,12 @@ def test_brisc_gpu_config_schedule(variant):
   ts.StepConfig.from_config(config)
   with pytest.raises(ValueError, match='variants'):
     importlib.import_module('configs.brisc_gpu').get_config('huge')
+
+
+def test_brisc_small_heads_are_wide_enough_to_leave_the_background_solution():
+  """With 4 hidden head channels (decoder_dims[-1] = 8) every BRISC run's heads learned only
+  background evidence: val Dice exactly 0 for ~600 steps, BCP's pre-training never out of it
+  (README "Table 1"). Its heads need at least 8."""
+  from configs import brisc_small
+
+  assert brisc_small.get_config().model.decoder_dims[-1] // 2 >= 8

@@ -218,6 +218,7 @@ def test_config_switches_reach_the_model_and_refuse_the_authors_weights():
   from cers_jax.errors import ConfigError
   from cers_jax.methods import cers as cers_method
   from cers_jax.models.cers import CERS
+  from cers_jax.models.swin import SwinUNetDecoder
   from tests.train_helpers import tiny_config
 
   config = tiny_config()
@@ -229,6 +230,13 @@ def test_config_switches_reach_the_model_and_refuse_the_authors_weights():
   config.model.decoder = 'unet'
   model = nnx.eval_shape(lambda: CERS(config.model, rngs=nnx.Rngs(0)))
   assert isinstance(model.decoder_r, decoders.RetrievalUNetDecoder)
+  config.model.decoder = 'swin_unet'  # tiny_config's widths (8, 16, 24, 32) do not double.
+  with pytest.raises(ConfigError, match=r'encoder_dims=\(8, 16, 24, 32\)'):
+    CERS(config.model, rngs=nnx.Rngs(0))
+  config.model.encoder_dims = (8, 16, 32, 64)
+  model = nnx.eval_shape(lambda: CERS(config.model, rngs=nnx.Rngs(0)))
+  assert isinstance(model.decoder_r, SwinUNetDecoder)
+  config.model.decoder = 'unet'
   config.model.checkpoint = 'cers_authors.pth'
   with pytest.raises(ConfigError,
                      match='coord_attention=False.*multi_scale=False.*decoder=unet'):
@@ -258,12 +266,14 @@ def test_full_size_parameter_counts_of_each_decoder_r():
   from configs import base
   from cers_jax.errors import ConfigError
   from cers_jax.models.cers import CERS, count_params
+  from cers_jax.models.swin import SwinUNetDecoder
 
   model = base.get_config().model
   enc, dec = tuple(model.encoder_dims), tuple(model.decoder_dims)
   builders = {
       'mcam': lambda: decoders.MCAMDecoder(enc, dec, rngs=nnx.Rngs(0)),
       'unet': lambda: decoders.RetrievalUNetDecoder(enc, dec, rngs=nnx.Rngs(0)),
+      'swin_unet': lambda: SwinUNetDecoder(enc, rngs=nnx.Rngs(0)),
       'no_coord': lambda: decoders.MCAMDecoder(enc, dec, coord_attention=False,
                                                rngs=nnx.Rngs(0)),
       'no_multi_scale': lambda: decoders.MCAMDecoder(enc, dec, multi_scale=False,
@@ -272,8 +282,8 @@ def test_full_size_parameter_counts_of_each_decoder_r():
   rest = 48_728_354 - 6_741_301  # The authors' whole count (design.md section 7) less MCAM.
   totals = {name: rest + count_params(nnx.eval_shape(build), exclude=())
             for name, build in builders.items()}
-  assert totals == dict(mcam=48_728_354, unet=49_829_270, no_coord=47_109_350,
-                        no_multi_scale=48_641_954)
+  assert totals == dict(mcam=48_728_354, unet=49_829_270, swin_unet=49_923_751,
+                        no_coord=47_109_350, no_multi_scale=48_641_954)
   model.decoder = 'swin'
   with pytest.raises(ConfigError, match="model.decoder='swin'"):
     CERS(model, rngs=nnx.Rngs(0))

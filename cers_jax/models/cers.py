@@ -28,6 +28,7 @@ from cers_jax.models.decoders import MCAMDecoder
 from cers_jax.models.decoders import ResUNetDecoder
 from cers_jax.models.decoders import RetrievalUNetDecoder
 from cers_jax.models.fusion import RetrievalFusion
+from cers_jax.models.swin import SwinUNetDecoder
 from cers_jax.models.fusion import TextCrossAttention
 from cers_jax.models.layers import xavier_uniform
 
@@ -102,20 +103,27 @@ class Alignment(nnx.Module):
     self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
 
 
-DECODERS = ('mcam', 'unet')  # model.decoder: D_r's architecture (paper Table 3).
+DECODERS = ('mcam', 'unet', 'swin_unet')  # model.decoder: D_r (paper Table 3).
 
 
 def _decoder_kind(cfg) -> str:
   kind = cfg.get('decoder', 'mcam')  # .get: configs written before the switch existed.
   if kind not in DECODERS:
     raise ConfigError(f'--config.model.decoder={kind!r}: choose one of {DECODERS}.')
+  dims = tuple(cfg.encoder_dims)
+  if kind == 'swin_unet' and any(dims[i + 1] != 2 * dims[i] for i in range(len(dims) - 1)):
+    raise ConfigError(f'--config.model.decoder=swin_unet reads the encoder stages as Swin '
+                      f'widths (C, 2C, 4C, 8C); --config.model.encoder_dims={dims} are not.')
   return kind
 
 
 def _decoder_r(cfg, dims: tuple[int, ...], *, dtype, rngs: nnx.Rngs) -> nnx.Module:
   """D_r as `model.decoder` names it; `model.mcam.*` switch MCAM's parts."""
-  if _decoder_kind(cfg) == 'unet':
+  kind = _decoder_kind(cfg)
+  if kind == 'unet':
     return RetrievalUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
+  if kind == 'swin_unet':  # Swin-UNet's own widths: the encoder's (decoder_dims unused).
+    return SwinUNetDecoder(dims, dtype=dtype, rngs=rngs)
   mcam = cfg.get('mcam', {})
   return MCAMDecoder(dims, tuple(cfg.decoder_dims), reduction=cfg.coord_reduction,
                      coord_attention=bool(mcam.get('coord_attention', True)),
