@@ -28,9 +28,9 @@ from cers_jax.models.decoders import MCAMDecoder
 from cers_jax.models.decoders import ResUNetDecoder
 from cers_jax.models.decoders import RetrievalUNetDecoder
 from cers_jax.models.fusion import RetrievalFusion
-from cers_jax.models.swin import SwinUNetDecoder
 from cers_jax.models.fusion import TextCrossAttention
 from cers_jax.models.layers import xavier_uniform
+from cers_jax.models.swin import SwinUNetDecoder
 
 Array = jax.Array
 
