@@ -12,9 +12,10 @@ and CoT CSVs:
     --config.data.cot_no_mask_csv=../shared/data/cers_cot/brisc2025/cot_output_gpt5_no_mask.csv
 
 AdamW at 2e-3, 20 warm-up epochs scored on val, the pool build and its retrieval report,
-5 semi-supervised epochs of 55 steps, test evaluation and predictions: 24 minutes on a
-2-core CPU, best val Dice 0.607 (D_r) / 0.596 (D_s), test Dice 0.606 / 0.614 (README
-"BRISC that learns on a CPU": seed 0, the curve, what limits it). The network and CoT
+5 semi-supervised epochs of 55 steps, test evaluation and predictions: 22-24 minutes on a
+2-core CPU, best val Dice 0.641 (D_r; D_s 0.612 there), test Dice 0.659 / 0.635 (README
+"BRISC that learns on a CPU": seed 0, the curve, what limits it; 0.606 / 0.614 with the
+former 4-channel heads). The network and CoT
 reading are the synthetic default's (`synthetic.small_cers`: a small BERT initialised at
 random, read by the mean of its tokens, its features compared around the pool's mean).
 Not the paper's numbers: those need the pretrained full model and 200 epochs

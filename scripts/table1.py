@@ -58,12 +58,11 @@ def command(config: str, out: str, fraction: float, seed: int, method: str,
 
 def run_grid(args, extra: list[str]) -> None:
   cells = [(f, s, m) for f in args.fractions for s in args.seeds for m in args.methods]
+  log_path = os.path.join(args.out, 'runs.json')
   for index, (fraction, seed, method) in enumerate(cells, 1):
     cmd = command(args.config, args.out, fraction, seed, method, extra)
     grid.run_command(workdir(args.out, fraction, seed, method), cmd,
-                     label=f'[{index}/{len(cells)}]', log_path=os.path.join(args.out,
-                                                                           'runs.json'),
-                     dry_run=args.dry_run)
+                     label=f'[{index}/{len(cells)}]', log_path=log_path, dry_run=args.dry_run)
 
 
 def score_table(args) -> tuple[list[str], dict]:

@@ -120,11 +120,10 @@ def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   # Runs again: everything is done, nothing is retrained.
   ablate.main(['table2', '--variants', 'none', *flags])
   assert capsys.readouterr().out.count('done, skipped') == 2
-  # Swin widths must double: (8, 16, 32, 64) for every run of this grid.
-  result = ablate.main(['table3', '--variants', 'swin_unet,no_multi_scale', *flags,
+  # Swin widths must double: (8, 16, 32, 64) for both runs of this grid. (MCAM's parts are
+  # checked at model level in test_decoders.py: one run fewer here.)
+  result = ablate.main(['table3', '--variants', 'swin_unet', *flags,
                         '--config.train.warmup_epochs=1',
                         '--config.model.encoder_dims=(8,16,32,64)'])
-  assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'swin_unet',
-                                                                  'no_multi_scale']
-  for name in ('swin_unet', 'no_multi_scale'):
-    assert result['variants'][f'{name}/0.25']['paired']['n'] > 0
+  assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'swin_unet']
+  assert result['variants']['swin_unet/0.25']['paired']['n'] > 0
