@@ -3,7 +3,8 @@
   python benchmarks/train_step.py                          # full model, B=16, 224x224
   python benchmarks/train_step.py --size=tiny --image=64 --batch=8 --steps=20
   python benchmarks/train_step.py --dtypes=float32,bfloat16 --pool=3700
-  python benchmarks/train_step.py --size=tiny --image=96 --modes=none,text,cot,image,image+text,image+cot \
+  python benchmarks/train_step.py --size=tiny --image=96 \
+      --modes=none,text,cot,image,image+text,image+cot \
       --latency_json=benchmarks/results/latency_cpu.json  # Table 2's latency column
 
 The model is the full-size CERS (ConvNeXt-T, BERT-base report encoder, 64 text tokens) or
@@ -140,15 +141,21 @@ def _time(fn, args, steps: int, *, carry_state: bool):
   return statistics.median(times), flops, _memory(compiled), compile_s
 
 
-def _mode_latency(batch: int, size: int) -> list[dict]:
-  """The semi-supervised step's median time per retrieval mode, first dtype, one pool."""
-  config = _config(_DTYPES.value[0])
+def _setup(dtype: str, batch: int, size: int):
+  """(config, graphdef, tx, state, labeled batch, unlabeled batch) of one compute dtype."""
+  config = _config(dtype)
   config.pool.k_coarse = min(config.pool.k_coarse, _POOL.value)
   graphdef, tx, state = _state(config, num_samples=_POOL.value + 4 * batch)
   rng = np.random.default_rng(1)
   labeled = {k: jnp.asarray(v) for k, v in _random_batch(rng, config, batch, size, 0).items()}
   unlabeled = {k: jnp.asarray(v) for k, v in
                _random_batch(rng, config, batch, size, _POOL.value).items()}
+  return config, graphdef, tx, state, labeled, unlabeled
+
+
+def _mode_latency(batch: int, size: int) -> list[dict]:
+  """The semi-supervised step's median time per retrieval mode, first dtype, one pool."""
+  config, graphdef, tx, state, labeled, unlabeled = _setup(_DTYPES.value[0], batch, size)
   modes = list(dict.fromkeys(['none', *_MODES.value]))  # `none` first: the reference.
   rows = []
   for mode in modes:
@@ -169,14 +176,8 @@ def main(argv):
   batch, size = _BATCH.value, _IMAGE.value
   rows = []
   for dtype in _DTYPES.value:
-    config = _config(dtype)
-    config.pool.k_coarse = min(config.pool.k_coarse, _POOL.value)
+    config, graphdef, tx, state, labeled, unlabeled = _setup(dtype, batch, size)
     cfg = ts.StepConfig.from_config(config)
-    graphdef, tx, state = _state(config, num_samples=_POOL.value + 4 * batch)
-    rng = np.random.default_rng(1)
-    labeled = {k: jnp.asarray(v) for k, v in _random_batch(rng, config, batch, size, 0).items()}
-    unlabeled = {k: jnp.asarray(v) for k, v in
-                 _random_batch(rng, config, batch, size, _POOL.value).items()}
     f4 = jax.random.normal(jax.random.key(2), (batch,) + state.pool.feat.shape[1:],
                            jnp.float32)
 

@@ -23,6 +23,16 @@ from cers_jax import compare
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def parse_list(text: str, kind=str) -> list:
+  """'0,1,2' -> [0, 1, 2] with kind=int: the runners' comma-separated flags."""
+  return [kind(x) for x in text.split(',') if x]
+
+
+def cache_dir(out: str, fraction: float, seed: int) -> str:
+  """The data cache and split manifest every run of a seed and fraction shares."""
+  return os.path.join(out, 'data', f'seed{seed}_frac{fraction:g}')
+
+
 def summary(run: str) -> dict | None:
   """The run's test summary, or None while it is not finished."""
   path = os.path.join(run, 'eval', 'test_summary.json')

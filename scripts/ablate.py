@@ -1,5 +1,5 @@
-"""The paper's ablations as grids of CERS runs, resumable: Table 2, Table 3's MCAM parts,
-the pool's CoT source and Fig. 3's number of references.
+"""The paper's ablations as grids of CERS runs, resumable: Table 2, Table 3 (the decoders and
+MCAM's parts), the pool's CoT source and Fig. 3's number of references.
 
   python scripts/ablate.py STUDY --config configs/brisc_small.py --out runs/ablate \
       [--seeds 0,1,2] [--fractions 0.25,0.5,1.0] [--variants a,b] [--latency JSON] \
@@ -14,10 +14,9 @@ STUDY is one of:
                --latency_json=...`, whose per-mode added seconds per step become the
                table's last column, as the paper's.
   table3       D_r: MCAM (default), a U-Net or Swin-UNet decoder (model.decoder=unet,
-               swin_unet), MCAM without
-               its coordinate attention or its multi-scale branch (model.mcam.*=False):
-               Table 3's rows, each a run from scratch (the decoder differs from the first
-               step).
+               swin_unet), MCAM without its coordinate attention or its multi-scale branch
+               (model.mcam.*=False): Table 3's rows, each a run from scratch (the decoder
+               differs from the first step).
   cot_source   pool.cot_source mask (default, the authors') / no_mask; runs from scratch
                (the pool is built from these CoTs at the end of the warm-up).
   topk         pool.k 1 / 3 / 5 / 7 / 9 (default 5), continuing one warm-up per seed and
@@ -99,14 +98,6 @@ STUDIES = {
 }
 
 
-def _list(text: str, kind=str) -> list:
-  return [kind(x) for x in text.split(',') if x]
-
-
-def cache_dir(out: str, fraction: float, seed: int) -> str:
-  return os.path.join(out, 'data', f'seed{seed}_frac{fraction:g}')
-
-
 def workdir(out: str, study: str, fraction: float, seed: int, variant: str) -> str:
   return os.path.join(out, study, f'frac{fraction:g}', f'seed{seed}', variant)
 
@@ -120,8 +111,8 @@ def command(config: str, run: str, fraction: float, seed: int, out: str, flags: 
   """A run.py command (after the interpreter)."""
   return ['run.py', f'--config={config}', f'--workdir={run}', f'--config.seed={seed}',
           f'--config.data.labeled_fraction={fraction:g}',
-          f'--config.data.cache_dir={cache_dir(out, fraction, seed)}', *flags, f'--mode={mode}',
-          *extra]
+          f'--config.data.cache_dir={grid.cache_dir(out, fraction, seed)}', *flags,
+          f'--mode={mode}', *extra]
 
 
 def _warm_up(args, study: Study, fraction: float, seed: int, extra: list[str]) -> str:
@@ -242,11 +233,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('study', choices=sorted(STUDIES))
   parser.add_argument('--config', required=True, help='config file of every run')
   parser.add_argument('--out', required=True, help='folder of the grids')
-  parser.add_argument('--variants', type=_list, default=None,
+  parser.add_argument('--variants', type=grid.parse_list, default=None,
                       help="a subset of the study's variants (default: all); the default "
                       'variant always runs')
-  parser.add_argument('--fractions', type=lambda t: _list(t, float), default=[0.25])
-  parser.add_argument('--seeds', type=lambda t: _list(t, int), default=[0])
+  parser.add_argument('--fractions', type=lambda t: grid.parse_list(t, float), default=[0.25])
+  parser.add_argument('--seeds', type=lambda t: grid.parse_list(t, int), default=[0])
   parser.add_argument('--latency', default=None,
                       help='table2: benchmarks/train_step.py --latency_json output')
   parser.add_argument('--resamples', type=int, default=2000, help='bootstrap resamples')

@@ -38,10 +38,6 @@ REFERENCE = 'cers'
 NOT_IMPLEMENTED = ('DuCiSC', 'LeFeD', 'LViT')
 
 
-def _list(text: str, kind=str) -> list:
-  return [kind(x) for x in text.split(',') if x]
-
-
 def workdir(out: str, fraction: float, seed: int, method: str) -> str:
   return os.path.join(out, f'frac{fraction:g}', f'seed{seed}', method)
 
@@ -52,7 +48,7 @@ def command(config: str, out: str, fraction: float, seed: int, method: str,
   return ['run.py', f'--config={config}',
           f'--workdir={workdir(out, fraction, seed, method)}', f'--config.method={method}',
           f'--config.seed={seed}', f'--config.data.labeled_fraction={fraction:g}',
-          f'--config.data.cache_dir={os.path.join(out, "data", f"seed{seed}_frac{fraction:g}")}',
+          f'--config.data.cache_dir={grid.cache_dir(out, fraction, seed)}',
           '--mode=all', *extra]
 
 
@@ -110,9 +106,9 @@ def _parser() -> argparse.ArgumentParser:
       epilog='Flags this script does not know (--config.x=y) are passed to every run.py.')
   parser.add_argument('--config', required=True, help='config file of every run')
   parser.add_argument('--out', required=True, help='folder of the grid')
-  parser.add_argument('--methods', type=_list, default=list(METHODS))
-  parser.add_argument('--fractions', type=lambda t: _list(t, float), default=[0.25])
-  parser.add_argument('--seeds', type=lambda t: _list(t, int), default=[0])
+  parser.add_argument('--methods', type=grid.parse_list, default=list(METHODS))
+  parser.add_argument('--fractions', type=lambda t: grid.parse_list(t, float), default=[0.25])
+  parser.add_argument('--seeds', type=lambda t: grid.parse_list(t, int), default=[0])
   parser.add_argument('--resamples', type=int, default=2000, help='bootstrap resamples')
   parser.add_argument('--dry-run', action='store_true', help='print the commands only')
   parser.add_argument('--table-only', action='store_true', help='train nothing; print')

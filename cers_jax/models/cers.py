@@ -117,9 +117,9 @@ def _decoder_kind(cfg) -> str:
   return kind
 
 
-def _decoder_r(cfg, dims: tuple[int, ...], *, dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """D_r as `model.decoder` names it; `model.mcam.*` switch MCAM's parts."""
-  kind = _decoder_kind(cfg)
+def _decoder_r(cfg, kind: str, dims: tuple[int, ...], *, dtype,
+               rngs: nnx.Rngs) -> nnx.Module:
+  """D_r of `kind` (`_decoder_kind`); `model.mcam.*` switch MCAM's parts."""
   if kind == 'unet':
     return RetrievalUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
   if kind == 'swin_unet':  # Swin-UNet's own widths: the encoder's (decoder_dims unused).
@@ -145,7 +145,7 @@ class CERS(nnx.Module):
     self.text_trainable = bool(cfg.text.trainable)
     self.cot_trainable = bool(cfg.cot.trainable)
     self.cot_pooling = str(cfg.cot.pooling)
-    _decoder_kind(cfg)  # Refused before minutes of initialising the encoders.
+    decoder_kind = _decoder_kind(cfg)  # Refused before minutes of initialising the encoders.
     if self.cot_pooling not in POOLINGS:
       raise ValueError(f'config.model.cot.pooling={self.cot_pooling!r} is not one of '
                        f'{POOLINGS}.')
@@ -160,7 +160,7 @@ class CERS(nnx.Module):
     ])
     self.fusion = RetrievalFusion(dims[3], cfg.attn_heads, dropout=cfg.fusion_dropout,
                                   dtype=dtype, rngs=rngs)
-    self.decoder_r = _decoder_r(cfg, dims, dtype=dtype, rngs=rngs)
+    self.decoder_r = _decoder_r(cfg, decoder_kind, dims, dtype=dtype, rngs=rngs)
     self.decoder_s = ResUNetDecoder(dims, tuple(cfg.decoder_dims), dtype=dtype, rngs=rngs)
     self.alignment = Alignment(dims[3], cfg.cot.hidden_size, cfg.embed_dim,
                                cfg.logit_scale_init, dtype=dtype, rngs=rngs)
