@@ -28,7 +28,9 @@ Every run is `python run.py --config CONFIG --workdir OUT/STUDY/frac<f>/seed<s>/
 the extra `--config.*` flags given here; the runs of a seed and fraction share one data
 cache and split manifest (OUT/data/seed<s>_frac<f>), and the studies that continue a
 warm-up share it too (OUT/warmup/frac<f>/seed<s>, `--mode=warmup` with the default
-variant's flags). One run at a time; finished runs are skipped, interrupted ones resume
+variant's flags), and each of their runs is tested at its last checkpoint
+(--config.eval.which=latest, FORK_FLAGS): the best by val Dice can be the shared warm-up's
+own (CPU recipes peak there), which would score every variant with the same weights. One run at a time; finished runs are skipped, interrupted ones resume
 (cers_jax/grid.py), so a later invocation with more seeds adds them.
 
 Prints, per labeled fraction, the study's table: test Dice and IoU of D_r and Dice of D_s
@@ -52,6 +54,9 @@ sys.path.insert(0, ROOT)
 from cers_jax import grid  # noqa: E402
 
 WARMUP_DONE = 'ablate_warmup_done.json'
+# Runs that continue the shared warm-up are tested at their own last state; a later
+# --config.eval.which=best on the command line overrides it.
+FORK_FLAGS = ('--config.eval.which=latest',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +150,9 @@ def run_study(args, study: Study, extra: list[str]) -> None:
           shutil.copytree(source, run)
           os.remove(os.path.join(run, WARMUP_DONE))
 
-    grid.run_command(run, command(args.config, run, fraction, seed, args.out,
-                                  study.variant(name).args(), 'all', extra),
+    flags = study.variant(name).args() + list(FORK_FLAGS if study.forks else ())
+    grid.run_command(run, command(args.config, run, fraction, seed, args.out, flags, 'all',
+                                  extra),
                      label=f'[{index}/{len(cells)}]',
                      log_path=os.path.join(args.out, args.study, 'runs.json'),
                      dry_run=args.dry_run, prepare=prepare)

@@ -43,15 +43,19 @@ def test_forking_studies_warm_up_once_and_the_others_train_from_scratch(tmp_path
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0].startswith('warm-up run.py') and '--mode=warmup' in lines[0]
   assert '--config.pool.mode=image+cot' in lines[0]  # The default variant's flags.
+  assert 'eval.which' not in lines[0]
   forks = lines[1:]
   assert len(forks) == len(ablate.MODES)
   for mode, line in zip(ablate.MODES, forks):
-    assert f'--config.pool.mode={mode} --mode=all --config.train.epochs=3' in line
+    # Tested at its own last state, not the shared warm-up's best checkpoint.
+    assert (f'--config.pool.mode={mode} --config.eval.which=latest --mode=all '
+            '--config.train.epochs=3') in line
     assert f'--workdir={out}/table2/frac0.25/seed0/{mode}' in line
   ablate.main(['table3', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
                '--seeds', '0,1'])
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 10 and not any('warm-up' in line for line in lines)
+  assert not any('eval.which' in line for line in lines)
   assert sum('--config.model.decoder=unet' in line for line in lines) == 2
   assert sum('--config.model.mcam.multi_scale=False' in line for line in lines) == 2
   with pytest.raises(SystemExit):
