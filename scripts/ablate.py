@@ -18,7 +18,11 @@ STUDY is one of:
                (model.mcam.*=False): Table 3's rows, each a run from scratch (the decoder
                differs from the first step).
   cot_source   pool.cot_source mask (default, the authors') / no_mask; runs from scratch
-               (the pool is built from these CoTs at the end of the warm-up).
+               (the CoT table the pool is built from is part of the checkpoint, fixed once
+               training starts).
+
+table3's and cot_source's default rows are one run, OUT/default/frac<f>/seed<s> (CERS as
+configured, DEFAULT_RUN), trained by whichever study comes first.
   topk         pool.k 1 / 3 / 5 / 7 / 9 (default 5), continuing one warm-up per seed and
                fraction; also draws Fig. 3 (test Dice of D_r against k, one line per
                labeled fraction) as OUT/topk/fig3.png.
@@ -30,8 +34,9 @@ cache and split manifest (OUT/data/seed<s>_frac<f>), and the studies that contin
 warm-up share it too (OUT/warmup/frac<f>/seed<s>, `--mode=warmup` with the default
 variant's flags), and each of their runs is tested at its last checkpoint
 (--config.eval.which=latest, FORK_FLAGS): the best by val Dice can be the shared warm-up's
-own (CPU recipes peak there), which would score every variant with the same weights. One run at a time; finished runs are skipped, interrupted ones resume
-(cers_jax/grid.py), so a later invocation with more seeds adds them.
+own (CPU recipes peak there), which would score every variant with the same weights. One
+run at a time; finished runs are skipped, interrupted ones resume (cers_jax/grid.py), so a
+later invocation with more seeds adds them.
 
 Prints, per labeled fraction, the study's table: test Dice and IoU of D_r and Dice of D_s
 (mean ± std over seeds) and each variant's paired per-image Dice difference (D_r) to the
@@ -83,20 +88,26 @@ def _one(name: str, field: str, value) -> Variant:
   return Variant(name, ((field, value),))
 
 
+# The default variant of every study that trains from scratch is one and the same run
+# (OUT/default/frac<f>/seed<s>), its every ablated setting spelt out at its default value:
+# CERS as configured. Trained once, it is the reference of Table 3 and of the CoT source.
+DEFAULT_RUN = Variant('default', (
+    ('model.decoder', 'mcam'), ('model.mcam.coord_attention', True),
+    ('model.mcam.multi_scale', True), ('pool.cot_source', 'mask')))
+
 MODES = ('none', 'text', 'cot', 'image', 'image+text', 'image+cot')
 STUDIES = {
     'table2': Study('Table 2: retrieval signals (pool.mode)',
                     tuple(_one(m, 'pool.mode', m) for m in MODES), 'image+cot', forks=True),
     'table3': Study('Table 3: the retrieval-aware decoder (model.decoder, model.mcam)', (
-        Variant('mcam', (('model.decoder', 'mcam'), ('model.mcam.coord_attention', True),
-                         ('model.mcam.multi_scale', True))),
+        dataclasses.replace(DEFAULT_RUN, name='mcam'),
         _one('unet', 'model.decoder', 'unet'),
         _one('swin_unet', 'model.decoder', 'swin_unet'),
         _one('no_coord_attention', 'model.mcam.coord_attention', False),
         _one('no_multi_scale', 'model.mcam.multi_scale', False)), 'mcam', forks=False),
-    'cot_source': Study("The pool's CoT (pool.cot_source)",
-                        tuple(_one(s, 'pool.cot_source', s) for s in ('mask', 'no_mask')),
-                        'mask', forks=False),
+    'cot_source': Study("The pool's CoT (pool.cot_source)", (
+        dataclasses.replace(DEFAULT_RUN, name='mask'), _one('no_mask', 'pool.cot_source',
+                                                            'no_mask')), 'mask', forks=False),
     'topk': Study('Fig. 3: references fused (pool.k)',
                   tuple(_one(f'k{k}', 'pool.k', k) for k in (1, 3, 5, 7, 9)), 'k5',
                   forks=True),
@@ -104,7 +115,15 @@ STUDIES = {
 
 
 def workdir(out: str, study: str, fraction: float, seed: int, variant: str) -> str:
+  spec = STUDIES[study]
+  if not spec.forks and variant == spec.default:  # The shared DEFAULT_RUN.
+    return os.path.join(out, DEFAULT_RUN.name, f'frac{fraction:g}', f'seed{seed}')
   return os.path.join(out, study, f'frac{fraction:g}', f'seed{seed}', variant)
+
+
+def _runs_log(out: str, run: str) -> str:
+  """OUT/<study, or default for the shared default run>/runs.json: commands and times."""
+  return os.path.join(out, os.path.relpath(run, out).split(os.sep)[0], 'runs.json')
 
 
 def warmup_dir(out: str, fraction: float, seed: int) -> str:
@@ -154,7 +173,7 @@ def run_study(args, study: Study, extra: list[str]) -> None:
     grid.run_command(run, command(args.config, run, fraction, seed, args.out, flags, 'all',
                                   extra),
                      label=f'[{index}/{len(cells)}]',
-                     log_path=os.path.join(args.out, args.study, 'runs.json'),
+                     log_path=_runs_log(args.out, run),
                      dry_run=args.dry_run, prepare=prepare)
 
 

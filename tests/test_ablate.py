@@ -56,6 +56,11 @@ def test_forking_studies_warm_up_once_and_the_others_train_from_scratch(tmp_path
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 10 and not any('warm-up' in line for line in lines)
   assert not any('eval.which' in line for line in lines)
+  # Table 3's default row is the run cot_source's default row is: CERS as configured.
+  shared = [line for line in lines if f'--workdir={out}/default/frac0.25/seed' in line]
+  assert len(shared) == 2 and all('--config.pool.cot_source=mask' in line for line in shared)
+  assert (ablate.workdir(out, 'table3', 0.25, 0, 'mcam')
+          == ablate.workdir(out, 'cot_source', 0.25, 0, 'mask'))
   assert sum('--config.model.decoder=unet' in line for line in lines) == 2
   assert sum('--config.model.mcam.multi_scale=False' in line for line in lines) == 2
   with pytest.raises(SystemExit):
@@ -131,3 +136,10 @@ def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
                         '--config.model.encoder_dims=(8,16,32,64)'])
   assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'swin_unet']
   assert result['variants']['swin_unet/0.25']['paired']['n'] > 0
+  capsys.readouterr()
+  # cot_source's default row is table3's default run, done already: only no_mask is left.
+  ablate.main(['cot_source', '--dry-run', *flags, '--config.train.warmup_epochs=1',
+               '--config.model.encoder_dims=(8,16,32,64)'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and lines[0].endswith('done, skipped')
+  assert '--config.pool.cot_source=no_mask' in lines[1]
