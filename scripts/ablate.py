@@ -2,8 +2,8 @@
 MCAM's parts), the pool's CoT source and Fig. 3's number of references.
 
   python scripts/ablate.py STUDY --config configs/brisc_small.py --out runs/ablate \
-      [--seeds 0,1,2] [--fractions 0.25,0.5,1.0] [--variants a,b] [--latency JSON] \
-      [--dry-run] [--table-only] [--config.x=y ...]
+      [--seeds 0,1,2] [--fractions 0.25,0.5,1.0] [--variants a,b] [--reference v] \
+      [--latency JSON] [--dry-run] [--table-only] [--config.x=y ...]
 
 STUDY is one of:
 
@@ -40,8 +40,8 @@ later invocation with more seeds adds them.
 
 Prints, per labeled fraction, the study's table: test Dice and IoU of D_r and Dice of D_s
 (mean ± std over seeds) and each variant's paired per-image Dice difference (D_r) to the
-default variant with its bootstrap 95% CI and Wilcoxon p; also to OUT/STUDY/table.md and
-table.json.
+default variant (or the variant `--reference` names: OUT/STUDY/table_vs_<it>.*) with its
+bootstrap 95% CI and Wilcoxon p; also to OUT/STUDY/table.md and table.json.
 """
 
 from __future__ import annotations
@@ -185,14 +185,16 @@ def _latency(path: str | None) -> dict[str, float]:
 
 
 def tables(args, study: Study) -> tuple[list[str], dict]:
-  """Markdown lines of the study's table per fraction, and its numbers."""
+  """Markdown lines of the study's table per fraction, and its numbers; paired differences
+  are to args.reference (the study's default variant unless --reference names another)."""
   latency = _latency(args.latency)
+  reference = args.reference or study.default
   lines, numbers = [], {}
   for fraction in args.fractions:
-    default_runs = grid.finished([workdir(args.out, args.study, fraction, s, study.default)
-                                  for s in args.seeds])
-    header = ('| variant | flags | Dice D_r | IoU D_r | Dice D_s | D_r − default | 95% CI '
-              '| Wilcoxon p |')
+    reference_runs = grid.finished([workdir(args.out, args.study, fraction, s, reference)
+                                    for s in args.seeds])
+    header = (f'| variant | flags | Dice D_r | IoU D_r | Dice D_s | D_r − {reference} '
+              '| 95% CI | Wilcoxon p |')
     rule = '|---|---|---:|---:|---:|---:|---:|---:|'
     if latency:
       header, rule = header + ' added s/step |', rule + '---:|'
@@ -208,8 +210,8 @@ def tables(args, study: Study) -> tuple[list[str], dict]:
                  iou_r=[s['iou_r_mean'] for s in scores],
                  dice_s=[s['dice_s_mean'] for s in scores if 'dice_s_mean' in s])
       paired = '– | – | –'
-      if name != study.default and runs and len(runs) == len(default_runs):
-        row['paired'] = grid.paired_dice(runs, default_runs, decoder='r',
+      if name != reference and runs and len(runs) == len(reference_runs):
+        row['paired'] = grid.paired_dice(runs, reference_runs, decoder='r',
                                          reference_decoder='r', resamples=args.resamples)
         paired = grid.paired_cells(row['paired'])
       flags = ' '.join(f'{field}={value}' for field, value in variant.flags)
@@ -263,6 +265,9 @@ def _parser() -> argparse.ArgumentParser:
                       'variant always runs')
   parser.add_argument('--fractions', type=lambda t: grid.parse_list(t, float), default=[0.25])
   parser.add_argument('--seeds', type=lambda t: grid.parse_list(t, int), default=[0])
+  parser.add_argument('--reference', default=None,
+                      help='the variant paired differences are to (default: the '
+                      "study's default variant), e.g. none for Table 2")
   parser.add_argument('--latency', default=None,
                       help='table2: benchmarks/train_step.py --latency_json output')
   parser.add_argument('--resamples', type=int, default=2000, help='bootstrap resamples')
@@ -281,7 +286,10 @@ def main(argv=None) -> dict:
   unknown = sorted(set(chosen) - set(names))
   if unknown:
     parser.error(f'--variants: {args.study} has no {unknown}; it has {names}.')
-  # The default variant always runs: it is every paired difference's reference.
+  if args.reference and args.reference not in chosen + [study.default]:
+    parser.error(f'--reference {args.reference}: not among the variants run '
+                 f'({", ".join(sorted(set(chosen + [study.default])))}).')
+  # The default variant always runs: it is the paired differences' reference by default.
   args.variants = [n for n in names if n in chosen or n == study.default]
   if not args.table_only:
     run_study(args, study, extra)
@@ -293,14 +301,16 @@ def main(argv=None) -> dict:
   print(text)
   folder = os.path.join(args.out, args.study)
   os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, 'table.md'), 'w') as f:
+  reference = args.reference or study.default
+  stem = 'table' if reference == study.default else f'table_vs_{reference}'
+  with open(os.path.join(folder, f'{stem}.md'), 'w') as f:
     f.write(text + '\n')
   result = dict(study=args.study, config=args.config, extra=extra, seeds=args.seeds,
-                default=study.default, variants=numbers)
+                default=study.default, reference=reference, variants=numbers)
   if args.study == 'topk':
     result['figure'] = os.path.join(folder, 'fig3.png')
     draw_fig3(args, numbers, result['figure'])
-  with open(os.path.join(folder, 'table.json'), 'w') as f:
+  with open(os.path.join(folder, f'{stem}.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result
 

@@ -89,6 +89,19 @@ def test_table_pairs_each_variant_with_the_default_and_reads_latency(tmp_path, c
   assert f'| none | `pool.mode=none` | {100 * np.mean(base - 0.05):.2f} |' in text
   assert '| -5.00 | [-5.00, -5.00] |' in text and text.count('+0.0120 |') == 1
   assert os.path.isfile(os.path.join(out, 'table2', 'table.md'))
+  # Against no retrieval instead: its own files, the default's table left as it was.
+  result = ablate.main(['table2', '--config', 'configs/synthetic.py', '--out', out,
+                        '--table-only', '--variants', 'none,image,image+cot', '--reference',
+                        'none', '--resamples', '100'])
+  assert result['variants']['image/0.25']['paired']['diff'] == pytest.approx(0.03)
+  assert 'paired' not in result['variants']['none/0.25']
+  assert '| D_r − none |' in capsys.readouterr().out
+  assert os.path.isfile(os.path.join(out, 'table2', 'table_vs_none.json'))
+  with open(os.path.join(out, 'table2', 'table.json')) as f:
+    assert json.load(f)['reference'] == 'image+cot'
+  with pytest.raises(SystemExit):
+    ablate.main(['table2', '--config', 'c.py', '--out', out, '--variants', 'image',
+                 '--reference', 'none'])
 
 
 def test_topk_draws_fig3(tmp_path):
