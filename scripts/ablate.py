@@ -41,7 +41,9 @@ later invocation with more seeds adds them.
 Prints, per labeled fraction, the study's table: test Dice and IoU of D_r and Dice of D_s
 (mean ± std over seeds) and each variant's paired per-image Dice difference (D_r) to the
 default variant (or the variant `--reference` names: OUT/STUDY/table_vs_<it>.*) with its
-bootstrap 95% CI and Wilcoxon p; also to OUT/STUDY/table.md and table.json.
+bootstrap 95% CI and Wilcoxon p; also to OUT/STUDY/table.md and table.json. table2 adds
+what each mode retrieves from the warm-up's pool (reference mask Dice, label match: the
+warm-up's after-warm-up retrieval report), the retrieval question beside the segmentation.
 """
 
 from __future__ import annotations
@@ -226,6 +228,40 @@ def tables(args, study: Study) -> tuple[list[str], dict]:
   return lines, numbers
 
 
+RETRIEVAL_REPORT = os.path.join('retrieval', 'after_warmup', 'report.json')
+
+
+def retrieval_lines(args) -> tuple[list[str], dict]:
+  """What each pool mode retrieves from the shared warm-up's pool (its after-warm-up
+  retrieval report, val queries): markdown lines per fraction and the numbers, mean ± std
+  over the seeds whose warm-up has one."""
+  lines, numbers = [], {}
+  for fraction in args.fractions:
+    reports = []
+    for seed in args.seeds:
+      path = os.path.join(warmup_dir(args.out, fraction, seed), RETRIEVAL_REPORT)
+      if os.path.isfile(path):
+        with open(path) as f:
+          reports.append(json.load(f))
+    if not reports:
+      continue
+    first = reports[0]
+    lines += [f'What each mode retrieves after the warm-up, labeled fraction {fraction:g} '
+              f'(the retrieval report: {first["num_queries"]} {first["split"]} queries, '
+              f'k = {first["k"]}, K = {first["k_coarse"]}, pool of {first["pool_size"]}; '
+              f'{len(reports)} seed(s)), in points:', '',
+              '| mode | reference mask Dice | label match |', '|---|---:|---:|']
+    for mode in first['modes']:
+      rows = [r['modes'][mode] for r in reports if mode in r['modes']]
+      row = dict(ref_mask_dice=[m['ref_mask_dice'] for m in rows],
+                 label_match=[m['label_match'] for m in rows if 'label_match' in m])
+      lines.append(f'| {mode} | {grid.mean_std(row["ref_mask_dice"])} | '
+                   f'{grid.mean_std(row["label_match"])} |')
+      numbers[f'{mode}/{fraction:g}'] = row
+    lines.append('')
+  return lines, numbers
+
+
 def draw_fig3(args, numbers: dict, path: str) -> None:
   """Test Dice of D_r against pool.k, one line per labeled fraction (error bars: std)."""
   import matplotlib
@@ -296,6 +332,10 @@ def main(argv=None) -> dict:
   if args.dry_run:
     return {}
   lines, numbers = tables(args, study)
+  retrieved = {}
+  if args.study == 'table2':
+    more, retrieved = retrieval_lines(args)
+    lines += more
   text = '\n'.join([f'{study.title}; config {args.config} {" ".join(extra)}'.rstrip(), '',
                     *lines])
   print(text)
@@ -307,6 +347,8 @@ def main(argv=None) -> dict:
     f.write(text + '\n')
   result = dict(study=args.study, config=args.config, extra=extra, seeds=args.seeds,
                 default=study.default, reference=reference, variants=numbers)
+  if retrieved:
+    result['after_warmup'] = retrieved
   if args.study == 'topk':
     result['figure'] = os.path.join(folder, 'fig3.png')
     draw_fig3(args, numbers, result['figure'])

@@ -354,7 +354,7 @@ def test_prepare_mode_and_locked_config(cli, tmp_path):
   assert (report['stage'], report['epoch']) == ('semi', 0)
   assert [(r['stage'], r['epoch']) for r in _metrics(workdir)] == [('warmup', 0)]
 
-  # scripts/brisc_study.sh continues a warmed-up run in another pool mode: warm-up never
+  # scripts/ablate.py table2 continues a warmed-up run in another pool mode: warm-up never
   # retrieves, so the resume check allows it (epochs=0: the check, not the training).
   cli(workdir, '--mode=train', '--config.train.warmup_epochs=1', '--config.pool.mode=image',
       '--config.train.epochs=0')

@@ -1,7 +1,7 @@
 """Tests for cers_jax/workdir.py: which config changes a checkpoint can go on with.
 
 The same rules through the real CLI, on real checkpoints (refused data, model, retrieval
-and batch-size changes; scripts/brisc_study.sh's pool mode after one warm-up), are checked
+and batch-size changes; scripts/ablate.py table2's pool mode after one warm-up), are checked
 in test_end_to_end.py.
 """
 
@@ -64,7 +64,7 @@ RETRIEVAL = {'pool.mode': 'image', 'pool.k_coarse': 20, 'pool.k': 2,
 @pytest.mark.parametrize('mode', ['train', 'all'])
 def test_retrieval_settings_may_change_until_retrieval_has_trained(mode):
   assert not _refused(mode, IN_WARMUP, **RETRIEVAL)
-  assert not _refused(mode, WARMED_UP, **RETRIEVAL)  # scripts/brisc_study.sh
+  assert not _refused(mode, WARMED_UP, **RETRIEVAL)  # scripts/ablate.py table2
   assert _refused(mode, MID_SEMI, **RETRIEVAL) == set(RETRIEVAL)
   assert _refused(mode, PREEMPTED, **RETRIEVAL) == set(RETRIEVAL)
   assert not _refused(mode, DONE, **RETRIEVAL)  # Nothing left to train.

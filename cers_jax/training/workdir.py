@@ -13,7 +13,7 @@ the workdir as it was:
   ('retrieval') may change only where no retrieval has been trained with yet (the stages
   are the method's, `core.method`; for CERS:) during
   warm-up, at the end of warm-up (stage 'semi', epoch 0, before its first step: how
-  scripts/brisc_study.sh continues one warmed-up run with several pool modes), after
+  `scripts/ablate.py table2` continues one warmed-up run with several pool modes), after
   training is done, and in the evaluation-only modes; 'training' fields only where nothing
   trains. Everything else ('free': epochs, learning rate, logging, eval.*) may change; the
   differences are logged ('derived' ones are not);
