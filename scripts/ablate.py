@@ -262,31 +262,48 @@ def retrieval_lines(args) -> tuple[list[str], dict]:
   return lines, numbers
 
 
-def draw_fig3(args, numbers: dict, path: str) -> None:
-  """Test Dice of D_r against pool.k, one line per labeled fraction (error bars: std)."""
+FIG3_MIN_SPAN = 2.0  # Dice points: the y axis spans at least this, so that noise-sized
+# differences between k (0.04 points on BRISC at CPU scale) do not fill the plot.
+
+
+def draw_fig3(args, numbers: dict, path: str) -> tuple[float, float]:
+  """Test Dice of D_r against pool.k, one line per labeled fraction (error bars: std over
+  seeds; a line's legend says how many). Returns the y axis' limits."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   import numpy as np
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
+  low, high = np.inf, -np.inf
   for fraction in args.fractions:
-    ks, means, stds = [], [], []
+    ks, means, stds, seeds = [], [], [], set()
     for name in args.variants:
       dice = numbers[f'{name}/{fraction:g}']['dice_r']
       if dice:
         ks.append(int(name[1:]))
         means.append(100 * np.mean(dice))
         stds.append(100 * np.std(dice, ddof=1) if len(dice) > 1 else 0.0)
+        seeds.add(len(dice))
+    if not ks:
+      continue
     ax.errorbar(ks, means, yerr=stds, marker='o', capsize=3,
-                label=f'{100 * fraction:g}% labeled')
+                label=f'{100 * fraction:g}% labeled, {"/".join(map(str, sorted(seeds)))} '
+                      f'seed(s)')
+    low = min(low, min(m - s for m, s in zip(means, stds)))
+    high = max(high, max(m + s for m, s in zip(means, stds)))
+  if np.isfinite(low):
+    pad = max(0.0, FIG3_MIN_SPAN - (high - low)) / 2
+    ax.set_ylim(low - pad, high + pad)
+    ax.legend()
   ax.set_xlabel('references fused (pool.k)')
   ax.set_ylabel('test Dice of D_r (%)')
   ax.set_title(f'Fig. 3 at this config ({os.path.basename(args.config)})')
-  ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+  limits = ax.get_ylim()
   plt.close(fig)
+  return limits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -351,7 +368,7 @@ def main(argv=None) -> dict:
     result['after_warmup'] = retrieved
   if args.study == 'topk':
     result['figure'] = os.path.join(folder, 'fig3.png')
-    draw_fig3(args, numbers, result['figure'])
+    result['figure_ylim'] = draw_fig3(args, numbers, result['figure'])
   with open(os.path.join(folder, f'{stem}.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result

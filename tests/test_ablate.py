@@ -116,6 +116,19 @@ def test_topk_draws_fig3(tmp_path):
   assert result['variants']['k1/0.25']['dice_r'] == pytest.approx([0.51, 0.52])
   with open(result['figure'], 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # Means 51.5 to 55.5 points, std 0.71: the error bars fill the axis,
+  low, high = result['figure_ylim']
+  assert low == pytest.approx(51.5 - 0.5 ** 0.5) and high == pytest.approx(55.5 + 0.5 ** 0.5)
+  # but differences far smaller than a Dice point are drawn on at least 2 points.
+  for seed in (0, 1):
+    for k in (1, 3, 5):
+      _fake_run(ablate.workdir(out, 'topk', 0.5, seed, f'k{k}'),
+                np.full(len(IDS), 0.6 + 1e-4 * k), np.full(len(IDS), 0.6))
+  result = ablate.main(['topk', '--config', 'configs/synthetic.py', '--out', out,
+                        '--table-only', '--variants', 'k1,k3,k5', '--seeds', '0,1',
+                        '--fractions', '0.5', '--resamples', '50'])
+  low, high = result['figure_ylim']
+  assert high - low >= ablate.FIG3_MIN_SPAN and low < 60.01 < 60.05 < high
 
 
 @pytest.mark.slow
