@@ -20,12 +20,12 @@ STUDY is one of:
   cot_source   pool.cot_source mask (default, the authors') / no_mask; runs from scratch
                (the CoT table the pool is built from is part of the checkpoint, fixed once
                training starts).
-
-table3's and cot_source's default rows are one run, OUT/default/frac<f>/seed<s> (CERS as
-configured, DEFAULT_RUN), trained by whichever study comes first.
   topk         pool.k 1 / 3 / 5 / 7 / 9 (default 5), continuing one warm-up per seed and
                fraction; also draws Fig. 3 (test Dice of D_r against k, one line per
                labeled fraction) as OUT/topk/fig3.png.
+
+table3's and cot_source's default rows are one run, OUT/default/frac<f>/seed<s> (CERS as
+configured, DEFAULT_RUN), trained by whichever study comes first.
 
 Every run is `python run.py --config CONFIG --workdir OUT/STUDY/frac<f>/seed<s>/<variant>
 --config.seed=<s> --config.data.labeled_fraction=<f> <the variant's flags> --mode=all` plus
