@@ -188,9 +188,9 @@ def _latency(path: str | None) -> dict[str, float]:
 
 def tables(args, study: Study) -> tuple[list[str], dict]:
   """Markdown lines of the study's table per fraction, and its numbers; paired differences
-  are to args.reference (the study's default variant unless --reference names another)."""
+  are to args.reference (main sets it: the default variant unless --reference names one)."""
   latency = _latency(args.latency)
-  reference = args.reference or study.default
+  reference = args.reference
   lines, numbers = [], {}
   for fraction in args.fractions:
     reference_runs = grid.finished([workdir(args.out, args.study, fraction, s, reference)
@@ -344,6 +344,7 @@ def main(argv=None) -> dict:
                  f'({", ".join(sorted(set(chosen + [study.default])))}).')
   # The default variant always runs: it is the paired differences' reference by default.
   args.variants = [n for n in names if n in chosen or n == study.default]
+  args.reference = args.reference or study.default
   if not args.table_only:
     run_study(args, study, extra)
   if args.dry_run:
@@ -358,12 +359,11 @@ def main(argv=None) -> dict:
   print(text)
   folder = os.path.join(args.out, args.study)
   os.makedirs(folder, exist_ok=True)
-  reference = args.reference or study.default
-  stem = 'table' if reference == study.default else f'table_vs_{reference}'
+  stem = 'table' if args.reference == study.default else f'table_vs_{args.reference}'
   with open(os.path.join(folder, f'{stem}.md'), 'w') as f:
     f.write(text + '\n')
   result = dict(study=args.study, config=args.config, extra=extra, seeds=args.seeds,
-                default=study.default, reference=reference, variants=numbers)
+                default=study.default, reference=args.reference, variants=numbers)
   if retrieved:
     result['after_warmup'] = retrieved
   if args.study == 'topk':
