@@ -43,7 +43,8 @@ Prints, per labeled fraction, the study's table: test Dice and IoU of D_r and Di
 default variant (or the variant `--reference` names: OUT/STUDY/table_vs_<it>.*) with its
 bootstrap 95% CI and Wilcoxon p; also to OUT/STUDY/table.md and table.json. table2 adds
 what each mode retrieves from the warm-up's pool (reference mask Dice, label match: the
-warm-up's after-warm-up retrieval report), the retrieval question beside the segmentation.
+warm-up's after-warm-up retrieval report), the retrieval question beside the segmentation;
+cot_source adds the same for the CoT modes (and image) from each variant's own run.
 """
 
 from __future__ import annotations
@@ -229,6 +230,37 @@ def tables(args, study: Study) -> tuple[list[str], dict]:
 
 
 RETRIEVAL_REPORT = os.path.join('retrieval', 'after_warmup', 'report.json')
+# The cot_source study's retrieval rows: the modes that read the pool's CoT, and image
+# (no CoT) to show whether the two runs' warm-ups themselves differ.
+COT_SOURCE_MODES = ('image', 'cot', 'image+cot')
+
+
+def _reports(runs: list[str]) -> list[dict]:
+  """The after-warm-up retrieval reports of the runs that have one."""
+  reports = []
+  for run in runs:
+    path = os.path.join(run, RETRIEVAL_REPORT)
+    if os.path.isfile(path):
+      with open(path) as f:
+        reports.append(json.load(f))
+  return reports
+
+
+def _retrieval_header(what: str, fraction: float, reports: list[dict], first_column: str):
+  first = reports[0]
+  return [f'{what}, labeled fraction {fraction:g} (the after-warm-up retrieval report: '
+          f'{first["num_queries"]} {first["split"]} queries, k = {first["k"]}, K = '
+          f'{first["k_coarse"]}, pool of {first["pool_size"]}; {len(reports)} seed(s)), '
+          'in points:', '', f'| {first_column} | reference mask Dice | label match |',
+          '|---|---:|---:|']
+
+
+def _retrieval_row(label: str, reports: list[dict], mode: str) -> tuple[str, dict]:
+  rows = [r['modes'][mode] for r in reports if mode in r['modes']]
+  row = dict(ref_mask_dice=[m['ref_mask_dice'] for m in rows],
+             label_match=[m['label_match'] for m in rows if 'label_match' in m])
+  return (f'| {label} | {grid.mean_std(row["ref_mask_dice"])} | '
+          f'{grid.mean_std(row["label_match"])} |', row)
 
 
 def retrieval_lines(args) -> tuple[list[str], dict]:
@@ -237,28 +269,38 @@ def retrieval_lines(args) -> tuple[list[str], dict]:
   over the seeds whose warm-up has one."""
   lines, numbers = [], {}
   for fraction in args.fractions:
-    reports = []
-    for seed in args.seeds:
-      path = os.path.join(warmup_dir(args.out, fraction, seed), RETRIEVAL_REPORT)
-      if os.path.isfile(path):
-        with open(path) as f:
-          reports.append(json.load(f))
+    reports = _reports([warmup_dir(args.out, fraction, s) for s in args.seeds])
     if not reports:
       continue
-    first = reports[0]
-    lines += [f'What each mode retrieves after the warm-up, labeled fraction {fraction:g} '
-              f'(the retrieval report: {first["num_queries"]} {first["split"]} queries, '
-              f'k = {first["k"]}, K = {first["k_coarse"]}, pool of {first["pool_size"]}; '
-              f'{len(reports)} seed(s)), in points:', '',
-              '| mode | reference mask Dice | label match |', '|---|---:|---:|']
-    for mode in first['modes']:
-      rows = [r['modes'][mode] for r in reports if mode in r['modes']]
-      row = dict(ref_mask_dice=[m['ref_mask_dice'] for m in rows],
-                 label_match=[m['label_match'] for m in rows if 'label_match' in m])
-      lines.append(f'| {mode} | {grid.mean_std(row["ref_mask_dice"])} | '
-                   f'{grid.mean_std(row["label_match"])} |')
-      numbers[f'{mode}/{fraction:g}'] = row
+    lines += _retrieval_header('What each mode retrieves after the warm-up', fraction,
+                               reports, 'mode')
+    for mode in reports[0]['modes']:
+      line, numbers[f'{mode}/{fraction:g}'] = _retrieval_row(mode, reports, mode)
+      lines.append(line)
     lines.append('')
+  return lines, numbers
+
+
+def cot_source_retrieval_lines(args) -> tuple[list[str], dict]:
+  """What the CoT modes retrieve from each variant's own pool after its own warm-up (each
+  cot_source run trains from scratch): the CoT-encoder half of the question, beside the
+  segmentation table."""
+  lines, numbers = [], {}
+  for fraction in args.fractions:
+    block = []
+    for name in args.variants:
+      reports = _reports([workdir(args.out, args.study, fraction, s, name)
+                          for s in args.seeds])
+      if not reports:
+        continue
+      if not block:
+        block = _retrieval_header("What the pool's CoTs retrieve", fraction, reports,
+                                  'pool.cot_source, mode')
+      for mode in COT_SOURCE_MODES:
+        line, numbers[f'{name}/{mode}/{fraction:g}'] = _retrieval_row(
+            f'{name}, {mode}', reports, mode)
+        block.append(line)
+    lines += block + [''] if block else []
   return lines, numbers
 
 
@@ -351,8 +393,9 @@ def main(argv=None) -> dict:
     return {}
   lines, numbers = tables(args, study)
   retrieved = {}
-  if args.study == 'table2':
-    more, retrieved = retrieval_lines(args)
+  if args.study in ('table2', 'cot_source'):
+    more, retrieved = (retrieval_lines if args.study == 'table2'
+                       else cot_source_retrieval_lines)(args)
     lines += more
   text = '\n'.join([f'{study.title}; config {args.config} {" ".join(extra)}'.rstrip(), '',
                     *lines])

@@ -104,6 +104,35 @@ def test_table_pairs_each_variant_with_the_default_and_reads_latency(tmp_path, c
                  '--reference', 'none'])
 
 
+def _fake_report(run, modes):
+  folder = os.path.join(run, 'retrieval', 'after_warmup')
+  os.makedirs(folder)
+  with open(os.path.join(folder, 'report.json'), 'w') as f:
+    json.dump(dict(split='val', k=5, k_coarse=50, num_queries=12, pool_size=40, modes={
+        mode: dict(ref_mask_dice=dice, label_match=match)
+        for mode, (dice, match) in modes.items()}), f)
+
+
+def test_cot_source_reports_what_each_pools_cots_retrieve(tmp_path, capsys):
+  out = str(tmp_path)
+  base = np.linspace(0.3, 0.9, len(IDS))
+  for name, shift, cot in (('mask', 0.0, (0.10, 0.25)), ('no_mask', 0.01, (0.20, 0.75))):
+    run = ablate.workdir(out, 'cot_source', 0.25, 0, name)
+    _fake_run(run, base + shift, base)
+    _fake_report(run, {'random': (0.07, 0.1), 'image': (0.24, 0.63), 'cot': cot,
+                       'image+cot': (cot[0] + 0.05, cot[1] - 0.05)})
+  result = ablate.main(['cot_source', '--config', 'configs/synthetic.py', '--out', out,
+                        '--table-only', '--resamples', '50'])
+  text = capsys.readouterr().out
+  assert result['variants']['no_mask/0.25']['paired']['diff'] == pytest.approx(0.01)
+  retrieved = result['after_warmup']
+  assert retrieved['no_mask/cot/0.25'] == dict(ref_mask_dice=[0.20], label_match=[0.75])
+  assert retrieved['mask/image+cot/0.25']['label_match'] == [pytest.approx(0.20)]
+  assert not any(key.split('/')[1] == 'random' for key in retrieved)
+  assert '| pool.cot_source, mode | reference mask Dice | label match |' in text
+  assert '| no_mask, cot | 20.00 | 75.00 |' in text and '12 val queries' in text
+
+
 def test_topk_draws_fig3(tmp_path):
   out = str(tmp_path)
   for seed in (0, 1):
