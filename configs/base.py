@@ -14,6 +14,10 @@ that goes on from a checkpoint in its --workdir may change (cers_jax/training/wo
   cache, the token ids, the parameter shapes or the pool's shape;
 * retrieval: how training retrieves and updates the pool: may differ until semi-supervised
   steps (which retrieve) have run into the checkpoint, and wherever nothing trains;
+* pool_build: what the pool is built from at the end of warm-up: may differ only where
+  training goes on from before the pool's first retrieving step (during warm-up, or right
+  after it: the pool is then built again under the new value), never where nothing
+  trains (an evaluation would read the checkpoint's pool, not the flag);
 * training: the checkpoint's data-iterator positions count batches of it: may differ only
   where nothing trains;
 * derived: filled in from other fields (and compared through those); never reported;
@@ -22,7 +26,7 @@ that goes on from a checkpoint in its --workdir may change (cers_jax/training/wo
 
 import ml_collections
 
-CLASSES = ('fixed', 'retrieval', 'training', 'derived', 'free')
+CLASSES = ('fixed', 'retrieval', 'pool_build', 'training', 'derived', 'free')
 # {'data.image_size': 'fixed', ...}: every field's resume class, filled by get_config().
 RESUME: dict[str, str] = {}
 
@@ -182,7 +186,8 @@ def get_config() -> ml_collections.ConfigDict:
   _resume('pool',
           retrieval=('mode', 'k_coarse', 'k', 'exclude_self', 'momentum', 'update_rule',
                      'centre_cot'),
-          fixed=('cot_space', 'cot_source'),  # The pool's rows are of this space, this CoT.
+          fixed=('cot_space',),  # The pool's rows are of this space.
+          pool_build=('cot_source',),  # Its CoT rows; a fork of a warm-up rebuilds them.
           free=('shard_rows',))
 
   # --- training ---------------------------------------------------------------------

@@ -17,15 +17,17 @@ STUDY is one of:
                swin_unet), MCAM without its coordinate attention or its multi-scale branch
                (model.mcam.*=False): Table 3's rows, each a run from scratch (the decoder
                differs from the first step).
-  cot_source   pool.cot_source mask (default, the authors') / no_mask; runs from scratch
-               (the CoT table the pool is built from is part of the checkpoint, fixed once
-               training starts).
+  cot_source   pool.cot_source mask (default, the authors') / no_mask, continuing the same
+               warm-up (which reads only the mask CoTs): the no_mask run builds its pool
+               again when it starts from the warm-up's checkpoint.
   topk         pool.k 1 / 3 / 5 / 7 / 9 (default 5), continuing one warm-up per seed and
                fraction; also draws Fig. 3 (test Dice of D_r against k, one line per
                labeled fraction) as OUT/topk/fig3.png.
 
-table3's and cot_source's default rows are one run, OUT/default/frac<f>/seed<s> (CERS as
-configured, DEFAULT_RUN), trained by whichever study comes first.
+Each study's default row is one of two shared runs, trained by whichever study comes
+first: CERS as configured from scratch (table3: OUT/default/frac<f>/seed<s>, DEFAULT_RUN),
+or continued from the warm-up (table2, cot_source: OUT/default_fork/frac<f>/seed<s>,
+DEFAULT_FORK).
 
 Every run is `python run.py --config CONFIG --workdir OUT/STUDY/frac<f>/seed<s>/<variant>
 --config.seed=<s> --config.data.labeled_fraction=<f> <the variant's flags> --mode=all` plus
@@ -82,6 +84,7 @@ class Study:
   variants: tuple[Variant, ...]
   default: str
   forks: bool  # Variants continue one warmed-up run instead of training from scratch.
+  shares_default: bool = True  # Its default row is DEFAULT_FORK's or DEFAULT_RUN's run.
 
   def variant(self, name: str) -> Variant:
     return next(v for v in self.variants if v.name == name)
@@ -93,34 +96,44 @@ def _one(name: str, field: str, value) -> Variant:
 
 # The default variant of every study that trains from scratch is one and the same run
 # (OUT/default/frac<f>/seed<s>), its every ablated setting spelt out at its default value:
-# CERS as configured. Trained once, it is the reference of Table 3 and of the CoT source.
+# CERS as configured. Trained once, it is Table 3's reference.
 DEFAULT_RUN = Variant('default', (
     ('model.decoder', 'mcam'), ('model.mcam.coord_attention', True),
     ('model.mcam.multi_scale', True), ('pool.cot_source', 'mask')))
+# Likewise the default variant of table2 and cot_source is one run (OUT/default_fork/
+# frac<f>/seed<s>): CERS as configured, continued from the shared warm-up and tested at its
+# last checkpoint. (topk's default, k5, is pool.k=5 whatever the config's k: its own run.)
+DEFAULT_FORK = Variant('default_fork', (('pool.mode', 'image+cot'),
+                                        ('pool.cot_source', 'mask')))
 
 MODES = ('none', 'text', 'cot', 'image', 'image+text', 'image+cot')
 STUDIES = {
     'table2': Study('Table 2: retrieval signals (pool.mode)',
-                    tuple(_one(m, 'pool.mode', m) for m in MODES), 'image+cot', forks=True),
+                    tuple(dataclasses.replace(DEFAULT_FORK, name=m) if m == 'image+cot'
+                          else _one(m, 'pool.mode', m) for m in MODES), 'image+cot',
+                    forks=True),
     'table3': Study('Table 3: the retrieval-aware decoder (model.decoder, model.mcam)', (
         dataclasses.replace(DEFAULT_RUN, name='mcam'),
         _one('unet', 'model.decoder', 'unet'),
         _one('swin_unet', 'model.decoder', 'swin_unet'),
         _one('no_coord_attention', 'model.mcam.coord_attention', False),
         _one('no_multi_scale', 'model.mcam.multi_scale', False)), 'mcam', forks=False),
+    # Warm-up reads only the mask CoTs (its CLIP loss): the pool's CoT differs from the
+    # pool build on, so a fork of the warm-up builds its pool again (cers.py, 'resumed').
     'cot_source': Study("The pool's CoT (pool.cot_source)", (
-        dataclasses.replace(DEFAULT_RUN, name='mask'), _one('no_mask', 'pool.cot_source',
-                                                            'no_mask')), 'mask', forks=False),
+        dataclasses.replace(DEFAULT_FORK, name='mask'),
+        _one('no_mask', 'pool.cot_source', 'no_mask')), 'mask', forks=True),
     'topk': Study('Fig. 3: references fused (pool.k)',
                   tuple(_one(f'k{k}', 'pool.k', k) for k in (1, 3, 5, 7, 9)), 'k5',
-                  forks=True),
+                  forks=True, shares_default=False),
 }
 
 
 def workdir(out: str, study: str, fraction: float, seed: int, variant: str) -> str:
   spec = STUDIES[study]
-  if not spec.forks and variant == spec.default:  # The shared DEFAULT_RUN.
-    return os.path.join(out, DEFAULT_RUN.name, f'frac{fraction:g}', f'seed{seed}')
+  if spec.shares_default and variant == spec.default:  # DEFAULT_FORK's or DEFAULT_RUN's.
+    shared = DEFAULT_FORK if spec.forks else DEFAULT_RUN
+    return os.path.join(out, shared.name, f'frac{fraction:g}', f'seed{seed}')
   return os.path.join(out, study, f'frac{fraction:g}', f'seed{seed}', variant)
 
 

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +22,7 @@ _SPEC.loader.exec_module(ablate)
 
 IDS = [f'img{i}' for i in range(12)]
 TINY = os.path.join('tests', 'run_configs', 'tiny_run.py')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_run(run, dice_r, dice_s):
@@ -48,19 +50,27 @@ def test_forking_studies_warm_up_once_and_the_others_train_from_scratch(tmp_path
   assert len(forks) == len(ablate.MODES)
   for mode, line in zip(ablate.MODES, forks):
     # Tested at its own last state, not the shared warm-up's best checkpoint.
-    assert (f'--config.pool.mode={mode} --config.eval.which=latest --mode=all '
-            '--config.train.epochs=3') in line
-    assert f'--workdir={out}/table2/frac0.25/seed0/{mode}' in line
+    assert '--config.eval.which=latest --mode=all --config.train.epochs=3' in line
+    assert f'--config.pool.mode={mode} ' in line
+    assert (f'--workdir={out}/default_fork/frac0.25/seed0' if mode == 'image+cot'
+            else f'--workdir={out}/table2/frac0.25/seed0/{mode}') in line
+  # table2's and cot_source's default rows are one run: CERS as configured, continued.
+  assert (ablate.workdir(out, 'table2', 0.25, 0, 'image+cot')
+          == ablate.workdir(out, 'cot_source', 0.25, 0, 'mask')
+          != ablate.workdir(out, 'topk', 0.25, 0, 'k5'))
+  ablate.main(['cot_source', '--config', 'configs/synthetic.py', '--out', out, '--dry-run'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith('warm-up run.py') and len(lines) == 3
+  assert '--config.pool.cot_source=no_mask --config.eval.which=latest' in lines[2]
   ablate.main(['table3', '--config', 'configs/synthetic.py', '--out', out, '--dry-run',
                '--seeds', '0,1'])
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 10 and not any('warm-up' in line for line in lines)
   assert not any('eval.which' in line for line in lines)
-  # Table 3's default row is the run cot_source's default row is: CERS as configured.
+  # Table 3's default row: CERS as configured, trained from scratch, every ablated setting
+  # spelt out.
   shared = [line for line in lines if f'--workdir={out}/default/frac0.25/seed' in line]
-  assert len(shared) == 2 and all('--config.pool.cot_source=mask' in line for line in shared)
-  assert (ablate.workdir(out, 'table3', 0.25, 0, 'mcam')
-          == ablate.workdir(out, 'cot_source', 0.25, 0, 'mask'))
+  assert len(shared) == 2 and all('--config.model.decoder=mcam' in line for line in shared)
   assert sum('--config.model.decoder=unet' in line for line in lines) == 2
   assert sum('--config.model.mcam.multi_scale=False' in line for line in lines) == 2
   with pytest.raises(SystemExit):
@@ -196,9 +206,26 @@ def test_real_grids_on_the_tiny_config(tmp_path, monkeypatch, capsys):
   assert [name.split('/')[0] for name in result['variants']] == ['mcam', 'swin_unet']
   assert result['variants']['swin_unet/0.25']['paired']['n'] > 0
   capsys.readouterr()
-  # cot_source's default row is table3's default run, done already: only no_mask is left.
-  ablate.main(['cot_source', '--dry-run', *flags, '--config.train.warmup_epochs=1',
-               '--config.model.encoder_dims=(8,16,32,64)'])
-  lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 2 and lines[0].endswith('done, skipped')
-  assert '--config.pool.cot_source=no_mask' in lines[1]
+  # cot_source's default row is table2's image+cot run, done already: no_mask continues the
+  # same warm-up and builds its pool again from no-mask CoTs,
+  result = ablate.main(['cot_source', *flags])
+  assert capsys.readouterr().out.count('done, skipped') == 2  # The warm-up and mask.
+  fork = ablate.workdir(out, 'cot_source', 0.25, 0, 'no_mask')
+  with open(os.path.join(fork, 'metrics.jsonl')) as f:
+    assert [json.loads(line) for line in f][:len(warm_records)] == warm_records
+  # the pool a run trained with no_mask from scratch has after its warm-up, and not the
+  # warm-up's.
+  scratch = os.path.join(out, 'scratch_no_mask')
+  subprocess.run([sys.executable, *ablate.command(
+      TINY, scratch, 0.25, 0, out, ['--config.pool.cot_source=no_mask'], 'warmup',
+      flags[6:])], cwd=ROOT, check=True, capture_output=True)
+  reports = {name: ablate._reports([run])[0]['modes'] for name, run in (
+      ('scratch', scratch), ('fork', fork), ('mask', warm))}
+  for mode in ablate.COT_SOURCE_MODES:
+    for key in ('ref_mask_dice', 'label_match', 'score_min', 'score_max'):
+      assert reports['fork'][mode][key] == pytest.approx(reports['scratch'][mode][key],
+                                                         abs=1e-6)
+  assert reports['fork']['cot'] != reports['mask']['cot']
+  assert reports['fork']['image'] == reports['mask']['image']  # The same warm-up.
+  assert set(result['after_warmup']) == {f'{name}/{mode}/0.25' for name in ('mask', 'no_mask')
+                                         for mode in ablate.COT_SOURCE_MODES}

@@ -167,6 +167,11 @@ def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_pat
                          '--config.train.batch_size=2', expect_ok=False))
   assert "pool.mode: 'image+cot' in the checkpoint, 'image' now" in line
   assert 'train.batch_size: 4 in the checkpoint, 2 now' in line
+  # Nor the CoT its pool was built from (which a run right after warm-up builds again).
+  line = _error_line(cli(workdir, '--mode=train', '--config.pool.cot_source=no_mask',
+                         expect_ok=False))
+  assert "change what the pool is built from, and this checkpoint's pool has" in line
+  assert "pool.cot_source: 'mask' in the checkpoint, 'no_mask' now" in line
 
   cli(workdir, '--mode=train')  # The rest of semi epoch 2, from the saved step.
   assert 'partial' not in _latest_meta(workdir)

@@ -70,6 +70,30 @@ def test_retrieval_settings_may_change_until_retrieval_has_trained(mode):
   assert not _refused(mode, DONE, **RETRIEVAL)  # Nothing left to train.
 
 
+@pytest.mark.parametrize('mode', ['train', 'all', 'warmup'])
+def test_the_pools_cot_may_change_only_where_training_builds_the_pool_again(mode):
+  """During warm-up and right after it (CERS rebuilds the CoT tables and the pool:
+  scripts/ablate.py cot_source); never once the pool has been retrieved from."""
+  source = {'pool.cot_source': 'no_mask'}
+  assert not _refused(mode, IN_WARMUP, **source)
+  if mode == 'warmup':  # Warm-up alone does not go on past the pool build.
+    assert _refused(mode, WARMED_UP, **source) == set(source)
+  else:
+    assert not _refused(mode, WARMED_UP, **source)
+  for meta in (MID_SEMI, PREEMPTED, DONE):
+    assert _refused(mode, meta, **source) == set(source)
+
+
+@pytest.mark.parametrize('mode', ['eval', 'predict', 'retrieval'])
+@pytest.mark.parametrize('meta', [IN_WARMUP, WARMED_UP, MID_SEMI, DONE])
+def test_modes_that_do_not_train_read_the_pool_as_it_was_built(mode, meta):
+  """They would use the checkpoint's pool, not the flag: refused, even where retrieval
+  settings are not. ('retrieval' in warm-up trains the warm-up to its end: allowed.)"""
+  refused = _refused(mode, meta, **{'pool.cot_source': 'no_mask'})
+  assert refused == (set() if mode == 'retrieval' and meta is IN_WARMUP
+                     else {'pool.cot_source'})
+
+
 @pytest.mark.parametrize('mode', ['eval', 'predict', 'retrieval', 'warmup'])
 def test_modes_that_do_not_train_may_retrieve_otherwise(mode):
   assert not _refused(mode, MID_SEMI, **RETRIEVAL, **{'train.batch_size': 4})

@@ -73,6 +73,10 @@ class Stage:
   # (state, progress of the next stage) -> state once the last epoch ran, before the save.
   finish: Callable[[Any, Any], Any] | None = None
   after_epoch: Callable[[Any], Any] | None = None  # state -> state after each epoch.
+  # (state, progress, the settings changed since the checkpoint {field: (checkpoint's,
+  # now)}) -> state, when a run resumes in this stage with some changed (the changes its
+  # resume classes allow, training/workdir.py): e.g. CERS rebuilds its pool.
+  resumed: Callable[[Any, Any, Mapping[str, tuple[Any, Any]]], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

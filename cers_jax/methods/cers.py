@@ -98,6 +98,28 @@ def _model(config) -> cers_model.CERS:
   return model
 
 
+# Settings the CoT tables and the pool are built from that a resumed run may change
+# (configs/base.py's 'pool_build' class): a run resumed with one changed builds them again.
+POOL_BUILD = ('pool.cot_source',)
+
+
+def _build_pool(config, data: Data, workdir: str, steps: ts.Steps, state, progress):
+  """The pool after warm-up, and its retrieval report (eval.retrieval_report)."""
+  state = embed.with_pool(state, steps, data, config)
+  if config.eval.retrieval_report:
+    context = evaluators.Context(config=config, workdir=workdir, data=data, steps=steps,
+                                 heads=predict.Heads())  # CERS's decoders, retrieving.
+    evaluators.Retrieval(context).run(state, config.eval.split or 'val',
+                                      folder='after_warmup', stage=progress.stage,
+                                      epoch=progress.epoch)
+  return state
+
+
+def _changed_pool_build(changes) -> list[str]:
+  return [f'{field}: {changes[field][0]!r} -> {changes[field][1]!r}'
+          for field in POOL_BUILD if field in changes]
+
+
 def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
             plain_steps: ts.Steps) -> Stage:
   def epoch_step(epoch):
@@ -107,25 +129,30 @@ def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
     return embed.with_text_features(state, steps, data, config)
 
   def build_pool(state, progress):
-    state = embed.with_pool(state, steps, data, config)
-    if config.eval.retrieval_report:
-      context = evaluators.Context(config=config, workdir=workdir, data=data, steps=steps,
-                                   heads=predict.Heads())  # CERS's decoders, retrieving.
-      evaluators.Retrieval(context).run(state, config.eval.split or 'val',
-                                        folder='after_warmup', stage=progress.stage,
-                                        epoch=progress.epoch)
-    return state
+    return _build_pool(config, data, workdir, steps, state, progress)
+
+  def resumed(state, progress, changes):
+    # The CoT tables hold the pool's CoT rows (pool.cot_source): computed again, so that
+    # the pool this warm-up ends with is built from this invocation's. Warm-up itself
+    # reads only the mask CoTs (its CLIP loss), which no setting here changes.
+    changed = _changed_pool_build(changes)
+    if not changed:
+      return state
+    logging.info('Resumed in warm-up with %s: the CoT tables are computed again.',
+                 '; '.join(changed))
+    return embed.with_text_features(state, steps, data, config)
 
   # train.validate_warmup: val Dice after warm-up epochs too (a switch; not the authors'),
   # scored as warm-up trains: the pool is not built yet, so D_r gets no reference stream.
   return Stage(name=WARMUP, epochs=config.train.warmup_epochs, steps_per_epoch=num_steps,
                streams=('labeled',), epoch_step=epoch_step,
                images_per_step=config.train.batch_size, start=start, finish=build_pool,
+               resumed=resumed,
                validates=bool(config.train.get('validate_warmup', False)),
                validation_steps=plain_steps)
 
 
-def _semi(config, data: Data, steps: ts.Steps, num_steps: int) -> Stage:
+def _semi(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int) -> Stage:
   def epoch_step(epoch):
     weight = float(losses.consistency_weight(
         epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup))
@@ -136,13 +163,28 @@ def _semi(config, data: Data, steps: ts.Steps, num_steps: int) -> Stage:
 
     return step, {'consistency_weight': weight}
 
+  def resumed(state, progress, changes):
+    # Allowed only before the pool's first retrieving step (training/workdir.py): a fork
+    # of a warmed-up run (scripts/ablate.py cot_source) builds its pool again, exactly as
+    # the warm-up's end would have under this invocation's settings.
+    changed = _changed_pool_build(changes)
+    if not changed:
+      return state
+    if progress.epoch or progress.partial:
+      raise RuntimeError(f'{"; ".join(changed)} after semi-supervised steps have retrieved '
+                         'from the pool: the resume checks should have refused it.')
+    logging.info('Resumed right after warm-up with %s: the CoT tables and the pool are '
+                 'built again.', '; '.join(changed))
+    state = embed.with_text_features(state, steps, data, config)
+    return _build_pool(config, data, workdir, steps, state, progress)
+
   refresh = None
   if config.pool.update_rule == 'epoch_refresh':
     refresh = lambda state: embed.with_refreshed_pool(state, steps, data, config)  # noqa: E731
   return Stage(name=SEMI, epochs=config.train.epochs, steps_per_epoch=num_steps,
                streams=('labeled', 'unlabeled'), epoch_step=epoch_step,
                images_per_step=2 * config.train.batch_size, validates=True,
-               after_epoch=refresh)
+               after_epoch=refresh, resumed=resumed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +230,7 @@ class CERSMethod:
     plain_steps = ts.make_steps(graphdef, tx, dataclasses.replace(step_config, mode='none'),
                                 mesh=mesh, threshold=config.eval.threshold)
     stages = (_warmup(config, data, workdir, steps, warmup_spe, plain_steps),
-              _semi(config, data, steps, semi_spe))
+              _semi(config, data, workdir, steps, semi_spe))
     return Built(graphdef=graphdef, state=state, steps=steps,
                  schedule=optim.make_schedule(config, total), stages=stages)
 

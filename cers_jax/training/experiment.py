@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 import optax
@@ -60,12 +60,17 @@ class Experiment:
   checkpoints: checkpointing.Checkpoints
   stages: tuple[method_lib.Stage, ...]  # The method's training stages, in order.
   schedule: optax.Schedule  # The learning rate by step (logged with every epoch).
+  # Settings this invocation changed from its workdir's checkpoint, {field: (checkpoint's,
+  # now)} (workdir.check_resume): a stage resumed with some may redo its work (Stage.resumed).
+  changes: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
 
-def create(config, workdir: str, *, read_only: bool = False) -> tuple[Experiment, Any]:
+def create(config, workdir: str, *, read_only: bool = False,
+           changes: Mapping[str, tuple[Any, Any]] | None = None) -> tuple[Experiment, Any]:
   """Prepares data, builds the method's model and returns (experiment, fresh state);
   restore is separate (`exp.checkpoints.restore`). `read_only`: checkpoints are only read
-  (a run that evaluates, possibly beside the run that trains in `workdir`)."""
+  (a run that evaluates, possibly beside the run that trains in `workdir`). `changes`:
+  what `workdir.check_resume` allowed this invocation to change from the checkpoint."""
   method = method_lib.of_config(config)
   method.check(config)
   workdir = os.path.abspath(workdir)
@@ -88,7 +93,7 @@ def create(config, workdir: str, *, read_only: bool = False) -> tuple[Experiment
                    graphdef=built.graphdef, steps=built.steps,
                    checkpoints=checkpointing.Checkpoints(workdir, keep=config.checkpoint.keep,
                                                         read_only=read_only),
-                   stages=built.stages, schedule=built.schedule)
+                   stages=built.stages, schedule=built.schedule, changes=dict(changes or {}))
   return exp, built.state
 
 

@@ -179,7 +179,7 @@ def _locked_job(config, workdir: str, mode: str, *, read_only: bool) -> dict:
     data = dataset.prepare_data_once(config, workdir)
     return dict(workdir=workdir, mode=mode, cache_dir=config.data.cache_dir,
                 splits={name: len(rows) for name, rows in data.rows.items()})
-  exp, state = experiment_lib.create(config, workdir, read_only=read_only)
+  exp, state = experiment_lib.create(config, workdir, read_only=read_only, changes=changes)
   try:
     return _run_mode(exp, state, mode)
   finally:

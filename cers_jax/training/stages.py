@@ -270,6 +270,9 @@ def run_training(exp, state, *, until: str | None = None, stop=None) -> tuple[An
   stages = exp.stages
   with epoch_lib.MetricLog(exp.workdir) as log:
     state, progress = _resume(exp, state)
+    resumed_in = next((s for s in stages if s.name == progress.stage), None)
+    if exp.changes and resumed_in is not None and resumed_in.resumed is not None:
+      state = resumed_in.resumed(state, progress, exp.changes)
     if progress.stage == INIT:
       if stages[0].start is not None:
         state = stages[0].start(state)

@@ -15,7 +15,11 @@ the workdir as it was:
   warm-up, at the end of warm-up (stage 'semi', epoch 0, before its first step: how
   `scripts/ablate.py table2` continues one warmed-up run with several pool modes), after
   training is done, and in the evaluation-only modes; 'training' fields only where nothing
-  trains. Everything else ('free': epochs, learning rate, logging, eval.*) may change; the
+  trains. What the pool is built from ('pool_build': `pool.cot_source`) may change only
+  where training goes on from before the first retrieving step (during warm-up, or right
+  after it, where the method builds the pool again: `scripts/ablate.py cot_source`), and
+  never where nothing trains (the checkpoint's pool would be read, not the flag).
+  Everything else ('free': epochs, learning rate, logging, eval.*) may change; the
   differences are logged ('derived' ones are not);
 * `log_invocation` — appends this invocation's mode, config and differences to
   `<workdir>/invocations.jsonl`, so `config.json` can stay the config as trained.
@@ -81,7 +85,8 @@ def _saved_workdir(saved: dict[str, Any], meta: dict) -> str | None:
 
 
 def _kind(field: str) -> str:
-  """'fixed', 'retrieval', 'training', 'derived' or 'free': configs/base.py's declaration."""
+  """'fixed', 'retrieval', 'pool_build', 'training', 'derived' or 'free': configs/base.py's
+  declaration."""
   return base_config.resume_class(field)
 
 
@@ -104,6 +109,14 @@ def _retrieval_trained(meta: dict, method: method_lib.Method) -> bool:
   checkpoint."""
   return (method.retrieval_stage is not None and meta.get('stage') == method.retrieval_stage
           and (meta.get('epoch', 0) > 0 or bool(meta.get('partial'))))
+
+
+def _pool_not_retrieved_from(meta: dict, method: method_lib.Method) -> bool:
+  """Whether no step has retrieved from this checkpoint's pool yet (it does not exist yet,
+  or it was just built): a run going on from here may build it again."""
+  stage = meta.get('stage')
+  return (stage in method_lib.stages_before_retrieval(method)
+          or (stage == method.retrieval_stage and not _retrieval_trained(meta, method)))
 
 
 def _listing(changes: dict[str, tuple[Any, Any]]) -> str:
@@ -129,7 +142,8 @@ def refused_changes(changes: dict[str, tuple[Any, Any]], mode: str, meta: dict,
   for field, values in changes.items():
     kind = _kind(field)
     if (kind == 'fixed' or (kind == 'training' and trains)
-        or (kind == 'retrieval' and trains and _retrieval_trained(meta, method))):
+        or (kind == 'retrieval' and trains and _retrieval_trained(meta, method))
+        or (kind == 'pool_build' and not (trains and _pool_not_retrieved_from(meta, method)))):
       refused[field] = values
   return refused
 
@@ -161,6 +175,9 @@ def check_resume(workdir: str, config, mode: str) -> dict[str, tuple[Any, Any]]:
   if refused:
     why = ('change the data, the parameters or the pool the checkpoint was trained with'
            if any(_kind(f) == 'fixed' for f in refused) else
+           'change what the pool is built from, and this checkpoint\'s pool has been '
+           'retrieved from already (or this mode does not train, so it would be read as it '
+           'is)' if any(_kind(f) == 'pool_build' for f in refused) else
            'change how training retrieves and reads its batches, and this checkpoint has '
            'trained with them already')
     raise WorkdirError(
