@@ -139,6 +139,19 @@ def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_pat
   workdir = str(tmp_path / 'resumed')
   cli(workdir, '--mode=train', '--config.train.stop_after_epochs=1')  # warm-up epoch 1
   assert [r['epoch'] for r in _metrics(workdir)] == [0]
+  # A checkpoint from before the pool exists is tested as warm-up validates: without
+  # retrieval (not with references of zeros from the empty pool).
+  cli(workdir, '--mode=eval', '--config.eval.which=latest')
+  with open(os.path.join(workdir, 'eval', 'test_summary.json')) as f:
+    summary = json.load(f)
+  assert (summary['stage'], summary['retrieval_mode']) == ('warmup', 'none')
+  # The same scores as that checkpoint asked for without retrieval (the empty pool's
+  # references of zeros would change D_r's).
+  with open(os.path.join(workdir, 'eval', 'test_per_image.csv')) as f:
+    first = [row['dice_r'] for row in csv.DictReader(f)]
+  cli(workdir, '--mode=eval', '--config.eval.which=latest', '--config.pool.mode=none')
+  with open(os.path.join(workdir, 'eval', 'test_per_image.csv')) as f:
+    assert [row['dice_r'] for row in csv.DictReader(f)] == first
   images = os.path.join(workdir, 'data', 'images.npy')
   stamp = os.stat(images).st_mtime_ns
   line = _error_line(cli(workdir, '--mode=train', '--config.data.image_size=48',

@@ -281,10 +281,12 @@ def log_line(summary: dict) -> str:
 
 def evaluate_split(state, steps: EvalSteps, data: Data, config, *, split: str, out_dir: str,
                    meta: dict | None = None, on_batch: BatchHook | None = None,
-                   decoders: tuple[str, ...] = DECODERS) -> dict:
+                   decoders: tuple[str, ...] = DECODERS,
+                   retrieval_mode: str | None = None) -> dict:
   """Scores every image of `split`, writes `<split>_per_image.csv` and `<split>_summary.json`
   into `out_dir` and returns the summary. `meta`: the checkpoint's (which, stage, epoch);
-  `on_batch`: see `per_image`; `decoders`: those the method's eval step scores."""
+  `on_batch`: see `per_image`; `decoders`: those the method's eval step scores;
+  `retrieval_mode`: how `steps` retrieve, for the summary (default config pool.mode)."""
   rows = data.rows[split]
   if len(rows) == 0:
     raise ValueError(f'The {split!r} split of the manifest is empty: nothing to evaluate.')
@@ -301,7 +303,8 @@ def evaluate_split(state, steps: EvalSteps, data: Data, config, *, split: str, o
                    else per_volume.summary())
   summary.update(split=split, checkpoint=meta.get('checkpoint', config.eval.which),
                  step=int(sharding.to_host(state.step)), epoch=meta.get('epoch'),
-                 stage=meta.get('stage'), retrieval_mode=config.pool.mode,
+                 stage=meta.get('stage'),
+                 retrieval_mode=config.pool.mode if retrieval_mode is None else retrieval_mode,
                  threshold=config.eval.threshold)
   if sharding.is_main_process():
     _write(out_dir, split, records, summary)

@@ -98,7 +98,8 @@ class Segmentation:
     out_dir = os.path.join(ctx.workdir, 'eval')
     summary = evaluate_lib.evaluate_split(state, ctx.steps, ctx.data, ctx.config, split=split,
                                           out_dir=out_dir, meta=meta,
-                                          decoders=ctx.heads.decoders)
+                                          decoders=ctx.heads.decoders,
+                                          retrieval_mode=ctx.heads.mode(ctx.config))
     names = [f'{split}_per_image.csv', f'{split}_summary.json']
     if 'volume_count' in summary:
       names.append(f'{split}_per_volume.csv')

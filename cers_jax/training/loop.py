@@ -10,6 +10,7 @@ report and predictions are `inference.evaluators`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -101,6 +102,29 @@ def restore_for_eval(exp, state, which: str) -> tuple[Any, dict]:
   if imported is None:
     raise WorkdirError(_no_weights_message(exp.workdir, which))
   return imported
+
+
+def scoring_context(exp, meta: dict) -> evaluators.Context:
+  """How a restored checkpoint is tested and predicted: as model selection scored it.
+
+  A checkpoint of a stage before the method's pool exists (CERS: a best checkpoint from
+  warm-up, with train.validate_warmup) holds an empty pool, so the method's steps would
+  fuse references of zeros into D_r; it is scored with the steps its stage validated
+  with instead (CERS: no retrieval), and its summary says so (retrieval_mode 'none').
+  """
+  context = evaluators.Context.of(exp)
+  stage_name = meta.get('stage')
+  if stage_name not in method_lib.stages_before_retrieval(exp.method):
+    return context
+  stage = next(s for s in exp.stages if s.name == stage_name)
+  if stage.validation_steps is None:
+    raise RuntimeError(f'Method {exp.method.name!r}: its stage {stage_name!r} runs before '
+                       'the pool exists but gives no validation_steps to score it with.')
+  logging.info('The %s checkpoint is of %s epoch %s, before the knowledge pool exists: it '
+               'is scored as it was validated, without retrieval.',
+               meta.get('checkpoint', exp.config.eval.which), stage_name, meta.get('epoch'))
+  return dataclasses.replace(context, steps=stage.validation_steps,
+                             heads=dataclasses.replace(context.heads, retrieves=False))
 
 
 def _check_before_work(config, workdir: str, mode: str) -> method_lib.Method:
@@ -213,6 +237,7 @@ def _run_mode(exp, state, mode: str) -> dict:
                             for m, r in report['modes'].items()}
   if mode in ('eval', 'predict', 'all'):
     state, meta = restore_for_eval(exp, state, exp.config.eval.which)
+    context = scoring_context(exp, meta)
     if mode in ('eval', 'all'):
       split = exp.config.eval.split or 'test'
       summary[split] = dict(evaluators.build('segmentation', context).run(
