@@ -12,6 +12,7 @@ import numpy as np
 
 from cers_jax import sharding
 from cers_jax.core import embed
+from cers_jax.core import method
 from cers_jax.data import augment
 from cers_jax.data import images
 from cers_jax.data import tokenize
@@ -20,7 +21,13 @@ from cers_jax.training import experiment
 
 
 def main(workdir: str, image_path: str, report: str, cot: str) -> list[tuple[str, float]]:
-  exp, state, _ = experiment.from_workdir(workdir, 'best')
+  exp, state, meta = experiment.from_workdir(workdir, 'best')
+  if meta.get('stage') in method.stages_before_retrieval(exp.method):
+    exp.checkpoints.close()
+    raise SystemExit(f'{workdir}: its best checkpoint is from {meta["stage"]} epoch '
+                     f'{meta.get("epoch")}, before the knowledge pool was built, so there is '
+                     'nothing to retrieve from; use a run whose best checkpoint is later, or '
+                     'from_workdir(workdir, "latest") once training is done.')
   config, data, steps = exp.config, exp.data, exp.steps
   exp.checkpoints.close()
   size, batch_size = config.data.image_size, config.train.eval_batch_size
