@@ -295,9 +295,9 @@ def retrieval_lines(args) -> tuple[list[str], dict]:
 
 
 def cot_source_retrieval_lines(args) -> tuple[list[str], dict]:
-  """What the CoT modes retrieve from each variant's own pool after its own warm-up (each
-  cot_source run trains from scratch): the CoT-encoder half of the question, beside the
-  segmentation table."""
+  """What the CoT modes retrieve from each variant's own pool right after the warm-up (the
+  no_mask run builds its pool again from the shared warm-up's state): the CoT-encoder half
+  of the question, beside the segmentation table."""
   lines, numbers = [], {}
   for fraction in args.fractions:
     block = []
@@ -316,6 +316,9 @@ def cot_source_retrieval_lines(args) -> tuple[list[str], dict]:
     lines += block + [''] if block else []
   return lines, numbers
 
+
+# The studies whose table is followed by what their pools retrieve.
+RETRIEVAL_LINES = {'table2': retrieval_lines, 'cot_source': cot_source_retrieval_lines}
 
 FIG3_MIN_SPAN = 2.0  # Dice points: the y axis spans at least this, so that noise-sized
 # differences between k (0.04 points on BRISC at CPU scale) do not fill the plot.
@@ -406,9 +409,8 @@ def main(argv=None) -> dict:
     return {}
   lines, numbers = tables(args, study)
   retrieved = {}
-  if args.study in ('table2', 'cot_source'):
-    more, retrieved = (retrieval_lines if args.study == 'table2'
-                       else cot_source_retrieval_lines)(args)
+  if args.study in RETRIEVAL_LINES:
+    more, retrieved = RETRIEVAL_LINES[args.study](args)
     lines += more
   text = '\n'.join([f'{study.title}; config {args.config} {" ".join(extra)}'.rstrip(), '',
                     *lines])

@@ -39,6 +39,7 @@ from cers_jax.methods.budget import steps_per_epoch
 from cers_jax.models import cers as cers_model
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
+from configs import base as base_config
 
 
 def _check_importable(model_config) -> None:
@@ -98,11 +99,6 @@ def _model(config) -> cers_model.CERS:
   return model
 
 
-# Settings the CoT tables and the pool are built from that a resumed run may change
-# (configs/base.py's 'pool_build' class): a run resumed with one changed builds them again.
-POOL_BUILD = ('pool.cot_source',)
-
-
 def _build_pool(config, data: Data, workdir: str, steps: ts.Steps, state, progress):
   """The pool after warm-up, and its retrieval report (eval.retrieval_report)."""
   state = embed.with_pool(state, steps, data, config)
@@ -116,8 +112,10 @@ def _build_pool(config, data: Data, workdir: str, steps: ts.Steps, state, progre
 
 
 def _changed_pool_build(changes) -> list[str]:
-  return [f'{field}: {changes[field][0]!r} -> {changes[field][1]!r}'
-          for field in POOL_BUILD if field in changes]
+  """The changed settings the CoT tables and the pool are built from (those configs/base.py
+  declares 'pool_build'): a run resumed with one builds them again."""
+  return [f'{field}: {old!r} -> {new!r}' for field, (old, new) in changes.items()
+          if base_config.resume_class(field) == 'pool_build']
 
 
 def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
