@@ -29,6 +29,8 @@ import numpy as np
 from cers_jax.retrieval import pool as kp
 from cers_jax.retrieval import search
 
+import _results  # benchmarks/_results.py, beside this script.
+
 try:
   import faiss
 except ImportError:
@@ -51,6 +53,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument('--k-coarse', type=int, default=50, help='K coarse candidates')
   parser.add_argument('--k', type=int, default=5, help='k reference cases')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', default='', help='write every row here as soon as it is '
+                      'measured (valid JSON after each row)')
   return parser.parse_args()
 
 
@@ -112,6 +116,12 @@ def main() -> None:
   shape = tuple(int(x) for x in args.map.split(','))
   d = int(np.prod(shape))
   b = args.batch
+  results = _results.JsonResults(args.json, dict(
+      benchmark='retrieval', batch=b, map=list(shape), cot_dim=args.cot_dim,
+      k_coarse=args.k_coarse, k=args.k, mode='image+cot', platform=jax.default_backend(),
+      device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
+      host=platform.processor() or platform.machine(),
+      faiss=faiss.__version__ if faiss else None))
   print(f'# retrieval latency: B={b}, D={d} ({"x".join(map(str, shape))}), '
         f'E={args.cot_dim}, K={args.k_coarse}, k={args.k}, mode image+cot')
   print(f'# device: {jax.devices()[0].device_kind} ({jax.default_backend()}), host '
@@ -142,6 +152,8 @@ def main() -> None:
             f'~{device_need / 2**30:.0f} GiB of device memory; '
             f'{available_bytes() / 2**30:.0f} and {device_has / 2**30:.0f} GiB available '
             '| | | |')
+      results.add(dict(n=n, skipped=True, host_need_gib=host_need / 2**30,
+                       device_need_gib=device_need / 2**30))
       continue
     pool = kp.build_pool(jax.random.normal(keys[2 + 2 * i], (n,) + shape, jnp.float32),
                          jax.random.normal(keys[3 + 2 * i], (n, args.cot_dim), jnp.float32),
@@ -170,14 +182,18 @@ def main() -> None:
 
       our_rows = np.asarray(ours().rows)
       ours_ms = time_ms(ours, args.repeats, args.budget_s)
+      agree = None
       if theirs_ms is None:
-        print(f'| {n} | {name} | {ours_ms:.2f} | faiss missing | – | – |')
+        print(f'| {n} | {name} | {ours_ms:.2f} | faiss missing | – | – |', flush=True)
       else:
         agree = int((our_rows == their_rows).all(axis=1).sum())
         print(f'| {n} | {name} | {ours_ms:.2f} | {theirs_ms:.2f} | '
               f'{theirs_ms / ours_ms:.1f}x | {agree}/{b} |', flush=True)
+      results.add(dict(n=n, key_dtype=name, ours_ms=ours_ms, authors_ms=theirs_ms,
+                       agree=agree, queries=b))
     del pool
     gc.collect()
+  results.finish()
 
 
 if __name__ == '__main__':

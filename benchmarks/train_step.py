@@ -21,11 +21,17 @@ retrieval's share of the semi-supervised step, from timing the step's two retrie
 mode (`pool.mode`) in the same process, first dtype only, and each mode's time minus the
 time of `none` (the paper: +0.047 s to +0.103 s per step on an RTX 4090).
 `--latency_json` also writes those rows (scripts/ablate.py table2 --latency reads them).
+
+`--json PATH` writes every row to PATH as soon as it is measured (benchmarks/_results.py:
+the file is valid JSON after each row, so a run stopped at a device call's time limit
+keeps what it finished). Rows are printed as they finish too, the semi-supervised step of
+each dtype first: on a GPU, pass `--dtypes=bfloat16,float32` for the headline row first.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 
@@ -44,6 +50,8 @@ from cers_jax.core.state import create_train_state, empty_tables
 from cers_jax.models.cers import CERS
 from cers_jax.retrieval import pool as kp
 
+import _results  # benchmarks/_results.py, beside this script.
+
 _SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny'], 'Model size.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size B (per sub-batch).')
 _IMAGE = flags.DEFINE_integer('image', 224, 'Square image side.')
@@ -54,6 +62,7 @@ _TEXT_LEN = flags.DEFINE_integer('text_len', 64, 'Report-text tokens.')
 _MODES = flags.DEFINE_list('modes', [], 'Retrieval modes (pool.mode) whose semi-supervised '
                            'step to time against none: the latency column of Table 2.')
 _LATENCY_JSON = flags.DEFINE_string('latency_json', '', 'Write the per-mode rows here.')
+_JSON = flags.DEFINE_string('json', '', 'Write every row here as soon as it is measured.')
 _SCAN_BLOCKS = flags.DEFINE_bool(
     'scan_blocks', False, 'config.model.scan_blocks: ConvNeXt stages and BERT layers as '
     'lax.scan (default: unrolled loops).')
@@ -98,23 +107,27 @@ def _state(config, num_samples: int):
   return graphdef, tx, state
 
 
-def _memory(compiled) -> str:
-  """XLA's footprint of this one program: arguments + temporaries + outputs not aliased
-  to (donated) arguments. The device's own peak is process-wide, so it is printed once,
-  under the table."""
+def _memory_gib(compiled) -> float | None:
+  """XLA's footprint of this one program in GiB: arguments + temporaries + outputs not
+  aliased to (donated) arguments. The device's own peak is process-wide, so it is printed
+  once, under the table."""
   analysis = compiled.memory_analysis()
   if analysis is None:
-    return 'n/a'
+    return None
   total = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
            + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
-  return f'{total / 2**30:.2f} GiB'
+  return total / 2**30
 
 
-def _device_peak() -> str:
+def _device_peak_gib() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' not in stats:
-    return 'not reported by this backend'
-  return f'{stats["peak_bytes_in_use"] / 2**30:.2f} GiB'
+    return None
+  return stats['peak_bytes_in_use'] / 2**30
+
+
+def _gib(value: float | None, missing: str) -> str:
+  return missing if value is None else f'{value:.2f} GiB'
 
 
 def _time(fn, args, steps: int, *, carry_state: bool):
@@ -138,7 +151,7 @@ def _time(fn, args, steps: int, *, carry_state: bool):
     times.append(time.perf_counter() - start)
     if carry_state:
       state = out[0]
-  return statistics.median(times), flops, _memory(compiled), compile_s
+  return statistics.median(times), flops, _memory_gib(compiled), compile_s
 
 
 def _setup(dtype: str, batch: int, size: int):
@@ -171,9 +184,30 @@ def _mode_latency(batch: int, size: int) -> list[dict]:
   return rows
 
 
+def _row_line(row: dict) -> str:
+  # Retrieval rows count queries, not images.
+  ips = '–' if row['step'].startswith('retrieval') else f'{row["images_per_s"]:.1f}'
+  return (f'| {row["dtype"]} | {row["step"]} | {row["ms"]:.1f} | {ips} | {row["tflop"]:.3f} | '
+          f'{row["tflop_per_s"]:.2f} | {_gib(row["xla_memory_gib"], "n/a")} | '
+          f'{row["compile_s"]:.1f} |')
+
+
 def main(argv):
   del argv
   batch, size = _BATCH.value, _IMAGE.value
+  device = jax.devices()[0]
+  results = _results.JsonResults(_JSON.value, dict(
+      benchmark='train_step', size=_SIZE.value, batch=batch, image=size, pool=_POOL.value,
+      steps=_STEPS.value, scan_blocks=_SCAN_BLOCKS.value, dtypes=_DTYPES.value,
+      platform=device.platform, device_kind=device.device_kind,
+      device_count=jax.device_count(), jax=jax.__version__,
+      host=platform.processor() or platform.machine()))
+  print(f'\nCERS {_SIZE.value} model, batch {batch}, {size}x{size}, pool {_POOL.value} rows, '
+        f'{_STEPS.value} timed steps, scan_blocks={_SCAN_BLOCKS.value}, device: '
+        f'{device.platform} ({device.device_kind}), {jax.device_count()} device(s)\n')
+  print('| compute dtype | step | ms/step | images/s | TFLOP/step | TFLOP/s | XLA memory '
+        '| compile (s) |')
+  print('|---|---|---:|---:|---:|---:|---:|---:|', flush=True)
   rows = []
   for dtype in _DTYPES.value:
     config, graphdef, tx, state, labeled, unlabeled = _setup(dtype, batch, size)
@@ -185,12 +219,13 @@ def main(argv):
       # The semi step's two retrievals (labeled and unlabeled sub-batch), nothing else.
       return [ts._retrieve(f4, sub, s.pool, s.tables, cfg).feat for sub in (l, u)]
 
+    # The semi-supervised step first: the headline, kept if a time limit stops the rest.
     steps = {
-        'warm-up': (lambda s, b: ts.warmup_step(s, b, graphdef=graphdef, tx=tx, cfg=cfg),
-                    (state, labeled), batch, True),
         'semi-supervised': (lambda s, l, u: ts.semi_step(
             s, l, u, jnp.float32(0.003), graphdef=graphdef, tx=tx, cfg=cfg),
                             (state, labeled, unlabeled), 2 * batch, True),
+        'warm-up': (lambda s, b: ts.warmup_step(s, b, graphdef=graphdef, tx=tx, cfg=cfg),
+                    (state, labeled), batch, True),
         'eval (with retrieval)': (lambda s, b: ts.eval_step(
             s, b, graphdef=graphdef, cfg=cfg), (state, unlabeled),
                                   batch, False),
@@ -200,25 +235,25 @@ def main(argv):
     for name, (fn, args, images, carry) in steps.items():
       args = (jax.tree.map(jnp.copy, args[0]),) + args[1:]
       seconds, flops, memory, compile_s = _time(fn, args, _STEPS.value, carry_state=carry)
-      rows.append((dtype, name, seconds * 1e3, images / seconds, flops / 1e12,
-                   flops / seconds / 1e12, memory, compile_s))
-  device = jax.devices()[0]
-  print(f'\nCERS {_SIZE.value} model, batch {batch}, {size}x{size}, pool {_POOL.value} rows, '
-        f'{_STEPS.value} timed steps, scan_blocks={_SCAN_BLOCKS.value}, device: '
-        f'{device.platform} ({device.device_kind}), {jax.device_count()} device(s)\n')
-  print('| compute dtype | step | ms/step | images/s | TFLOP/step | TFLOP/s | XLA memory '
-        '| compile (s) |')
-  print('|---|---|---:|---:|---:|---:|---:|---:|')
-  for dtype, name, ms, ips, tflop, tflops, memory, compile_s in rows:
-    ips = '–' if name.startswith('retrieval') else f'{ips:.1f}'  # Queries, not images.
-    print(f'| {dtype} | {name} | {ms:.1f} | {ips} | {tflop:.3f} | {tflops:.2f} | '
-          f'{memory} | {compile_s:.1f} |')
-  print(f'\nDevice peak memory over the whole run: {_device_peak()}.')
-  semi = {dtype: ms for dtype, name, ms, *_ in rows if name == 'semi-supervised'}
-  for dtype, name, ms, *_ in rows:
-    if name.startswith('retrieval'):
-      print(f'Retrieval, {dtype}: {ms:.2f} ms = {100 * ms / semi[dtype]:.2f}% of the '
-            'semi-supervised step (timed alone: an upper bound on its share).')
+      row = dict(dtype=dtype, step=name, ms=seconds * 1e3, images_per_s=images / seconds,
+                 tflop=flops / 1e12, tflop_per_s=flops / seconds / 1e12,
+                 xla_memory_gib=memory, compile_s=compile_s,
+                 device_peak_gib_so_far=_device_peak_gib())
+      rows.append(row)
+      results.add(row)
+      print(_row_line(row), flush=True)
+  peak = _device_peak_gib()
+  print(f'\nDevice peak memory over the whole run: '
+        f'{_gib(peak, "not reported by this backend")}.')
+  semi = {r['dtype']: r['ms'] for r in rows if r['step'] == 'semi-supervised'}
+  shares = {}
+  for row in rows:
+    if row['step'].startswith('retrieval'):
+      shares[row['dtype']] = row['ms'] / semi[row['dtype']]
+      print(f'Retrieval, {row["dtype"]}: {row["ms"]:.2f} ms = '
+            f'{100 * shares[row["dtype"]]:.2f}% of the semi-supervised step (timed alone: '
+            'an upper bound on its share).')
+  latency = []
   if _MODES.value:
     latency = _mode_latency(batch, size)
     print(f'\nTable 2 latency, {_DTYPES.value[0]}: the semi-supervised step per retrieval '
@@ -232,6 +267,8 @@ def main(argv):
         json.dump(dict(device=f'{device.platform} ({device.device_kind})', size=_SIZE.value,
                        batch=batch, image=size, pool=_POOL.value, steps=_STEPS.value,
                        dtype=_DTYPES.value[0], modes=latency), f, indent=2)
+  results.finish(device_peak_gib=peak, retrieval_share_of_semi_step=shares,
+                 mode_latency=latency)
 
 
 if __name__ == '__main__':

@@ -93,7 +93,12 @@ def summary(workdir: str) -> str:
     out.extend(f'  problem: {p}' for p in report['problems'])
   run = os.path.join(workdir, 'summary.json')
   if os.path.exists(run):
-    out.append(f'Whole run: {_load(run).get("seconds", float("nan")):.0f} s')
+    last = _load(run)
+    line = f'Whole run: {last.get("seconds", float("nan")):.0f} s'
+    if last.get('preempted'):
+      line = (f'Last invocation: {last.get("seconds", float("nan")):.0f} s, stopped by SIGTERM; '
+              f'latest checkpoint {last.get("latest_checkpoint")}')
+    out.append(line)
   return '\n'.join(out)
 
 

@@ -132,6 +132,51 @@ def _sigterm_once_training(cli, workdir, log_path, *flags):
   return returncode, log_path.read_text()
 
 
+def test_sigterm_to_the_process_group_with_grain_workers_saves_and_summarises(cli, tmp_path):
+  """What `timeout` does at gpu_brisc.sh's time limit: SIGTERM to the whole process group,
+  grain's worker processes included, mid-training. The run saves its checkpoint, writes a
+  summary.json saying how far it got, leaves no worker behind, and resumes to the end.
+  (tests/test_pipeline.py checks that the workers outlive the signal deterministically.)"""
+  workdir = tmp_path / 'workers'
+  log_path = tmp_path / 'workers.log'
+  command = [sys.executable, 'run.py', f'--config={CONFIG}', f'--workdir={workdir}',
+             '--mode=train', '--config.data.num_workers=2']
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(command, cwd=REPO, env=cli.env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+      deadline = time.time() + 600
+      metrics = workdir / 'metrics.jsonl'
+      # After the first epoch record the workers are running and feeding batches.
+      while proc.poll() is None and time.time() < deadline and not (
+          metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+      assert proc.poll() is None, log_path.read_text()[-4000:]
+      os.killpg(proc.pid, signal.SIGTERM)
+      returncode = proc.wait(timeout=300)
+    finally:
+      proc.kill()
+  output = log_path.read_text()
+  assert returncode == 143, output[-4000:]
+  assert 'Traceback' not in output and 'terminated unexpectedly' not in output, output[-4000:]
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert summary['preempted'].startswith('Stopped by SIGTERM')
+  assert summary['latest_checkpoint']['stage'] in ('warmup', 'semi')
+  assert summary['seconds'] > 0
+  time.sleep(2)  # A worker's exit may trail its parent's.
+  with pytest.raises(ProcessLookupError):
+    os.killpg(proc.pid, 0)  # Nobody is left in the group.
+  report = subprocess.run([sys.executable, 'scripts/run_summary.py', str(workdir)], cwd=REPO,
+                          env=cli.env, capture_output=True, text=True, timeout=120)
+  assert 'stopped by SIGTERM' in report.stdout, report.stdout + report.stderr
+  cli(str(workdir), '--mode=train', '--config.data.num_workers=2')
+  assert [(r['stage'], r['epoch']) for r in _metrics(str(workdir))] == [
+      ('warmup', 0), ('warmup', 1), ('semi', 0), ('semi', 1)]
+  with open(workdir / 'summary.json') as f:
+    assert 'preempted' not in json.load(f)
+
+
 def test_interrupted_run_resumes_to_the_same_metrics(cli, uninterrupted, tmp_path):
   """Resumes after `stop_after_epochs` and after a real SIGTERM mid-epoch; a resumed config
   that changes the data, the model or (once used) retrieval is refused; evaluation and

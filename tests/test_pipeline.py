@@ -2,6 +2,8 @@
 
 import csv
 import os
+import signal
+import time
 
 import numpy as np
 from PIL import Image
@@ -199,6 +201,34 @@ def test_resume_with_two_workers_matches_in_process(tmp_path):
     _assert_batches_equal(_take(restored, 2), after)
   finally:
     restored.close()
+
+
+def _children() -> set[int]:
+  """The pids of this process's children (Linux /proc)."""
+  pids = set()
+  for task in os.listdir(f'/proc/{os.getpid()}/task'):
+    with open(f'/proc/{os.getpid()}/task/{task}/children') as f:
+      pids.update(int(p) for p in f.read().split())
+  return pids
+
+
+def test_workers_outlive_a_sigterm_their_parent_survives(tmp_path):
+  """`timeout` and SLURM signal the whole process group: the workers must keep feeding
+  batches until the main process, which got the same signal, stops at a step boundary."""
+  arrays = _arrays(tmp_path)
+  before = _children()
+  it = pipeline.make_train_loader(arrays, np.arange(N), batch_size=8, seed=1,
+                                  is_labeled=True, worker_count=2)
+  try:
+    _take(it, 2)
+    workers = _children() - before
+    assert workers
+    for pid in workers:
+      os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)  # A worker killed by it would be gone by now.
+    assert len(_take(it, 12)) == 12  # More batches than the workers had buffered.
+  finally:
+    it.close()
 
 
 def test_eval_batches_in_order_padded():

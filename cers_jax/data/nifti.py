@@ -25,16 +25,33 @@ import os
 import zlib
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from cers_jax.data import images as images_lib
 from cers_jax.data.records import DataError, Problem
 
 NIFTI_EXTENSIONS = ('.nii.gz', '.nii')
-# What nibabel raises on a broken or truncated file (its gzip reader raises OSError/EOFError).
-_READ_ERRORS = (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError,
-                zlib.error)
+
+
+def nibabel():
+  """The nibabel module, imported only where volumes are read or written: a run on PNG or
+  JPEG layouts never needs it (the GPU image, for one, lacks it).
+
+  Raises:
+    DataError: nibabel is not installed; the message says how to install it.
+  """
+  try:
+    import nibabel as nib  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f'NIfTI volumes need the nibabel package, which cannot be imported '
+                    f'here ({e}); install it with `pip install "nibabel>=5.2,<6"`.') from e
+  return nib
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+  """What nibabel raises on a broken or truncated file (its gzip reader: OSError/EOFError)."""
+  return (nibabel().filebasedimages.ImageFileError, OSError, EOFError, ValueError,
+          zlib.error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +121,10 @@ def list_volumes(folder: str, problems: list[Problem]) -> dict[str, str]:
 
 
 def _open(path: str):
+  nib = nibabel()
   try:
     return nib.load(path)
-  except _READ_ERRORS as e:
+  except _read_errors() as e:
     raise DataError(f'Cannot read NIfTI volume {path}: {e}. The file is corrupt or not a '
                     'NIfTI volume; replace or remove it.') from e
 
@@ -138,7 +156,7 @@ def _read_array(path: str, as_float: bool) -> np.ndarray:
   shape = _shape3(image.shape, path)
   try:
     data = image.get_fdata(dtype=np.float32) if as_float else np.asanyarray(image.dataobj)
-  except _READ_ERRORS as e:
+  except _read_errors() as e:
     raise DataError(f'Cannot read the voxels of NIfTI volume {path}: {e}. The file is '
                     'truncated or corrupt; replace or remove it.') from e
   return np.asarray(data).reshape(shape)

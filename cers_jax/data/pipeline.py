@@ -22,6 +22,8 @@ plus any extra per-row arrays (e.g. CoT token ids) under their own names.
 from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import mmap
+import os
+import signal
 from typing import Any
 
 from absl import flags
@@ -188,6 +190,27 @@ def _check_rows(arrays: PipelineArrays, rows: Sequence[int], what: str) -> np.nd
   return rows.astype(np.int64)
 
 
+def _leave_sigterm_to_the_parent(worker_index: int, worker_count: int) -> None:
+  """grain's `worker_init_fn`: a worker ignores SIGTERM while the process that started it
+  lives, and exits on it once orphaned.
+
+  `timeout`, SLURM and a shell's job control send SIGTERM to the whole process group, the
+  workers included. A worker that died of it would make the main process's next batch
+  fail ("Worker process was terminated unexpectedly") before `StopOnSigterm` could save its
+  checkpoint at the step boundary; the main process instead decides when to stop and closes
+  its workers as usual. An orphan (its parent killed outright) still exits on SIGTERM.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def on_sigterm(signum, frame):
+    del frame
+    if os.getppid() != parent:
+      os._exit(128 + signum)  # pylint: disable=protected-access
+
+  signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def make_train_loader(
     arrays: PipelineArrays,
     rows: Sequence[int],
@@ -244,8 +267,10 @@ def make_train_loader(
   # Inside a worker the work is already parallel across processes: no extra threads.
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)))
+  iter_dataset = iter_dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=worker_count,
+                                   per_worker_buffer_size=max(prefetch, 1)),
+      worker_init_fn=_leave_sigterm_to_the_parent)
   return iter(iter_dataset)
 
 

@@ -15,7 +15,6 @@ import os
 from typing import Any, Sequence
 
 from absl import logging
-import nibabel as nib
 import numpy as np
 from PIL import Image
 
@@ -49,7 +48,7 @@ def _to_shape(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 def assemble(source_path: str, slices: dict[int, np.ndarray], axis: int):
   """The NIfTI image of `slices` ({index: (S, S) mask}) on the grid of `source_path`."""
-  source = nib.load(source_path)
+  source = nifti.nibabel().load(source_path)
   shape, _ = nifti.volume_header(source_path)
   axis = axis % 3
   kept = [a for a in range(3) if a != axis]
@@ -70,7 +69,7 @@ def write_volume(path: str, source_path: str, slices: dict[int, np.ndarray],
   """Writes the predicted label volume of `slices` to `path` (written atomically)."""
   image = assemble(source_path, slices, axis)
   tmp = path.replace(SUFFIX, '.tmp' + SUFFIX)
-  nib.save(image, tmp)
+  nifti.nibabel().save(image, tmp)
   os.replace(tmp, path)
   return path
 

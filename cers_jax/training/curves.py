@@ -276,21 +276,31 @@ class TensorBoardWriter:
 
   Every numeric value of a record but `step` (the x axis) becomes one scalar, e.g.
   `warmup/loss`, `semi/val_dice_r_mean`. Other processes construct it too and write
-  nothing, so the loop needs no branch.
+  nothing, so the loop needs no branch. Without tensorboardX (an optional logger: the GPU
+  image lacks it) one warning says so and nothing is written here; metrics.jsonl and
+  curves.png hold the same records.
   """
 
   def __init__(self, logdir: str):
     self._logdir = logdir
     self._writer = None
+    self._unavailable = False
 
   def write(self, record: dict, step: int | None = None) -> None:
     """Writes `record`'s numeric values at `step` (default: `record['step']`) and flushes."""
-    if not sharding.is_main_process():
+    if not sharding.is_main_process() or self._unavailable:
       return
     if self._writer is None:
       # Opened at the first record: an invocation that trains nothing (retrieval beside a
       # training run, a finished run resumed) leaves no empty event file behind.
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        self._unavailable = True
+        logging.warning('No TensorBoard events in %s: tensorboardX cannot be imported (%s); '
+                        'metrics.jsonl and curves.png hold the same records. `pip install '
+                        '"tensorboardX>=2.6.2,<3"` writes them.', self._logdir, e)
+        return
       self._writer = SummaryWriter(self._logdir)
     step = int(record['step']) if step is None else int(step)
     stage = record.get('stage', 'train')

@@ -184,12 +184,36 @@ def train_and_evaluate(config, workdir: str, mode: str = 'all') -> dict:
   writes = _writes(workdir, mode, method)
   holds_lock = writes and sharding.is_main_process()  # Process 0 locks for all.
   with (lock_lib.WorkdirLock(workdir, mode) if holds_lock else contextlib.nullcontext()):
-    summary = _locked_job(config, workdir, mode, read_only=not writes)
-    summary['seconds'] = time.perf_counter() - start
-    if sharding.is_main_process():
-      with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    try:
+      summary = _locked_job(config, workdir, mode, read_only=not writes)
+    except Preempted as stopped:
+      # A run stopped by its time limit still says how far it got (scripts/gpu_brisc.sh
+      # copies summary.json back from the device).
+      _write_summary(workdir, _preempted_summary(workdir, mode, stopped), start)
+      raise
+    _write_summary(workdir, summary, start)
   logging.info('Summary: %s', json.dumps(summary, indent=2))
+  return summary
+
+
+def _write_summary(workdir: str, summary: dict, start: float) -> None:
+  summary['seconds'] = time.perf_counter() - start
+  if sharding.is_main_process():
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+
+
+def _preempted_summary(workdir: str, mode: str, stopped: Preempted) -> dict:
+  """What a SIGTERM-stopped invocation reached: its message and the latest checkpoint's
+  stage, epoch and best validation Dice."""
+  summary: dict[str, Any] = dict(workdir=workdir, mode=mode, preempted=str(stopped))
+  saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+  if saved is not None:
+    meta = saved[1]
+    summary['latest_checkpoint'] = {k: meta.get(k) for k in ('stage', 'epoch', 'best_dice',
+                                                             'best_epoch')}
+    if meta.get('partial'):
+      summary['latest_checkpoint']['steps_into_epoch'] = meta['partial'].get('steps')
   return summary
 
 
