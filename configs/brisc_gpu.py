@@ -31,8 +31,11 @@ measures speed, memory and that every stage works at full size on real data. The
 consistency ramp-up stays the authors' 200 epochs, so its weight is ~0 here, for the reason
 configs/brisc_small.py gives.
 
-`configs/brisc_gpu.py:quick` keeps everything but the size: the small CERS of
-configs/synthetic.py at 64x64, 1 warm-up epoch and 2 semi-supervised epochs of 5 steps.
+`configs/brisc_gpu.py:quick` keeps everything but the size (scripts/gpu_preflight.py runs it on
+the CPU before any device call): a tiny CERS (one block per encoder stage, one-layer BERTs,
+the widths of tests/run_configs/tiny_run.py) at 32x32, 1 warm-up epoch and 2
+semi-supervised epochs of 3 steps, grain workers, bfloat16 and the eval batch of 64 as the
+GPU run.
 """
 
 from configs import brisc
@@ -66,8 +69,26 @@ def get_config(variant: str = ''):
 
   if variant == 'quick':
     synthetic.small_cers(config)
-    config.data.image_size = 64
+    _tiny(config)
+    config.data.image_size = 32
     train.warmup_epochs = 1
     train.epochs = 2
-    train.steps_per_epoch = 5
+    train.steps_per_epoch = 3
   return config
+
+
+def _tiny(config) -> None:
+  """The smallest CERS that runs every code path: compiling it, not running it, is what a
+  dry run on a CPU waits for."""
+  model = config.model
+  model.encoder_depths = (1, 1, 1, 1)
+  model.encoder_dims = (8, 16, 24, 32)
+  for bert in (model.text, model.cot):
+    bert.hidden_size = 16
+    bert.num_layers = 1
+    bert.num_heads = 2
+    bert.intermediate_size = 32
+  model.attn_dim = 16
+  model.attn_heads = 2
+  model.decoder_dims = (16, 8, 8, 4)
+  model.embed_dim = 8

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# BRISC 2025 with the full-size CERS in one GPU call (configs/brisc_gpu.py: ConvNeXt-T,
-# 224x224, bfloat16, protocol `paper`, 25% labeled; 8 warm-up and 4 semi-supervised epochs,
-# about 6 minutes with compiling, assumed rather than measured), then its summary: images/s,
-# val Dice of D_r and D_s, test Dice and the retrieval report after warm-up.
+# BRISC 2025 with the full-size CERS on the GPU (configs/brisc_gpu.py: ConvNeXt-T, 224x224,
+# bfloat16, protocol `paper`, 25% labeled; 8 warm-up and 4 semi-supervised epochs), then its
+# summary: images/s, val Dice of D_r and D_s, test Dice and the retrieval report after
+# warm-up. scripts/gpu_run.sh runs it as its last stage; it also runs alone.
 #
 #   python scripts/pack_brisc.py SRC .brisc_pack --csv-dir CSV_DIR   # here, once (~28 MiB)
 #   bash scripts/gpu_brisc.sh [--quick] [PACK_DIR]                    # there (default .brisc_pack)
 #
-# On the device machine: carry .brisc_pack and .whl (grain, ml-collections and their needs,
-# see benchmarks/README.md "GPU check"). --quick runs the same pipeline with the small CERS at
-# 64x64 and a few steps (configs/brisc_gpu.py:quick), from scratch, on any machine.
-# Training is stopped by SIGTERM after $GPU_BRISC_LIMIT_S seconds (default 480, so the call
-# ends inside the device's 10 minutes; a checkpoint is saved and the summary says what
-# finished); the same command then resumes from runs/brisc_gpu ($WORKDIR) if the machine
-# still holds it. Where $OUT is set, the log and the run's small files are copied there.
+# On the device machine: carry .brisc_pack and .whl (scripts/gpu_wheels.txt). --quick runs
+# the same pipeline with a tiny CERS at 32x32 and a few steps (configs/brisc_gpu.py:quick),
+# from scratch, on any machine.
+# Training is stopped by SIGTERM after $GPU_BRISC_LIMIT_S seconds (default 420; gpu_run.sh
+# gives it 200) and killed $GPU_BRISC_GRACE_S seconds (default 30) later if it has not saved
+# and exited by then. A stopped run still leaves its checkpoint, summary.json (how far it
+# got) and the summary below; the same command resumes from runs/brisc_gpu ($WORKDIR) while
+# the machine still holds it. Where $OUT is set, brisc_summary.txt and brisc_run.tar.gz (the
+# log, metrics.jsonl, summary.json, config.json, the test summary, the retrieval report and
+# the GPU utilization samples) land there: two files of the 8 a device call brings back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=configs/brisc_gpu.py
 workdir=${WORKDIR:-runs/brisc_gpu}
-limit=${GPU_BRISC_LIMIT_S:-480}
+limit=${GPU_BRISC_LIMIT_S:-420}
+grace=${GPU_BRISC_GRACE_S:-30}
 if [ "${1:-}" = "--quick" ]; then
   config=configs/brisc_gpu.py:quick
   workdir=${WORKDIR:-runs/brisc_gpu_quick}
@@ -53,7 +57,7 @@ if command -v nvidia-smi >/dev/null; then
     >"$workdir/gpu_utilization.txt" 2>/dev/null &
   sampler=$!
 fi
-timeout -s TERM -k 60 "$limit" python3 run.py --config="$config" --workdir="$workdir" \
+timeout -s TERM -k "$grace" "$limit" python3 run.py --config="$config" --workdir="$workdir" \
   --config.data.root="$pack" 2>&1 | tee -a "$log" || status=$?
 echo "== run.py ended with status $status after $((SECONDS - start)) s" \
      "(143 or 124: stopped at the ${limit} s limit) ==" | tee -a "$log"
@@ -63,15 +67,17 @@ if [ -n "$sampler" ]; then
        END {if (n) printf " %d", s / n; print ""}' "$workdir/gpu_utilization.txt" \
     | sed 's/^/== GPU utilization %, mean of each 20 s of the run:/' | tee -a "$log"
 fi
-python3 scripts/run_summary.py "$workdir" | tee "$workdir/run_summary.txt"
+# The summary comes back whatever happened above: it says what is missing.
+python3 scripts/run_summary.py "$workdir" | tee "$workdir/run_summary.txt" || status=$?
 if [ -n "${OUT:-}" ]; then
-  cp "$log" "$workdir/run_summary.txt" "$OUT"/
-  for f in metrics.jsonl summary.json config.json eval/test_summary.json; do
-    [ -f "$workdir/$f" ] && cp "$workdir/$f" "$OUT"/
+  cp "$workdir/run_summary.txt" "$OUT/brisc_summary.txt"
+  files=()
+  for f in gpu_brisc.log gpu_utilization.txt metrics.jsonl summary.json config.json \
+           eval/test_summary.json retrieval/after_warmup/report.json \
+           retrieval/after_warmup/report.png; do
+    if [ -f "$workdir/$f" ]; then files+=("$f"); fi
   done
-  for f in report.json report.png; do
-    [ -f "$workdir/retrieval/after_warmup/$f" ] \
-      && cp "$workdir/retrieval/after_warmup/$f" "$OUT/retrieval_after_warmup_$f"
-  done
+  tar -czf "$OUT/brisc_run.tar.gz" -C "$workdir" "${files[@]}"
+  echo "== $OUT/brisc_run.tar.gz: ${files[*]}"
 fi
 exit "$status"
