@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.split_ratios = (0.8, 0.1, 0.1)  # train/val/test fractions for the 'paper' protocol.
   data.val_fraction = 0.1  # Share of the official train set carved off as val ('official').
   data.labeled_fraction = 0.25  # Fraction of the train split that keeps its masks.
+  data.labeled_count = 0  # > 0: this many labeled train images instead of labeled_fraction.
+  data.split_file = ''  # Published split (folder of lists, CSV or JSON) instead of a drawn one.
   data.group_regex = ''  # 'grouped' protocol: regex whose first group names the case.
   data.nifti = nifti = ml_collections.ConfigDict()  # Layout 'nifti' (README "Datasets").
   nifti.axis = -1  # Voxel axis volumes are sliced along into 2-D samples (-1: the last).
@@ -89,7 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   _resume('data',
           fixed=('layout', 'root', 'text_csv', 'cot_mask_csv', 'cot_no_mask_csv', 'cache_dir',
                  'image_size', 'split_protocol', 'split_ratios', 'val_fraction',
-                 'labeled_fraction', 'group_regex', 'max_text_len', 'max_cot_len',
+                 'labeled_fraction', 'labeled_count', 'split_file', 'group_regex',
+                 'max_text_len', 'max_cot_len',
                  # prepare decodes the cache anew when these differ (decoding.json), and axis
                  # and empty_margin decide which slices are samples at all.
                  'nifti.axis', 'nifti.window', 'nifti.percentiles', 'nifti.empty_margin'),

@@ -1,5 +1,8 @@
 """Tests for cers_jax.data.splits: the three protocols, labeled subsets, manifest checks."""
 
+import json
+import os
+
 import ml_collections
 import pytest
 
@@ -146,3 +149,100 @@ def test_manifest_round_trip_and_checks(tmp_path):
   (tmp_path / 'bad.json').write_text('{"a": 1}')
   with pytest.raises(DataError, match='not a split manifest'):
     splits.read_manifest(str(tmp_path / 'bad.json'))
+
+
+def test_labeled_count_asks_for_a_number_of_images():
+  samples = _samples(40)
+  split = splits.make_split(samples, protocol='paper', seed=0, labeled_count=5)
+  assert len(split['train_labeled']) == 5
+  # The count is a prefix of the same permutation the fractions use: nested subsets.
+  more = splits.make_split(samples, protocol='paper', seed=0, labeled_count=9)
+  assert set(split['train_labeled']) < set(more['train_labeled'])
+  assert (split['val'], split['test']) == (more['val'], more['test'])
+  with pytest.raises(DataError, match='labeled_count=999'):
+    splits.make_split(samples, protocol='paper', seed=0, labeled_count=999)
+
+
+def _published(tmp_path, fmt, samples):
+  """A BCP/UniMatch-style split of `samples` written as `fmt`; returns (path, expected)."""
+  ids = [s.id for s in samples]
+  train, val, test, labeled = ids[:14], ids[14:17], ids[17:], ids[:3]
+  if fmt == 'lists':
+    folder = tmp_path / 'lists'
+    folder.mkdir()
+    # File names with folders and extensions, as peers publish them.
+    (folder / 'train.list').write_text('\n'.join(f'images/{i}.png' for i in train) + '\n')
+    (folder / 'val.txt').write_text('\n'.join(val) + '\n')
+    (folder / 'test.txt').write_text('\n'.join(test) + '\n')
+    (folder / 'labeled.txt').write_text('\n'.join(labeled) + '\n')
+    path = folder
+  elif fmt == 'csv':
+    path = tmp_path / 'split.csv'
+    rows = ['image,split'] + [f'{i}.png,{"labeled" if i in labeled else "train"}'
+                              for i in train]
+    rows += [f'{i},val' for i in val] + [f'{i},test' for i in test]
+    path.write_text('\n'.join(rows) + '\n')
+  else:
+    path = tmp_path / 'split.json'
+    path.write_text(json.dumps({'train': train, 'validation': val, 'test': test,
+                                'labeled': labeled}))
+  expected = {'train_labeled': sorted(labeled), 'train_unlabeled': sorted(train[3:]),
+              'val': sorted(val), 'test': sorted(test)}
+  return str(path), expected
+
+
+@pytest.mark.parametrize('fmt', ['lists', 'csv', 'json'])
+def test_published_split_files_in_each_format(tmp_path, fmt):
+  samples = _samples(20)
+  path, expected = _published(tmp_path, fmt, samples)
+  split = splits.make_split(samples, protocol='paper', seed=0, split_file=path)
+  assert split == expected
+  # Without a labeled list, the count (or fraction) picks labeled ids from train.
+  parts = splits.read_split_file(path)
+  assert set(parts) >= {'train', 'val', 'test', 'labeled'}
+
+
+def test_split_file_without_labeled_or_val_and_bad_files(tmp_path):
+  samples = _samples(20)
+  ids = [s.id for s in samples]
+  folder = tmp_path / 'lists'
+  folder.mkdir()
+  (folder / 'train.txt').write_text('\n'.join(ids[:16]))
+  (folder / 'test.txt').write_text('\n'.join(ids[16:]))
+  split = splits.make_split(samples, protocol='paper', seed=0, split_file=str(folder),
+                            labeled_count=4)
+  assert len(split['train_labeled']) == 4 and len(split['val']) == 2
+  assert sorted(split['test']) == sorted(ids[16:])
+  (folder / 'test.txt').write_text('\n'.join(ids[16:] + ['ghost_1', 'ghost_2']))
+  with pytest.raises(DataError, match=r"names 2 images that are not in the dataset: "
+                     r"\['ghost_1', 'ghost_2'\]"):
+    splits.make_split(samples, protocol='paper', seed=0, split_file=str(folder))
+  (folder / 'test.txt').write_text('\n'.join(ids[15:]))
+  with pytest.raises(DataError, match='more than one of'):
+    splits.make_split(samples, protocol='paper', seed=0, split_file=str(folder))
+  with pytest.raises(DataError, match='does not exist'):
+    splits.read_split_file(str(tmp_path / 'nope.json'))
+  (tmp_path / 'bad.csv').write_text('a,b\n1,2\n')
+  with pytest.raises(DataError, match='needs an id column'):
+    splits.read_split_file(str(tmp_path / 'bad.csv'))
+
+
+def test_manifest_records_its_source_and_a_changed_split_file(tmp_path):
+  samples = _samples(20)
+  path, _ = _published(tmp_path, 'json', samples)
+  settings = _settings(split_file=path, labeled_count=0)
+  assert settings['protocol'] == 'file'
+  ids = splits.make_split(samples, protocol='paper', seed=0, split_file=path)
+  manifest = splits.build_manifest(ids, settings, dataset_root='/d', layout='cers',
+                                   image_size=32)
+  assert manifest['source'].startswith(f'file {os.path.abspath(path)} (sha256 ')
+  known = {s.id for s in samples}
+  splits.check_manifest(manifest, settings, 'split.json', known)
+  with open(path, 'a') as f:
+    f.write('\n')
+  with pytest.raises(DataError, match='split_file_sha256'):
+    splits.check_manifest(manifest, _settings(split_file=path, labeled_count=0),
+                          'split.json', known)
+  drawn = _settings(labeled_count=7)
+  assert 'labeled_count' in splits._relevant(drawn)
+  assert splits.split_source(drawn) == "drawn: protocol 'paper', seed 0, 7 labeled images"

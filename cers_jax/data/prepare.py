@@ -306,7 +306,8 @@ def _manifest(path: str, scan: layouts.DatasetScan, settings: dict[str, Any],
       scan.samples, protocol=settings['protocol'], seed=settings['seed'],
       ratios=settings['ratios'], val_fraction=settings['val_fraction'],
       labeled_fraction=settings['labeled_fraction'], group_regex=settings['group_regex'],
-      layout=scan.layout)
+      layout=scan.layout, labeled_count=settings['labeled_count'],
+      split_file=settings.get('split_file', ''))
   return splits.build_manifest(ids, settings, dataset_root=scan.root, layout=scan.layout,
                                image_size=image_size), False
 

@@ -16,11 +16,19 @@ between train, val and test. Images without a mask can only be unlabeled trainin
 under 'official', those of the val/test folders are in no split (never trained on).
 Ids are sorted before shuffling, so the split depends on the seed and the ids only, never
 on the order a file system lists them.
+
+`data.labeled_count` asks for a number of labeled training images instead of a fraction
+(the way BCP and others publish "7 cases", not "10%"). `data.split_file` takes a published
+split instead of drawing one (`read_split_file`: a folder of plain lists, a CSV or a JSON);
+the labeled ids come from the file when it lists them, else from the same seeded prefix.
+The manifest records where its split came from (`source`).
 """
 
 from __future__ import annotations
 
+import csv
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -124,14 +132,18 @@ PROTOCOLS: dict[str, Callable[..., tuple[list[str], list[str], list[str]]]] = {
 
 def make_split(samples: Sequence[Sample], *, protocol: str, seed: int,
                ratios: Sequence[float] = (0.8, 0.1, 0.1), val_fraction: float = 0.1,
-               labeled_fraction: float = 0.25, group_regex: str = '', layout: str = ''
-               ) -> dict[str, list[str]]:
+               labeled_fraction: float = 0.25, group_regex: str = '', layout: str = '',
+               labeled_count: int = 0, split_file: str = '') -> dict[str, list[str]]:
   """Splits samples into train_labeled, train_unlabeled, val and test ids (each sorted).
 
   `ratios` serve 'paper' and 'grouped', `val_fraction` 'official'. `labeled_fraction` of
   train (images with masks) stays labeled, at least one image when > 0. `layout` is only
-  named in error messages.
+  named in error messages. `labeled_count` > 0 asks for that many labeled images instead
+  of a fraction; `split_file` reads the split from a file (`read_split_file`).
   """
+  if split_file:
+    return split_from_file(split_file, samples, seed=seed, labeled_fraction=labeled_fraction,
+                           labeled_count=labeled_count)
   split_fn = PROTOCOLS.get(protocol)
   if split_fn is None:
     raise DataError(f'Unknown data.split_protocol {protocol!r}; choices: {sorted(PROTOCOLS)}.')
@@ -149,17 +161,248 @@ def make_split(samples: Sequence[Sample], *, protocol: str, seed: int,
   train, val, test = split_fn(with_mask, by_id, seed=seed, ratios=ratios,
                               val_fraction=val_fraction, group_regex=group_regex,
                               layout=layout)
-  train = sorted(train)
-  order = [train[i] for i in _rng(seed, _LABELED_STREAM).permutation(len(train))]
-  n_labeled = int(round(labeled_fraction * len(train)))
-  if labeled_fraction > 0 and train:
-    n_labeled = max(n_labeled, 1)
+  labeled, unlabeled = _labeled_prefix(train, seed=seed, labeled_fraction=labeled_fraction,
+                                       labeled_count=labeled_count)
   return {
-      'train_labeled': sorted(order[:n_labeled]),
-      'train_unlabeled': sorted(order[n_labeled:] + without_mask),
+      'train_labeled': labeled,
+      'train_unlabeled': sorted(unlabeled + without_mask),
       'val': sorted(val),
       'test': sorted(test),
   }
+
+
+def _labeled_prefix(train: Sequence[str], *, seed: int, labeled_fraction: float,
+                    labeled_count: int = 0) -> tuple[list[str], list[str]]:
+  """(labeled, unlabeled) ids of train: a prefix of one seeded permutation, of
+  `labeled_count` images when > 0, else of `labeled_fraction` of them (at least one)."""
+  train = sorted(train)
+  order = [train[i] for i in _rng(seed, _LABELED_STREAM).permutation(len(train))]
+  if labeled_count < 0 or labeled_count > len(train):
+    raise DataError(f'data.labeled_count={labeled_count} must be between 0 and the '
+                    f'{len(train)} masked training images of the split.')
+  if labeled_count:
+    n_labeled = int(labeled_count)
+  else:
+    if not 0 <= labeled_fraction <= 1:
+      raise DataError(f'data.labeled_fraction={labeled_fraction} must be in [0, 1].')
+    n_labeled = int(round(labeled_fraction * len(train)))
+    if labeled_fraction > 0 and train:
+      n_labeled = max(n_labeled, 1)
+  return sorted(order[:n_labeled]), sorted(order[n_labeled:])
+
+
+# --- published splits -----------------------------------------------------------------------
+
+# Names a published split gives each part -> ours. 'labeled' lists are a subset of train.
+_PART_NAMES = {
+    'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val',
+    'validation': 'val', 'test': 'test', 'testing': 'test', 'labeled': 'labeled',
+    'labelled': 'labeled', 'train_labeled': 'labeled', 'unlabeled': 'unlabeled',
+    'unlabelled': 'unlabeled', 'train_unlabeled': 'unlabeled',
+}
+_LIST_SUFFIXES = ('.txt', '.list', '.lst', '.csv', '')
+
+
+def _read_lines(path: str) -> list[str]:
+  with open(path, encoding='utf-8-sig') as f:
+    return [line.strip() for line in f if line.strip() and not line.startswith('#')]
+
+
+def _parts_from_folder(folder: str) -> dict[str, list[str]]:
+  """train.txt / val.list / test.txt / labeled.txt ... (one id or file name a line)."""
+  parts: dict[str, list[str]] = {}
+  for name in sorted(os.listdir(folder)):
+    stem, ext = os.path.splitext(name)
+    part = _PART_NAMES.get(stem.lower())
+    if part and ext.lower() in _LIST_SUFFIXES and os.path.isfile(os.path.join(folder, name)):
+      parts.setdefault(part, []).extend(_read_lines(os.path.join(folder, name)))
+  return parts
+
+
+def _parts_from_csv(path: str) -> dict[str, list[str]]:
+  """Rows of id,split (header names: id/image/name/case and split/fold/set); a split
+  value of 'labeled'/'train_labeled' marks a labeled training image, and an optional
+  'labeled' column (1/true/yes) does the same for rows of 'train'."""
+  with open(path, encoding='utf-8-sig', newline='') as f:
+    rows = list(csv.DictReader(f))
+  if not rows:
+    raise DataError(f'Split file {path} has no rows; write a header "id,split" and a row '
+                    'per image.')
+  fields = {k.strip().lower(): k for k in rows[0]}
+  id_key = next((fields[k] for k in ('id', 'image', 'name', 'case', 'filename') if k in fields),
+                None)
+  split_key = next((fields[k] for k in ('split', 'fold', 'set', 'subset') if k in fields), None)
+  if id_key is None or split_key is None:
+    raise DataError(f'Split file {path} needs an id column (id/image/name/case) and a split '
+                    f'column (split/fold/set); its header is {list(rows[0])}.')
+  labeled_key = fields.get('labeled') or fields.get('labelled')
+  parts: dict[str, list[str]] = {}
+  for row in rows:
+    value = (row[split_key] or '').strip().lower()
+    part = _PART_NAMES.get(value)
+    if part is None:
+      raise DataError(f'Split file {path}: split {row[split_key]!r} of {row[id_key]!r} is '
+                      f'not one of {sorted(_PART_NAMES)}.')
+    ident = row[id_key].strip()
+    if part == 'labeled':
+      parts.setdefault('train', []).append(ident)
+    if part in ('unlabeled',):
+      parts.setdefault('train', []).append(ident)
+    parts.setdefault(part, []).append(ident)
+    flag = (row.get(labeled_key) or '').strip().lower() if labeled_key else ''
+    if part == 'train' and flag in ('1', 'true', 'yes', 'y'):
+      parts.setdefault('labeled', []).append(ident)
+  return parts
+
+
+def _parts_from_json(path: str) -> dict[str, list[str]]:
+  """{"train": [...], "val": [...], "test": [...], "labeled": [...]}, this project's
+  split.json ({"ids": {...}}), or nnU-Net's splits_final.json (a list of folds: the first
+  fold's "train"/"val"; test is then needed as a key of a dict around it)."""
+  with open(path, encoding='utf-8') as f:
+    content = json.load(f)
+  if isinstance(content, list) and content and isinstance(content[0], dict):
+    content = content[0]  # nnU-Net: folds; fold 0.
+  if isinstance(content, dict) and isinstance(content.get('ids'), dict):
+    content = content['ids']
+  if not isinstance(content, dict):
+    raise DataError(f'Split file {path} must hold an object of id lists per split, e.g. '
+                    '{"train": [...], "val": [...], "test": [...], "labeled": [...]}.')
+  parts: dict[str, list[str]] = {}
+  for key, values in content.items():
+    part = _PART_NAMES.get(str(key).lower())
+    if part is None:
+      continue
+    if not isinstance(values, list):
+      raise DataError(f'Split file {path}: "{key}" must be a list of ids.')
+    parts.setdefault(part, []).extend(str(v) for v in values)
+  if 'labeled' in parts or 'unlabeled' in parts:
+    parts['train'] = parts.get('train', []) + parts.get('labeled', []) + parts.get(
+        'unlabeled', [])
+  return parts
+
+
+def read_split_file(path: str) -> dict[str, list[str]]:
+  """The parts a published split lists: 'train', 'val', 'test' and maybe 'labeled' and
+  'unlabeled', each a list of ids or file names as written.
+
+  Formats: a folder of plain lists (train.txt / train.list, val, test, labeled; one id or
+  file name a line: BCP, UniMatch, LViT-style), a CSV of id,split rows, or a JSON object of
+  lists (also this project's split.json and nnU-Net's splits_final.json, fold 0).
+  """
+  if not os.path.exists(path):
+    raise DataError(f'data.split_file {path} does not exist; give a folder of train/val/test '
+                    'lists, a CSV (id,split) or a JSON file.')
+  try:
+    if os.path.isdir(path):
+      parts = _parts_from_folder(path)
+    elif path.lower().endswith('.json'):
+      parts = _parts_from_json(path)
+    elif path.lower().endswith('.csv'):
+      parts = _parts_from_csv(path)
+    else:
+      raise DataError(f'data.split_file {path}: name a folder of lists, a .csv or a .json.')
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f'Cannot read split file {path}: {e}.') from e
+  for name in ('train', 'test'):
+    if not parts.get(name):
+      raise DataError(f'Split file {path} lists no {name!r} ids (found: '
+                      f'{sorted(parts) or "nothing"}); it needs train and test (val '
+                      'optional, then carved from train by data.val_fraction).')
+  return parts
+
+
+def _id_resolver(known: set[str]) -> Callable[[str], str | None]:
+  """Maps a listed name to a dataset id: as written, else without folders and image
+  extensions ('images/case_1.png' -> 'case_1'), case-sensitive."""
+  def resolve(name: str) -> str | None:
+    candidates = [name, name.replace('\\', '/').rsplit('/', 1)[-1]]
+    stem = candidates[-1]
+    while True:
+      stem_next, ext = os.path.splitext(stem)
+      if not ext or len(ext) > 8:
+        break
+      stem = stem_next
+      candidates.append(stem)
+    return next((c for c in candidates if c in known), None)
+  return resolve
+
+
+def split_from_file(path: str, samples: Sequence[Sample], *, seed: int,
+                    labeled_fraction: float = 0.25, labeled_count: int = 0,
+                    val_fraction: float = 0.1) -> dict[str, list[str]]:
+  """The split a published file lists (`read_split_file`), resolved to dataset ids.
+
+  Every listed name must be an image of the dataset, and val/test images need masks: a list
+  naming others is refused, naming them. The labeled ids are the file's when it lists them
+  (then labeled_fraction and labeled_count are ignored), else a seeded prefix of train as for
+  a drawn split. A file without val gives val from train by `val_fraction`.
+  """
+  parts = read_split_file(path)
+  by_id = {s.id: s for s in samples}
+  resolve = _id_resolver(set(by_id))
+  resolved: dict[str, list[str]] = {}
+  unknown = []
+  for part, names in parts.items():
+    ids: dict[str, None] = {}  # ordered and without repeats
+    for name in names:
+      ident = resolve(name)
+      if ident is None:
+        unknown.append(name)
+      else:
+        ids[ident] = None
+    resolved[part] = list(ids)
+  if unknown:
+    raise DataError(f'Split file {path} names {len(unknown)} images that are not in the '
+                    f'dataset: {unknown[:10]}{" ..." if len(unknown) > 10 else ""}. Fix the '
+                    'list or data.root (names match an id, or a file name without folders and '
+                    'extension).')
+  train, test = resolved['train'], resolved['test']
+  val = resolved.get('val', [])
+  if not val:
+    order = [train[i] for i in _rng(seed, _SPLIT_STREAM).permutation(len(train))]
+    n_val = max(1, int(round(val_fraction * len(train))))
+    train, val = sorted(order[n_val:]), sorted(order[:n_val])
+  overlap = sorted((set(train) & set(val)) | (set(train) & set(test)) | (set(val) & set(test)))
+  if overlap:
+    raise DataError(f'Split file {path} puts {len(overlap)} images in more than one of '
+                    f'train/val/test: {overlap[:10]}. Each image belongs to one split.')
+  unmasked = sorted(i for i in val + test if by_id[i].mask_path is None)
+  if unmasked:
+    raise DataError(f'Split file {path} puts {len(unmasked)} images without a mask in val/'
+                    f'test: {unmasked[:10]}. Add their masks or move them to train.')
+  with_mask = [i for i in train if by_id[i].mask_path is not None]
+  without_mask = [i for i in train if by_id[i].mask_path is None]
+  if resolved.get('labeled'):
+    labeled = set(resolved['labeled'])
+    strays = sorted(labeled - set(train))
+    no_mask = sorted(i for i in labeled if by_id[i].mask_path is None)
+    if strays or no_mask:
+      raise DataError(f'Split file {path}: labeled ids must be masked training images; '
+                      f'{strays[:10]} are not in train and {no_mask[:10]} have no mask.')
+    labeled_ids = sorted(labeled)
+    unlabeled_ids = sorted(i for i in with_mask if i not in labeled)
+  else:
+    labeled_ids, unlabeled_ids = _labeled_prefix(with_mask, seed=seed,
+                                                 labeled_fraction=labeled_fraction,
+                                                 labeled_count=labeled_count)
+  return {'train_labeled': labeled_ids,
+          'train_unlabeled': sorted(unlabeled_ids + without_mask),
+          'val': sorted(val), 'test': sorted(test)}
+
+
+def file_digest(path: str) -> str:
+  """sha256 of a split file, or of a folder's list files (name and content), for the
+  manifest: a changed published split is then noticed."""
+  digest = hashlib.sha256()
+  files = ([os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path)
+           else [path])
+  for name in files:
+    if os.path.isfile(name):
+      digest.update(os.path.basename(name).encode())
+      with open(name, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
 
 
 def split_protocol(data_config: Any) -> str:
@@ -174,18 +417,36 @@ def split_protocol(data_config: Any) -> str:
 
 def split_settings(data_config: Any, seed: int) -> dict[str, Any]:
   """The config values a split depends on, as stored in and checked against split.json."""
-  return {'protocol': split_protocol(data_config), 'seed': int(seed),
-          'labeled_fraction': float(data_config.labeled_fraction),
-          'ratios': [float(r) for r in data_config.split_ratios],
-          'val_fraction': float(data_config.val_fraction),
-          'group_regex': data_config.group_regex}
+  split_file = data_config.get('split_file', '')
+  settings = {'protocol': 'file' if split_file else split_protocol(data_config),
+              'seed': int(seed),
+              'labeled_fraction': float(data_config.labeled_fraction),
+              'labeled_count': int(data_config.get('labeled_count', 0)),
+              'ratios': [float(r) for r in data_config.split_ratios],
+              'val_fraction': float(data_config.val_fraction),
+              'group_regex': data_config.group_regex}
+  if split_file:
+    settings['split_file'] = os.path.abspath(split_file)
+    settings['split_file_sha256'] = (file_digest(split_file) if os.path.exists(split_file)
+                                     else '')
+  return settings
+
+
+def split_source(settings: dict[str, Any]) -> str:
+  """Where a split came from, in words, for the manifest."""
+  if settings.get('split_file'):
+    return f'file {settings["split_file"]} (sha256 {settings.get("split_file_sha256", "")})'
+  how = (f'{settings["labeled_count"]} labeled images' if settings.get('labeled_count')
+         else f'labeled_fraction {settings["labeled_fraction"]}')
+  return f'drawn: protocol {settings["protocol"]!r}, seed {settings["seed"]}, {how}'
 
 
 def _relevant(settings: dict[str, Any]) -> dict[str, Any]:
   """Settings that matter for the stored protocol (ratios do not matter for 'official')."""
-  keys = ['protocol', 'seed', 'labeled_fraction']
+  keys = ['protocol', 'seed', 'labeled_fraction', 'labeled_count']
   keys += {'paper': ['ratios'], 'official': ['val_fraction'],
-           'grouped': ['ratios', 'group_regex']}.get(settings['protocol'], [])
+           'grouped': ['ratios', 'group_regex'],
+           'file': ['split_file_sha256', 'val_fraction']}.get(settings['protocol'], [])
   return {k: settings.get(k) for k in keys}
 
 
@@ -224,7 +485,8 @@ def _same(a: Any, b: Any) -> bool:
 def build_manifest(ids: dict[str, list[str]], settings: dict[str, Any], *,
                    dataset_root: str, layout: str, image_size: int) -> dict[str, Any]:
   """The split.json content (see the data contract)."""
-  return {**settings, 'dataset_root': dataset_root, 'layout': layout,
+  return {**settings, 'source': split_source(settings), 'dataset_root': dataset_root,
+          'layout': layout,
           'image_size': int(image_size),
           'created': datetime.datetime.now(datetime.timezone.utc).isoformat(
               timespec='seconds'),
