@@ -131,12 +131,14 @@ def _surface_fields(pred: np.ndarray, gt: np.ndarray, suffix: str, spacing,
   return fields
 
 
-def _image_record(data: Data, row: int, out: dict, i: int, masks: dict, spacing, unit: str,
-                  options: EvalOptions) -> dict:
-  """One CSV row: id, scores of the step, pixel counts for pooling, surface metrics."""
+def image_record(sample_id: str, row: int, scores: dict, masks: dict, i: int, spacing,
+                 unit: str, options: EvalOptions) -> dict:
+  """One CSV row: id, the step's Dice/IoU (`scores`: 'dice_r' -> value of this image), pixel
+  counts for pooling and surface metrics of masks[<decoder>][i] against masks['gt'][i].
+  `cers_jax.score` builds its rows of masks made elsewhere with it too."""
   gt = masks['gt'][i]
-  record = dict(id=data.cache.samples[row].id, row=int(row), mask_empty=not gt.any(),
-                **{key: float(out[key][i]) for key in overlap_keys(options.decoders)})
+  record = dict(id=sample_id, row=int(row), mask_empty=not gt.any(),
+                **{key: float(scores[key]) for key in overlap_keys(options.decoders)})
   for d in options.decoders:
     pred = masks[d][i]
     record[f'inter_px_{d}'] = int(np.count_nonzero(pred & gt))
@@ -170,8 +172,9 @@ def per_image(state, steps: EvalSteps, data: Data, rows: np.ndarray, batch_size:
     if on_batch is not None:
       on_batch(np.asarray(index), *(masks[d] for d in options.decoders), masks['gt'])
     for i, row in enumerate(index):
-      records.append(_image_record(data, row, out, i, masks, spacing_of[int(row)], unit,
-                                   options))
+      records.append(image_record(data.cache.samples[row].id, row,
+                                  {k: out[k][i] for k in overlap_keys(options.decoders)},
+                                  masks, i, spacing_of[int(row)], unit, options))
   return records
 
 
@@ -238,7 +241,8 @@ def evaluate_rows(state, steps: EvalSteps, data: Data, rows: np.ndarray, batch_s
                              on_batch=on_batch), options)
 
 
-def _write(out_dir: str, split: str, records: list[dict], summary: dict) -> None:
+def write_records(out_dir: str, split: str, records: list[dict], summary: dict) -> None:
+  """`<split>_per_image.csv` and `<split>_summary.json` in `out_dir` (what compare reads)."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f'{split}_per_image.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, fieldnames=list(records[0]))
@@ -307,6 +311,6 @@ def evaluate_split(state, steps: EvalSteps, data: Data, config, *, split: str, o
                  retrieval_mode=config.pool.mode if retrieval_mode is None else retrieval_mode,
                  threshold=config.eval.threshold)
   if sharding.is_main_process():
-    _write(out_dir, split, records, summary)
+    write_records(out_dir, split, records, summary)
   logging.info('%s', log_line(summary))
   return summary
