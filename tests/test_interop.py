@@ -113,3 +113,68 @@ def test_score_names_missing_and_unmatched_files(run, tmp_path, capsys):
   assert summary['unmatched_names'] == ['not_an_image_of_test.png']
   scored = _rows(folder / 'eval' / 'test_per_image.csv')
   assert scored[TEST[0]]['pred_px_seg'] == '0'
+
+
+# Run as `python -I -c BLOCKER`: imports of these fail, and the loader must not need them.
+_BLOCKER = """
+import importlib.abc, runpy, sys
+BLOCKED = ('cers_jax', 'flax', 'orbax', 'transformers', 'optax', 'ml_collections', 'grain')
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ImportError(f'the exported predictor must not import {name}')
+sys.meta_path.insert(0, Block())
+sys.path.extend(p for p in sys.argv[1].split(':') if p)  # where flatbuffers lies
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+assert not [m for m in sys.modules if m.split('.')[0] in BLOCKED]
+"""
+
+
+def test_exported_predictor_runs_without_the_package_and_matches(run, tmp_path):
+  from cers_jax.inference import evaluate
+  from cers_jax.training import experiment
+  from cers_jax.training import loop
+
+  flatbuffers = pytest.importorskip('flatbuffers', reason='jax.export serializes with it')
+  workdir, _ = run
+  with open(os.path.join(workdir, 'config.json')) as f:
+    import ml_collections
+    config = ml_collections.ConfigDict(json.load(f))
+  summary = loop.train_and_evaluate(config, workdir, mode='export')
+  folder = summary['export_dir']
+  with open(os.path.join(folder, 'predictor.json')) as f:
+    spec = json.load(f)
+  assert spec['batch_polymorphic'] and spec['inputs'][0]['shape'] == ['b', 32, 32, 3]
+  assert 'cpu' in spec['platforms'] and os.path.isfile(os.path.join(folder, 'run_exported.py'))
+
+  exp, state, meta = experiment.from_workdir(workdir, config.eval.which)
+  try:
+    steps = loop.scoring_context(exp, meta).steps
+    data = exp.data
+    rows = np.asarray(data.rows['test'])
+    expected = np.concatenate([out['prob_r'] for _, out, _ in evaluate.predict_rows(
+        state, steps, data, rows, 4)])
+  finally:
+    exp.checkpoints.close()
+  t = data.tokens
+  inputs = dict(image=np.asarray(data.cache.images[rows]), text_ids=t['text_ids'][rows],
+                text_mask=t['text_mask'][rows], cot_ids=t['cot_no_mask_ids'][rows],
+                cot_mask=t['cot_no_mask_mask'][rows], report_ids=t['report_cot_ids'][rows],
+                report_mask=t['report_cot_mask'][rows])
+  np.savez(tmp_path / 'inputs.npz', **inputs)
+  # A batch of 16, where evaluation ran batches of 4: the batch is symbolic.
+  result = subprocess.run(
+      [sys.executable, '-I', '-c', _BLOCKER,
+       os.path.dirname(os.path.dirname(flatbuffers.__file__)),
+       os.path.join(folder, 'run_exported.py'), folder,
+       str(tmp_path / 'inputs.npz'), str(tmp_path / 'probs.npy')],
+      cwd=str(tmp_path), env=dict(cli_helpers.run_env(), PYTHONPATH=''),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert '16 images' in result.stdout
+  probs = np.load(tmp_path / 'probs.npy')
+  assert probs.shape == expected.shape == (16, 32, 32, 1)
+  diff = float(np.abs(probs - expected).max())
+  print(f'exported vs in-process: max abs difference {diff:.3g}')
+  np.testing.assert_allclose(probs, expected, atol=1e-5)

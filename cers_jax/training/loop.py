@@ -23,6 +23,7 @@ from cers_jax.core import method as method_lib
 from cers_jax.core.progress import INIT, Progress
 from cers_jax.data import dataset
 from cers_jax.errors import ConfigError, WorkdirError
+from cers_jax.inference import export as export_lib
 from cers_jax.inference import evaluate as evaluate_lib
 from cers_jax.inference import evaluators
 from cers_jax.training import checkpoints as checkpointing
@@ -38,7 +39,7 @@ from cers_jax.core.progress import DONE, SEMI, WARMUP  # noqa: F401,E402
 from cers_jax.training.epoch import NonFiniteLossError  # noqa: F401,E402
 from cers_jax.training.stages import validate  # noqa: F401,E402
 
-MODES = ('prepare', 'warmup', 'train', 'eval', 'retrieval', 'predict', 'all')
+MODES = ('prepare', 'warmup', 'train', 'eval', 'retrieval', 'predict', 'export', 'all')
 
 
 def default_workdir(workdir: str | None, config_file: str) -> str:
@@ -145,7 +146,7 @@ def _check_before_work(config, workdir: str, mode: str) -> method_lib.Method:
     raise ConfigError(f'A metric setting of --config.eval is not valid: {error} '
                       'configs/base.py lists the choices (eval.surface_*).') from None
   which = config.eval.which
-  if (mode in ('eval', 'predict') and not weights
+  if (mode in ('eval', 'predict', 'export') and not weights
       and not checkpointing.has_checkpoint(workdir, which)):
     raise WorkdirError(_no_weights_message(workdir, which))
   return method
@@ -259,9 +260,16 @@ def _run_mode(exp, state, mode: str) -> dict:
         epoch=progress.epoch).metrics
     summary['retrieval'] = {m: {k: v for k, v in r.items() if not isinstance(v, dict)}
                             for m, r in report['modes'].items()}
-  if mode in ('eval', 'predict', 'all'):
+  if mode in ('eval', 'predict', 'export', 'all'):
     state, meta = restore_for_eval(exp, state, exp.config.eval.which)
     context = scoring_context(exp, meta)
+    if mode == 'export':  # The predictor as a jax.export artefact (docs/interop.md).
+      out_dir = os.path.join(exp.workdir, 'export')
+      if sharding.is_main_process():
+        export_lib.export_predictor(state, context.steps, exp.data, exp.config, out_dir,
+                                    retrieves=context.heads.retrieves,
+                                    primary=context.heads.primary, meta=meta)
+      summary['export_dir'] = out_dir
     if mode in ('eval', 'all'):
       split = exp.config.eval.split or 'test'
       summary[split] = dict(evaluators.build('segmentation', context).run(
