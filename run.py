@@ -6,9 +6,10 @@
 
 Multi-host: the same command on every host, with --distributed.
 
-Modes: prepare | warmup | train | eval | retrieval | predict | export | all (default). `train` runs
-warm-up first when it has not finished; `retrieval` reports what retrieval finds (after
-warm-up at the latest); every mode resumes from what `--workdir` already holds.
+Modes: prepare | warmup | train | eval | retrieval | predict | export | all (default).
+`train` runs warm-up first when it has not finished; `retrieval` reports what retrieval
+finds (after warm-up at the latest); `export` writes the predictor as a jax.export file
+(docs/interop.md); every mode resumes from what `--workdir` already holds.
 Any config field can be overridden with `--config.section.field=value`; the config is
 locked, so a misspelt field is an error.
 

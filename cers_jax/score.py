@@ -105,12 +105,13 @@ def match_files(files: dict[str, str], ids: Sequence[str], volumes: dict[str, li
     is_volume = path.lower().endswith(NIFTI_EXTENSIONS)
     pool = volumes if is_volume else wanted
     match = next((c for c in _candidates(stem) if c in pool), None)
+    found = by_volume if is_volume else by_image
     if match is None:
       unmatched.append(os.path.basename(path))
-    elif is_volume:
-      by_volume[match] = path
+    elif match in found:
+      raise DataError(f'Two masks of {match!r}: {found[match]} and {path}. Keep one.')
     else:
-      by_image[match] = path
+      found[match] = path
   return by_image, by_volume, unmatched
 
 

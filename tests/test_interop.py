@@ -174,6 +174,17 @@ def test_exported_predictor_runs_without_the_package_and_matches(run, tmp_path):
   assert result.returncode == 0, result.stderr[-4000:]
   assert '16 images' in result.stdout
   probs = np.load(tmp_path / 'probs.npy')
+  # The loader's texts form builds the same inputs (bicubic resize, both tokenizers).
+  sys.path.insert(0, folder)
+  try:
+    import run_exported
+  finally:
+    sys.path.remove(folder)
+  sample = data.cache.samples[rows[0]]
+  built = run_exported.inputs_from_files(folder, spec, sample.image_path, sample.text,
+                                         sample.cot_no_mask)
+  for name, value in built.items():
+    np.testing.assert_array_equal(value[0], inputs[name][0], err_msg=name)
   assert probs.shape == expected.shape == (16, 32, 32, 1)
   diff = float(np.abs(probs - expected).max())
   print(f'exported vs in-process: max abs difference {diff:.3g}')
