@@ -84,3 +84,43 @@ def test_surface_metrics_and_refusals(tmp_path):
   with pytest.raises(DataError, match=r"Two masks of 'a': .*a.png and .*a_seg.png"):
     score.score(str(tmp_path / 'preds'), cache, split='test', out_dir=str(tmp_path),
                 options=score.options_of(None, score._parser().parse_args(['x'])))
+
+
+def test_label_volumes_are_sliced_as_prepared(tmp_path, monkeypatch):
+  """Slices of volume 'v1' (3 slices along the last axis, one of them held out): a label
+  volume `v1_pred.nii.gz` is sliced and resized as prepare did; 3D scores per volume too.
+  nibabel itself is not needed here: the volume reader is replaced."""
+  from cers_jax.data import nifti
+  truth = np.zeros((S, S, 3), np.uint8)
+  truth[2:6, 2:6, 0] = 1
+  truth[3:5, 3:5, 1] = 1
+  cache = tmp_path / 'data'
+  cache.mkdir()
+  masks = np.moveaxis(truth, -1, 0)
+  np.save(cache / 'images.npy', np.zeros((3, S, S, 3), np.uint8))
+  np.save(cache / 'masks.npy', masks)
+  np.save(cache / 'has_mask.npy', np.ones(3, bool))
+  samples = [sample_to_dict(Sample(id=f'v1_s{k:03d}', image_path='v1.nii.gz',
+                                   mask_path='v1_label.nii.gz', text=None, cot_mask=None,
+                                   cot_no_mask=None, group='v1', volume='v1', slice_index=k,
+                                   spacing=(1.0, 1.0), slice_thickness=2.0), k)
+             for k in range(3)]
+  (cache / 'samples.json').write_text(json.dumps(samples))
+  splits.write_json(str(cache / 'split.json'), dict(protocol='grouped', seed=0, ids=dict(
+      train_labeled=['v1_s002'], train_unlabeled=[], val=[], test=['v1_s000', 'v1_s001'])))
+  preds = tmp_path / 'preds'
+  preds.mkdir()
+  (preds / 'v1_pred.nii.gz').write_bytes(b'')
+  predicted = np.kron(truth, np.ones((2, 2, 1), np.uint8))  # at twice the cached size
+  predicted[..., 1] = 0
+  read = []
+  monkeypatch.setattr(nifti, 'read_label_volume', lambda path: read.append(path) or predicted)
+  summary = score.score(str(preds), str(cache), split='test', out_dir=str(tmp_path),
+                        options=score.options_of(None, score._parser().parse_args(
+                            ['x', '--decoder', 'r'])), nifti_axis=-1)
+  assert read == [str(preds / 'v1_pred.nii.gz')]
+  with open(tmp_path / 'eval' / 'test_per_image.csv') as f:
+    rows = {r['id']: r for r in csv.DictReader(f)}
+  assert (float(rows['v1_s000']['dice_r']), float(rows['v1_s001']['dice_r'])) == (1.0, 0.0)
+  assert (tmp_path / 'eval' / 'test_per_volume.csv').exists()
+  assert summary['surface_unit'] == 'mm'
