@@ -9,11 +9,15 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
 from cers_jax import compare
 from cers_jax import score
+from cers_jax.inference import evaluate
+from cers_jax.training import experiment
+from cers_jax.training import loop
 
 import cli_helpers
 
@@ -132,14 +136,9 @@ assert not [m for m in sys.modules if m.split('.')[0] in BLOCKED]
 
 
 def test_exported_predictor_runs_without_the_package_and_matches(run, tmp_path):
-  from cers_jax.inference import evaluate
-  from cers_jax.training import experiment
-  from cers_jax.training import loop
-
   flatbuffers = pytest.importorskip('flatbuffers', reason='jax.export serializes with it')
   workdir, _ = run
   with open(os.path.join(workdir, 'config.json')) as f:
-    import ml_collections
     config = ml_collections.ConfigDict(json.load(f))
   summary = loop.train_and_evaluate(config, workdir, mode='export')
   folder = summary['export_dir']
