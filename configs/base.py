@@ -155,12 +155,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.logit_scale_init = 2.6592600  # log(1 / 0.07), CLIP's initial temperature.
   model.compute_dtype = 'float32'  # 'bfloat16' = mixed precision (params stay float32).
   model.scan_blocks = False  # ConvNeXt stages, BERT layers as lax.scan (benchmarks/README).
+  model.depthwise = 'conv'  # Depthwise convs: 'conv' (XLA) | 'shift' (faster on CPUs, slower compile).
   model.checkpoint = ''  # The authors' whole CERS state dict (.pth/.bin/.safetensors).
   _resume('model',
           # These only initialise (the checkpoint's parameters replace them), regularise
           # training or choose the arithmetic.
           free=('encoder_weights', 'text.weights', 'cot.weights', 'checkpoint',
-                'layer_scale_init', 'logit_scale_init', 'compute_dtype', 'drop_path_rate',
+                'layer_scale_init', 'logit_scale_init', 'compute_dtype', 'depthwise',
+                'drop_path_rate',
                 'text.dropout', 'cot.dropout', 'fusion_dropout'),
           derived=('text.vocab_size', 'cot.vocab_size'),  # From the tokenizers (tokenizer.*).
           fixed=('encoder_depths', 'encoder_dims', 'attn_dim', 'attn_heads', 'decoder_dims',

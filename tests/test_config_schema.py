@@ -75,15 +75,17 @@ def test_representative_fields(field, kind):
 def test_every_field_keeps_its_class_from_before():
   """Fields the old registries named, and every other field but the new data.nifti.*
   (fixed now: prepare decodes the cache anew when they differ) and the new `method` and
-  `train.optimizer` (fixed: they decide the train state's structure) and `pool.cot_source`
-  (pool_build: it decides the pool's CoT rows, built again where it may change), keep
-  their class."""
+  `train.optimizer` (fixed: they decide the train state's structure), `pool.cot_source`
+  (pool_build: it decides the pool's CoT rows, built again where it may change) and
+  `model.depthwise` (free: it chooses the arithmetic only, as compute_dtype), keep their
+  class."""
   config_fields = set(_leaves(base.get_config().to_dict()))
   assert set(FIXED + MODEL_FREE + DERIVED + RETRIEVAL + TRAINING) <= config_fields
   changed = {f: (_before(f), workdir._kind(f)) for f in sorted(config_fields)
              if _before(f) != workdir._kind(f)}
   assert changed == {'method': ('free', 'fixed'), 'train.optimizer': ('free', 'fixed'),
                      'pool.cot_source': ('free', 'pool_build'),
+                     'model.depthwise': ('fixed', 'free'),
                      **{f'data.nifti.{name}': ('free', 'fixed')
                         for name in ('axis', 'window', 'percentiles', 'empty_margin')}}
 
