@@ -183,11 +183,13 @@ class DepthwiseConv(nnx.Conv):
   says (`DEPTHWISE`; set after construction by `use_depthwise`)."""
 
   def __init__(self, channels: int, kernel_size: Sequence[int], *, padding, **kwargs):
+    if isinstance(padding, str):
+      raise ValueError(f'DepthwiseConv takes explicit padding (an int or two pairs), not '
+                       f'{padding!r}.')
     super().__init__(channels, channels, tuple(kernel_size), padding=padding,
                      feature_group_count=channels, **kwargs)
-    pad = ((padding, padding),) * 2 if isinstance(padding, int) else tuple(
+    self.pad_pairs = ((padding, padding),) * 2 if isinstance(padding, int) else tuple(
         tuple(p) for p in padding)
-    self.pad_pairs = pad
     self.impl = 'conv'
 
   def __call__(self, inputs: jax.Array) -> jax.Array:

@@ -207,7 +207,11 @@ def _preempted_summary(workdir: str, mode: str, stopped: Preempted) -> dict:
   """What a SIGTERM-stopped invocation reached: its message and the latest checkpoint's
   stage, epoch and best validation Dice."""
   summary: dict[str, Any] = dict(workdir=workdir, mode=mode, preempted=str(stopped))
-  saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+  try:
+    saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+  except checkpointing.DamagedCheckpointError as e:  # Never hide the SIGTERM behind it.
+    summary['latest_checkpoint'] = f'unreadable: {e}'
+    return summary
   if saved is not None:
     meta = saved[1]
     summary['latest_checkpoint'] = {k: meta.get(k) for k in ('stage', 'epoch', 'best_dice',
