@@ -22,7 +22,10 @@ consistency is 0 for the first 1000 of 30,000 iterations, then ramps over all 30
 (`sigmoid_rampup(iter // 150, 200)`). Here the warm-up stage is that consistency-free
 phase (supervised steps on the labeled batch, the teacher following by EMA), and the ramp
 spans `mean_teacher.rampup` of the 'semi' stage, smoothly rather than in 150-step stairs.
-The optimizer and learning-rate schedule are the run's (train.*), as for every method.
+The optimizer and peak rate are the run's (train.*), as for every method; the schedule is
+one decay over both stages as their poly decay over all iterations (`single_cosine`,
+docs/design.md section 9). The teacher's input noise is added to z-scored images here,
+to [0, 1]-scaled ones in SSL4MIS: relative to the image, the same 0.1 is smaller here.
 """
 
 from __future__ import annotations
@@ -125,7 +128,10 @@ def semi_step(state, labeled, unlabeled, *, graphdef, tx, cfg, semi_start: int,
     consistency = jnp.mean((jax.nn.sigmoid(logits[num_labeled:]) - teacher_prob) ** 2)
     loss = supervised + weight * consistency
     metrics = dict(loss=loss, supervised=supervised, consistency=consistency,
-                   consistency_weight=weight)
+                   consistency_weight=weight, consistency_weighted=weight * consistency,
+                   **losses.unsup_diagnostics(loss=loss, unsup_weighted=weight * consistency,
+                                              weight=weight, pseudo=teacher_prob,
+                                              labeled_mask=labeled['mask']))
     return loss, (metrics, st.written_state(model))
 
   (_, (metrics, written)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
