@@ -111,3 +111,30 @@ def test_a_fresh_optimizer_state_at_the_run_step():
   fresh = optim.fresh_optimizer_state(TX, state.replace(opt_state=moved))
   assert float(jnp.abs(fresh.opt_state[0].trace['w']).sum()) == 0.0
   assert int(_schedule_states(fresh.opt_state)[0].count) == 30
+
+
+@pytest.mark.slow
+def test_cers_semi_stage_starts_from_the_validated_warmup_best_once(tmp_path):
+  """The tiny CERS run with warm-up validated: the semi stage starts from warm-up's best
+  (its pool built from those weights), selection restarts, the summary has the warm-up's
+  best; stopped after every epoch and resumed, the same records."""
+  from cers_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from tests.run_configs import method_runs  # pylint: disable=g-import-not-at-top
+
+  config = lambda **train: method_runs.method_config(  # noqa: E731
+      'cers', warmup_epochs=2, epochs=1, validate_warmup=True, **train)
+  whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+  summary = loop.train_and_evaluate(config(), whole, mode='train')
+  records = method_runs.records(whole)
+  assert [(r['stage'], r['epoch']) for r in records] == [
+      ('warmup', 0), ('warmup', 1), ('semi', 0)]
+  warmup_best = max(r['val_dice_r_mean'] for r in records[:2])
+  assert summary['warmup_best_val_dice'] == pytest.approx(warmup_best)
+  assert summary['best_epoch'] == 1  # The semi epoch, whatever the warm-up scored.
+  assert summary['semi_minus_warmup'] == pytest.approx(records[2]['val_dice_r_mean']
+                                                       - warmup_best)
+  for _ in range(3):
+    loop.train_and_evaluate(config(stop_after_epochs=1), split, mode='train')
+  for got, want in zip(method_runs.records(split), records, strict=True):
+    assert got == {k: pytest.approx(v, rel=1e-5) if isinstance(v, float) else v
+                   for k, v in want.items()}
