@@ -53,7 +53,10 @@ def test_baseline_trains_evaluates_predicts_and_resumes_to_the_same_scores(name,
   if name != 'supervised':
     assert all(DIAGNOSTICS <= r.keys() for r in records[1:]), records[1].keys()
     assert all(0 <= r['pseudo_fg'] <= 1 and 0 < r['labeled_fg'] < 1 for r in records[1:])
-  assert ('val_dice_teacher_mean' in records[1]) == (name == 'bcp')  # BCP's EMA teacher.
+  # The EMA teacher beside the selected student (UCMT's teacher is the one evaluated).
+  assert ('val_dice_teacher_mean' in records[1]) == (name in ('mean_teacher', 'bcp'))
+  if name in ('mean_teacher', 'bcp'):
+    assert all(0 <= r['val_dice_teacher_mean'] <= 1 for r in records[1:])
 
   for _ in range(3):  # Stopped after every epoch, resumed.
     loop.train_and_evaluate(_config(name, stop_after_epochs=1), split, mode='train')

@@ -117,6 +117,23 @@ def teacher_logits(graphdef, state: StudentState, image: jax.Array, key: jax.Arr
   return tuple(jax.lax.stop_gradient(x) for x in model(image))
 
 
+def teacher_pass(graphdef, state: StudentState, image: jax.Array, key: jax.Array
+                 ) -> tuple[tuple[jax.Array, ...], nnx.State]:
+  """The teacher in training mode, keeping the BatchNorm statistics it writes: a PyTorch
+  teacher left in `.train()` updates its running statistics in every forward pass, even
+  under no_grad (SSL4MIS's ema_model), and eval mode reads them.
+
+  Returns:
+    (its logits per decoder, without gradient; its new batch_stats).
+  """
+  teacher = state.teacher
+  model = nnx.merge(graphdef, teacher.params, teacher.batch_stats, state.rng_state,
+                    copy=True)
+  nnx.reseed(model, dropout=key)
+  logits = tuple(jax.lax.stop_gradient(x) for x in model(image))
+  return logits, nnx.state(model, nnx.BatchStat)
+
+
 def written_state(model: ConvNeXtUNet) -> tuple[nnx.State, nnx.State]:
   """BatchNorm statistics and RNG state a training forward pass wrote."""
   return nnx.state(model, nnx.BatchStat), nnx.state(model, nnx.RngState)
@@ -203,9 +220,8 @@ class StudentMethod:
   semi_streams: tuple[str, ...] = ('labeled', 'unlabeled')
   with_teacher: bool = False
   # Whether the EMA teacher is scored on val in the semi stage (`val_dice_teacher_mean`)
-  # beside the student that model selection reads. Only for a teacher whose BatchNorm
-  # statistics are kept (BCP's EMA of them): Mean Teacher's teacher drops the statistics
-  # of its training-mode passes, so its eval mode would read its initial ones.
+  # beside the student that model selection reads (Mean Teacher, BCP). Its BatchNorm
+  # statistics must be kept for that: BCP's EMA of them, Mean Teacher's own passes.
   monitor_teacher: bool = False
 
   def check(self, config) -> None:

@@ -31,10 +31,10 @@ Differences from their code, and why:
     AdamW at 1e-4. The rate is constant by default, as theirs (train.lr_schedule=auto,
     docs/design.md section 9); a decaying schedule spans the run's optimizer steps:
     warm-up steps + 2 per semi step, so UCMT spends more optimizer steps than the other
-    methods on the same batches (their iteration has two updates). One optax optimizer over both students equals their
-    two per-student AdamW (or SGD): every update rule of `core.optim` acts leaf by leaf
-    (no global-norm clipping) and both of their optimizers step together, so even Adam's
-    bias-correction count is the same.
+    methods on the same batches (their iteration has two updates). One optax optimizer
+    over both students equals their two per-student AdamW (or SGD): every update rule of
+    `core.optim` acts leaf by leaf (no global-norm clipping) and both of their optimizers
+    step together, so even Adam's bias-correction count is the same.
   * Initialisation: each student is initialised apart (seeds `seed` and `seed + 2`), and
     both encoders load `model.encoder_weights` when set (theirs: the same ImageNet
     backbone, heads re-initialised apart). The teacher starts as a copy of student 1 with

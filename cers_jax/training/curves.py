@@ -7,7 +7,7 @@ into
 
   curves.png    six panels on one epoch axis, the stages in the order they ran (the last
                 one's start marked): the loss terms (log scale), val Dice of every decoder
-                (CERS: D_r, retrieval-aware, the result, and D_s, standard; BCP's teacher),
+                (CERS: D_r, retrieval-aware, the result, and D_s, standard; an EMA teacher),
                 the unsupervised term's share of the loss (against 1%), the learning
                 rate, the unsupervised weight, the pseudo-labels' foreground share beside
                 the labeled masks';
