@@ -251,6 +251,11 @@ def _run_mode(exp, state, mode: str) -> dict:
       summary['stage'] = progress.stage
       summary[f'best_val_dice_{exp.method.primary}'] = progress.best_dice
       summary['best_epoch'] = progress.best_epoch
+      if progress.warmup_best_epoch >= 0:  # Warm-up validated: what semi-supervision added.
+        summary['warmup_best_val_dice'] = progress.warmup_best_dice
+        summary['warmup_best_epoch'] = progress.warmup_best_epoch
+        if progress.best_epoch >= 0:
+          summary['semi_minus_warmup'] = progress.best_dice - progress.warmup_best_dice
     if mode == 'retrieval':
       state, progress = retrieval_checkpoint(exp, state, stop=stop)
     if stop.at_boundary():
