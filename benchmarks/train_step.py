@@ -42,6 +42,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import base as base_config
+from configs import brisc_small as brisc_small_config
 from configs import synthetic as synthetic_config
 from cers_jax import cli
 from cers_jax.core import steps as ts
@@ -52,7 +53,9 @@ from cers_jax.retrieval import pool as kp
 
 import _results  # benchmarks/_results.py, beside this script.
 
-_SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny'], 'Model size.')
+_SIZE = flags.DEFINE_enum('size', 'full', ['full', 'tiny', 'brisc_small'],
+                          "Model size: the paper's, the synthetic default's, or "
+                          "configs/brisc_small.py's (the CPU recipe; use --image=96).")
 _BATCH = flags.DEFINE_integer('batch', 16, 'Batch size B (per sub-batch).')
 _IMAGE = flags.DEFINE_integer('image', 224, 'Square image side.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per function (median).')
@@ -68,10 +71,16 @@ _SCAN_BLOCKS = flags.DEFINE_bool(
     'lax.scan (default: unrolled loops).')
 
 
+_DEPTHWISE = flags.DEFINE_enum('depthwise', 'conv', ['conv', 'shift'],
+                               'config.model.depthwise: how depthwise convolutions compute.')
+
+
 def _config(dtype: str):
-  config = (base_config if _SIZE.value == 'full' else synthetic_config).get_config()
+  configs = dict(full=base_config, tiny=synthetic_config, brisc_small=brisc_small_config)
+  config = configs[_SIZE.value].get_config()
   config.model.compute_dtype = dtype
   config.model.scan_blocks = _SCAN_BLOCKS.value
+  config.model.depthwise = _DEPTHWISE.value
   return config
 
 
@@ -199,11 +208,13 @@ def main(argv):
   results = _results.JsonResults(_JSON.value, dict(
       benchmark='train_step', size=_SIZE.value, batch=batch, image=size, pool=_POOL.value,
       steps=_STEPS.value, scan_blocks=_SCAN_BLOCKS.value, dtypes=_DTYPES.value,
+      depthwise=_DEPTHWISE.value,
       platform=device.platform, device_kind=device.device_kind,
       device_count=jax.device_count(), jax=jax.__version__,
       host=platform.processor() or platform.machine()))
   print(f'\nCERS {_SIZE.value} model, batch {batch}, {size}x{size}, pool {_POOL.value} rows, '
-        f'{_STEPS.value} timed steps, scan_blocks={_SCAN_BLOCKS.value}, device: '
+        f'{_STEPS.value} timed steps, scan_blocks={_SCAN_BLOCKS.value}, depthwise='
+        f'{_DEPTHWISE.value}, device: '
         f'{device.platform} ({device.device_kind}), {jax.device_count()} device(s)\n')
   print('| compute dtype | step | ms/step | images/s | TFLOP/step | TFLOP/s | XLA memory '
         '| compile (s) |')

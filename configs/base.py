@@ -158,12 +158,14 @@ def get_config() -> ml_collections.ConfigDict:
   model.logit_scale_init = 2.6592600  # log(1 / 0.07), CLIP's initial temperature.
   model.compute_dtype = 'float32'  # 'bfloat16' = mixed precision (params stay float32).
   model.scan_blocks = False  # ConvNeXt stages, BERT layers as lax.scan (benchmarks/README).
+  model.depthwise = 'conv'  # Depthwise convs: 'conv' (XLA) | 'shift' (faster on CPUs, slower compile).
   model.checkpoint = ''  # The authors' whole CERS state dict (.pth/.bin/.safetensors).
   _resume('model',
           # These only initialise (the checkpoint's parameters replace them), regularise
           # training or choose the arithmetic.
           free=('encoder_weights', 'text.weights', 'cot.weights', 'checkpoint',
-                'layer_scale_init', 'logit_scale_init', 'compute_dtype', 'drop_path_rate',
+                'layer_scale_init', 'logit_scale_init', 'compute_dtype', 'depthwise',
+                'drop_path_rate',
                 'text.dropout', 'cot.dropout', 'fusion_dropout'),
           derived=('text.vocab_size', 'cot.vocab_size'),  # From the tokenizers (tokenizer.*).
           fixed=('encoder_depths', 'encoder_dims', 'attn_dim', 'attn_heads', 'decoder_dims',
@@ -204,7 +206,13 @@ def get_config() -> ml_collections.ConfigDict:
   train.weight_decay = 1e-4  # SGD: L2 added to the gradient, as torch; AdamW: decoupled.
   train.clip_weight = 0.5  # Weight of the image-CoT CLIP loss in warm-up.
   train.consistency = 0.003  # Peak consistency weight lambda.
-  train.consistency_rampup = 200  # Epochs of the exp(-5(1-e/T)^2) ramp-up.
+  train.consistency_rampup = 200  # Epochs of the ramp-up, read only when the share below is 0.
+  train.consistency_rampup_share = 1.0  # Ramp spans this share of the semi steps (authors': 1).
+  # Each 'auto' below is the method's own default, from its public code (core/optim.py RECIPES).
+  train.lr_schedule = 'auto'  # 'single_cosine' | 'semi_cosine' (CERS authors') | 'constant'.
+  train.semi_optimizer = 'auto'  # At the semi stage: 'fresh' optimizer state | 'continue'.
+  train.semi_init = 'auto'  # Semi starts from the warm-up's 'best' (validated) | 'last' weights.
+  train.select_from = 'auto'  # Best checkpoint from the 'semi' (last stage's) epochs | 'any'.
   train.sharpen_temperature = 0.1  # sharpen(p) = p^(1/T) / (p^(1/T) + (1-p)^(1/T)).
   train.patience = 50  # Early stopping: epochs without a better val Dice.
   train.validate_warmup = False  # Also score val after warm-up epochs (best, early stop).
@@ -216,6 +224,10 @@ def get_config() -> ml_collections.ConfigDict:
           fixed=('optimizer',),  # The optimizer state's structure.
           free=('warmup_epochs', 'epochs', 'learning_rate', 'momentum', 'weight_decay',
                 'clip_weight', 'consistency', 'consistency_rampup', 'sharpen_temperature',
+                # Read by the steps and the schedule, as learning_rate; the stage-boundary
+                # ones (semi_optimizer, semi_init, select_from) act once, when warm-up ends.
+                'consistency_rampup_share', 'lr_schedule', 'semi_optimizer', 'semi_init',
+                'select_from',
                 'patience', 'validate_warmup', 'log_every', 'eval_batch_size',
                 'steps_per_epoch',
                 'stop_after_epochs'))

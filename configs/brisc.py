@@ -28,4 +28,22 @@ def get_config():
   config.data.layout = 'brisc'
   # Retrieval report: tumour type and imaging plane, named in every BRISC file name.
   config.eval.label_regex = r'_(?P<tumour>gl|me|pi)_(?P<plane>ax|co|sa)_'
+  # The stage recipe, stated (docs/design.md section 9, core/optim.py RECIPES): 'auto' is
+  # each method's public code, so one config serves every row of Table 1 (scripts/table1.py
+  # passes --config.method). Resolved, as schedule / optimizer at the semi stage / its start
+  # weights / best checkpoint from:
+  #   cers          semi_cosine   / fresh    / best / semi  (the CERS authors')
+  #   mean_teacher  single_cosine / continue / last / semi  (SSL4MIS)
+  #   bcp           constant      / fresh    / best / semi  (BCP)
+  #   ucmt          constant      / continue / last / semi  (UCMT)
+  #   supervised    single_cosine / continue / last / any
+  config.train.lr_schedule = 'auto'
+  config.train.semi_optimizer = 'auto'
+  config.train.semi_init = 'auto'
+  config.train.select_from = 'auto'
+  config.train.consistency_rampup_share = 1.0  # CERS's ramp spans the semi stage (authors').
+  # Warm-up scored on val, so that semi_init=best has a warm-up best to start from (the
+  # authors' semi script loads the warm-up's saved best) and every run reports its
+  # semi-minus-warm-up gain (summary.json).
+  config.train.validate_warmup = True
   return config

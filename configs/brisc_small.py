@@ -15,7 +15,9 @@ AdamW at 2e-3, 20 warm-up epochs scored on val, the pool build and its retrieval
 5 semi-supervised epochs of 55 steps, test evaluation and predictions: 22-24 minutes on a
 2-core CPU, best val Dice 0.641 (D_r; D_s 0.612 there), test Dice 0.659 / 0.635 (README
 "BRISC that learns on a CPU": seed 0, the curve, what limits it; 0.606 / 0.614 with the
-former 4-channel heads). The network and CoT
+former 4-channel heads). Those were measured under the former stage recipe (one cosine,
+the 200-epoch ramp, selection from any epoch, warm-up epochs included); the
+per-method recipe of docs/design.md section 9 is not measured on BRISC yet. The network and CoT
 reading are the synthetic default's (`synthetic.small_cers`: a small BERT initialised at
 random, read by the mean of its tokens, its features compared around the pool's mean).
 Not the paper's numbers: those need the pretrained full model and 200 epochs
@@ -55,9 +57,14 @@ def get_config():
   config.train.validate_warmup = True  # Val Dice per warm-up epoch: the curve, the best.
   config.train.epochs = 5
   config.train.steps_per_epoch = 55  # Semi-supervised epochs as long as a warm-up epoch.
-  # The authors' 200-epoch ramp-up (base): the consistency weight stays ~0 in these epochs.
-  # A ramp-up over 2 epochs once pulled D_r onto D_s's empty masks (val Dice 0.40 ->
-  # 0.0007 in the second semi-supervised epoch).
+  # The stage recipe is brisc.py's ('auto': each method's own). CERS's ramp now spans these
+  # 5 epochs (train.consistency_rampup_share=1, brisc.py), reaching ~0.003 at the last step;
+  # the numbers in the docstring were measured with the former recipe (one cosine over both
+  # stages, the ramp over 200 epochs, selection from any epoch). Under that recipe a ramp-up
+  # over 2 epochs once pulled D_r onto D_s's empty masks (val Dice 0.40 -> 0.0007 in the
+  # second semi-supervised epoch); the former recipe: --config.train.lr_schedule=
+  # single_cosine --config.train.semi_optimizer=continue --config.train.semi_init=last
+  # --config.train.select_from=any --config.train.consistency_rampup_share=0.
   config.train.patience = 50
   config.train.log_every = 20
   return config

@@ -37,6 +37,23 @@ def small_cers(config) -> None:
   config.pool.centre_cot = True
 
 
+def tiny_cers(config) -> None:
+  """The smallest CERS that runs every code path (one block per encoder stage, one-layer
+  BERTs): for dry runs and tests, where compiling, not running, is what takes the time."""
+  model = config.model
+  model.encoder_depths = (1, 1, 1, 1)
+  model.encoder_dims = (8, 16, 24, 32)
+  for bert in (model.text, model.cot):
+    bert.hidden_size = 16
+    bert.num_layers = 1
+    bert.num_heads = 2
+    bert.intermediate_size = 32
+  model.attn_dim = 16
+  model.attn_heads = 2
+  model.decoder_dims = (16, 8, 8, 4)
+  model.embed_dim = 8
+
+
 def get_config():
   config = base.get_config()
   config.synthetic.num_images = 240

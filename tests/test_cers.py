@@ -107,6 +107,27 @@ def test_eval_mode_outputs(tiny_model):
   np.testing.assert_allclose(model.alignment.logit_scale[...], np.log(1 / 0.07), rtol=1e-6)
 
 
+def test_depthwise_shift_switch_keeps_parameters_and_outputs():
+  """config.model.depthwise='shift' (the ConvNeXt blocks' and MCAM's depthwise layers as
+  shifted multiply-adds): the same parameter tree and, to float32 rounding, the same
+  outputs as XLA's grouped convolutions."""
+  cfg = tiny_config()
+  models = {}
+  for impl in ('conv', 'shift'):
+    cfg.depthwise = impl
+    models[impl] = nnx.view(cers.CERS(cfg, rngs=_rngs()), deterministic=True,
+                            use_running_average=True)
+  chex.assert_trees_all_equal(nnx.state(models['conv'], nnx.Param),
+                              nnx.state(models['shift'], nnx.Param))
+  image, ids, mask, retrieved = _inputs(64, 64)
+  conv, shift = (_eval_outputs(models[i], image, ids, mask, retrieved) for i in models)
+  chex.assert_trees_all_close(shift['with'], conv['with'], rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(shift['features'], conv['features'], rtol=1e-4, atol=1e-5)
+  cfg.depthwise = 'fast'
+  with pytest.raises(ValueError, match='model.depthwise'):
+    cers.CERS(cfg, rngs=_rngs())
+
+
 def _loss(model, image, ids, mask, retrieved):
   logits_r, logits_s, f4 = model(image, ids, mask, retrieved)
   img = model.image_embedding(f4)

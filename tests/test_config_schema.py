@@ -75,8 +75,9 @@ def test_representative_fields(field, kind):
 def test_every_field_keeps_its_class_from_before():
   """Fields the old registries named, and every other field but the new data.nifti.*
   (fixed now: prepare decodes the cache anew when they differ) and the new `method` and
-  `train.optimizer` (fixed: they decide the train state's structure) and `pool.cot_source`
-  (pool_build: it decides the pool's CoT rows, built again where it may change) and the new
+  `train.optimizer` (fixed: they decide the train state's structure), `pool.cot_source`
+  (pool_build: it decides the pool's CoT rows, built again where it may change),
+  `model.depthwise` (free: it chooses the arithmetic only, as compute_dtype) and the new
   `data.labeled_count` and `data.split_file` (fixed: they decide the split), keep their
   class."""
   config_fields = set(_leaves(base.get_config().to_dict()))
@@ -85,6 +86,7 @@ def test_every_field_keeps_its_class_from_before():
              if _before(f) != workdir._kind(f)}
   assert changed == {'method': ('free', 'fixed'), 'train.optimizer': ('free', 'fixed'),
                      'pool.cot_source': ('free', 'pool_build'),
+                     'model.depthwise': ('fixed', 'free'),
                      'data.labeled_count': ('free', 'fixed'),
                      'data.split_file': ('free', 'fixed'),
                      **{f'data.nifti.{name}': ('free', 'fixed')

@@ -40,7 +40,9 @@ def _records() -> list[dict]:
                   val_iou_r_mean=0.3 + 0.1 * epoch, val_dice_s_mean=0.3 + 0.05 * epoch,
                   val_iou_s_mean=0.2, best_val_dice_r=0.4 + 0.1 * epoch,
                   learning_rate=0.01 * (1 - step / 100), consistency_weight=weight,
-                  consistency_weighted=weight * (2000.0 - 100 * epoch))
+                  consistency_weighted=weight * (2000.0 - 100 * epoch),
+                  unsup_weight=weight, unsup_share=weight * (2000.0 - 100 * epoch) / 1.6,
+                  pseudo_fg=0.02 + 0.01 * epoch, labeled_fg=0.05)
     records.append(record)
   records[-2]['val_dice_s_mean'] = float('nan')
   # A record of an older run: none of the keys the loop added later.
@@ -96,12 +98,19 @@ def test_curves_png_from_a_workdir(tmp_path):
   path = tmp_path / 'curves.png'
   with Image.open(path) as image:
     assert image.format == 'PNG'
-    assert image.size == (1100, 700)
+    assert image.size == (1500, 700)
     pixels = np.asarray(image.convert('RGB'))
   assert not list(tmp_path.glob('.*tmp*'))
-  # Drawn, not blank: the D_r, D_s, learning-rate and consistency-weight lines are there.
-  for colour in ('#3b73b9', '#e08a2c', '#455a64', '#6a1b9a'):
+  # Drawn, not blank: the D_r, D_s, learning-rate and consistency-weight lines are there,
+  # and the diagnostics: the unsupervised share and the pseudo-labels' foreground.
+  for colour in ('#3b73b9', '#e08a2c', '#455a64', '#6a1b9a', '#c62828', '#2e7d32'):
     assert _pixels_near(pixels, colour) > 50, colour
+
+
+def test_diagnostics_are_not_drawn_as_loss_terms():
+  keys = curves._loss_keys(_records())
+  assert 'consistency_weighted' in keys and 'seg' in keys
+  assert not {'unsup_weight', 'unsup_share', 'pseudo_fg', 'labeled_fg'} & set(keys)
 
 
 def test_curves_png_of_warmup_only_records_without_new_keys(tmp_path):
@@ -109,7 +118,7 @@ def test_curves_png_of_warmup_only_records_without_new_keys(tmp_path):
   path = tmp_path / 'sub' / 'curves.png'
   curves.write_curves(records, str(path))
   with Image.open(path) as image:
-    assert image.size == (1100, 700)
+    assert image.size == (1500, 700)
     pixels = np.asarray(image.convert('RGB'))
   assert _pixels_near(pixels, '#3b73b9') == 0  # No validation in warm-up.
 

@@ -133,3 +133,47 @@ def test_trunc_normal_std_like_torch():
   t = torch.nn.init.trunc_normal_(torch.empty(256, 256), std=0.02).numpy()
   assert abs(w.std() - 0.02) < 0.001
   assert abs(w.std() - t.std()) < 0.001
+
+
+@pytest.mark.parametrize('kernel,padding,use_bias', [(7, ((3, 3), (3, 3)), True),
+                                                     (5, 2, False), (3, 1, True)])
+def test_depthwise_shift_equals_xla_grouped_convolution(kernel, padding, use_bias):
+  """`model.depthwise='shift'` computes what nnx.Conv's grouped convolution computes, its
+  gradients too, with the same parameters."""
+  impl = 'shift'
+  channels = 6
+  conv = layers.DepthwiseConv(channels, (kernel, kernel), padding=padding, use_bias=use_bias,
+                              rngs=nnx.Rngs(0))
+  if use_bias:
+    conv.bias[...] = jax.random.normal(jax.random.key(2), (channels,))
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, channels))
+
+  def loss(module, x):
+    return (module(x) ** 2).sum()
+
+  results = {}
+  for name in ('conv', impl):
+    layers.use_depthwise(conv, name)
+    results[name] = (conv(x), nnx.grad(loss, argnums=(0, 1))(conv, x))
+  (out_c, (grad_mc, grad_xc)), (out_s, (grad_ms, grad_xs)) = results['conv'], results[impl]
+  assert out_s.shape == out_c.shape == x.shape
+  np.testing.assert_allclose(out_s, out_c, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_xs, grad_xc, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(grad_ms.kernel[...], grad_mc.kernel[...], rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_shift_in_bfloat16_sums_in_float32():
+  conv = layers.DepthwiseConv(4, (7, 7), padding=3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
+  layers.use_depthwise(conv, 'shift')
+  shifted = conv(x)
+  layers.use_depthwise(conv, 'conv')
+  grouped = conv(x)
+  assert shifted.dtype == grouped.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(shifted), np.float32(grouped), rtol=2e-2, atol=2e-2)
+
+
+def test_depthwise_switch_names_are_checked():
+  with pytest.raises(ValueError, match="model.depthwise='fast'"):
+    layers.use_depthwise(nnx.Module(), 'fast')
+  assert layers.check_depthwise('shift') == 'shift'

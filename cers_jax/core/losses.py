@@ -172,3 +172,25 @@ def consistency_weight(epoch: jax.Array | float, *, consistency: float = 0.003,
                        rampup: float = 200) -> jax.Array:
   """``consistency * sigmoid_rampup(epoch, rampup)`` (authors: 0.003, 200 epochs)."""
   return consistency * sigmoid_rampup(epoch, rampup)
+
+
+def unsup_diagnostics(*, loss: jax.Array, unsup_weighted: jax.Array, weight: jax.Array,
+                      pseudo: jax.Array, labeled_mask: jax.Array) -> dict[str, jax.Array]:
+  """The per-step numbers every semi-supervised method logs (docs/design.md section 9),
+  so that a method whose unsupervised term never acts shows it in metrics.jsonl:
+
+    unsup_weight  the unsupervised term's weight (a ramp's value; constant for BCP);
+    unsup_share   the weighted unsupervised term over the whole loss;
+    pseudo_fg     the foreground share of the pseudo-labels (or targets above 0.5),
+    labeled_fg    beside the labeled masks' foreground share.
+
+  Args:
+    pseudo: pseudo-labels or target probabilities, any shape; > 0.5 counts as foreground.
+    labeled_mask: the labeled batch's masks in {0, 1}.
+  """
+  loss = jax.lax.stop_gradient(loss)
+  unsup_weighted = jax.lax.stop_gradient(unsup_weighted)
+  return dict(unsup_weight=jnp.asarray(weight, jnp.float32),
+              unsup_share=unsup_weighted / jnp.maximum(jnp.abs(loss), 1e-12),
+              pseudo_fg=jnp.mean((jax.lax.stop_gradient(pseudo) > 0.5).astype(jnp.float32)),
+              labeled_fg=jnp.mean(labeled_mask.astype(jnp.float32)))

@@ -69,6 +69,10 @@ class Stage:
   images_per_step: int  # For images/s.
   validates: bool = False  # Val Dice after every epoch: best checkpoint, early stopping.
   validation_steps: EvalSteps | None = None  # Steps validation uses here (None: Built's).
+  # (decoder name, steps whose eval step scores that decoder) also scored on val after each
+  # validated epoch and recorded (`val_dice_<name>_mean`), never selected on: e.g. an EMA
+  # teacher beside the student that model selection reads.
+  monitors: tuple[tuple[str, EvalSteps], ...] = ()
   start: Callable[[Any], Any] | None = None  # state -> state before a fresh run's first epoch.
   # (state, progress of the next stage) -> state once the last epoch ran, before the save.
   finish: Callable[[Any, Any], Any] | None = None

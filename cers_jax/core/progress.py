@@ -41,6 +41,10 @@ class Progress:
   best_dice: float = -1.0  # Best val Dice of D_r so far (the best checkpoint's).
   best_epoch: int = -1
   bad_epochs: int = 0  # Epochs since the best one, for early stopping.
+  # The warm-up's best val Dice and epoch (-1: warm-up did not validate), recorded when the
+  # last stage starts: the run's semi-minus-warm-up gain is best_dice - warmup_best_dice.
+  warmup_best_dice: float = -1.0
+  warmup_best_epoch: int = -1
   # Each train loader's position, one entry per process (sharding.gather_json).
   iterators: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   partial: Partial | None = None
@@ -80,6 +84,9 @@ class Progress:
     meta = dict(stage=self.stage, epoch=self.epoch, best_dice=self.best_dice,
                 best_epoch=self.best_epoch, bad_epochs=self.bad_epochs,
                 iterators=dict(self.iterators))
+    if self.warmup_best_epoch >= 0:
+      meta.update(warmup_best_dice=self.warmup_best_dice,
+                  warmup_best_epoch=self.warmup_best_epoch)
     if self.partial is not None:
       meta['partial'] = dataclasses.asdict(self.partial)
     if self.workdir is not None:

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -171,7 +172,14 @@ def semi_step(state: TrainState, labeled: Batch, unlabeled: Batch,
     # The raw term is large early on (thousands) and is multiplied by a weight ramping up
     # from ~0; both are logged so neither alone is mistaken for the loss.
     aux = dict(loss=loss, seg=seg, consistency_raw=cons,
-               consistency_weighted=consistency_weight * cons)
+               consistency_weighted=consistency_weight * cons,
+               consistency_weight=consistency_weight,
+               # Targets on the unlabeled batch: each decoder's for the other's.
+               **losses.unsup_diagnostics(
+                   loss=loss, unsup_weighted=consistency_weight * cons,
+                   weight=consistency_weight,
+                   pseudo=jax.nn.sigmoid(jnp.concatenate([ur_, us_])),
+                   labeled_mask=labeled['mask']))
     return loss, (aux, f4_l, _new_module_state(model))
 
   grads, (aux, f4_l, (batch_stats, rng_state)) = jax.grad(loss_fn, has_aux=True)(

@@ -15,10 +15,13 @@ labeled and unlabeled batch is split in halves, as their `img_a`/`img_b` and
                             pseudo-labelled regions weighted `bcp.u_weight`; then the
                             teacher's parameters and BatchNorm statistics move by EMA 0.99.
 
-Differences, each forced by this project's shared protocol: the optimizer, schedule, batch
-and budget are the run's (train.*), where theirs is SGD at a constant 0.01 for 10,000 +
-30,000 iterations; the self-train stage starts from the last pre-train weights (theirs: the
-best by validation Dice), since the stage runner keeps one best checkpoint for the run.
+Their stage recipe (core/optim.py RECIPES, docs/design.md section 9): a constant rate,
+a new optimizer for self-training, which starts from pre-training's best weights by
+validation Dice (when warm-up validates, train.validate_warmup; otherwise its last), and
+the best checkpoint chosen among self-training epochs. The EMA teacher is scored on val too
+(`val_dice_teacher_mean`). Differences, forced by this project's shared protocol: the
+optimizer, peak rate, batch and budget are the run's (train.*), where theirs is SGD at 0.01
+for 10,000 + 30,000 iterations.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from cers_jax.core import losses
 from cers_jax.errors import ConfigError
 from cers_jax.methods import bcp_ops
 from cers_jax.methods import student as st
@@ -88,13 +92,24 @@ def self_train_step(state, labeled, unlabeled, *, graphdef, tx, hyper: Hyper):
 
   def loss_fn(params):
     model = st.student(graphdef, state, params, student_key)
-    unl = bcp_ops.mix_loss(model(inward)[0], plab_a, lab_a, box,
+    logits_in, logits_out = model(inward)[0], model(outward)[0]
+    unl = bcp_ops.mix_loss(logits_in, plab_a, lab_a, box,
                            image_weight=hyper.u_weight, patch_weight=1.0)
-    lab = bcp_ops.mix_loss(model(outward)[0], lab_b, plab_b, box,
+    lab = bcp_ops.mix_loss(logits_out, lab_b, plab_b, box,
                            image_weight=1.0, patch_weight=hyper.u_weight)
-    return unl + lab, (dict(loss=unl + lab, inward=unl, outward=lab,
-                            pseudo_foreground=jnp.mean(jnp.concatenate([plab_a, plab_b]))),
-                       st.written_state(model))
+    # Diagnostics: the pseudo-labelled regions' loss at weight 1 (inward: around the box;
+    # outward: the box), which the loss weighs by u_weight.
+    pseudo_raw = jax.lax.stop_gradient(
+        bcp_ops.mix_loss(logits_in, plab_a, lab_a, box, image_weight=1.0, patch_weight=0.0)
+        + bcp_ops.mix_loss(logits_out, lab_b, plab_b, box, image_weight=0.0,
+                           patch_weight=1.0))
+    pseudo = jnp.concatenate([plab_a, plab_b])
+    metrics = dict(loss=unl + lab, inward=unl, outward=lab, pseudo_foreground=jnp.mean(pseudo),
+                   pseudo_raw=pseudo_raw, pseudo_weighted=hyper.u_weight * pseudo_raw,
+                   **losses.unsup_diagnostics(
+                       loss=unl + lab, unsup_weighted=hyper.u_weight * pseudo_raw,
+                       weight=hyper.u_weight, pseudo=pseudo, labeled_mask=labeled['mask']))
+    return unl + lab, (metrics, st.written_state(model))
 
   (_, (metrics, written)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = st.apply_gradients(tx, state, grads, written)
@@ -119,6 +134,7 @@ class BCPMethod(st.StudentMethod):
   primary: str = 'seg'
   stage_names: tuple[str, ...] = (st.WARMUP, SEMI)
   with_teacher: bool = True
+  monitor_teacher: bool = True
 
   def check(self, config) -> None:
     super().check(config)

@@ -9,6 +9,11 @@ Two stages of the protocol in `cers_jax.core.method`:
   semi    a labeled and an unlabeled batch per step: retrieval, both decoders, DiceCE +
           the ramped consistency term, the pool's EMA update; validated every epoch
           (model selection on D_r, the retrieval-aware decoder).
+
+The authors' stage recipe by default (docs/design.md section 9): warm-up at a constant
+rate; the semi stage from warm-up's best weights (when warm-up validates; the pool is built
+from them), with a new optimizer state and a cosine over its own steps, the consistency
+ramp spanning its steps, the best checkpoint from its epochs.
 """
 
 from __future__ import annotations
@@ -150,8 +155,36 @@ def _warmup(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int,
                validation_steps=plain_steps)
 
 
-def _semi(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int) -> Stage:
+def consistency_ramp(config, *, warmup_total: int, semi_total: int):
+  """lambda by the run's optimizer step, or None for the former epoch-count ramp.
+
+  The authors' lambda(e) = 0.003 exp(-5 (1 - e/200)^2) spans their whole 200-epoch stage.
+  Here it spans `train.consistency_rampup_share` of the semi stage's actual steps (1.0:
+  theirs), counted per step from the stage's first, so a short stage still ends at nearly
+  the full weight (their epoch stairs made smooth). `train.consistency_rampup_share=0`
+  keeps the ramp over `train.consistency_rampup` epochs whatever the stage's length.
+  """
+  share = float(config.train.get('consistency_rampup_share', 0.0))
+  if share <= 0:
+    return None
+  length, peak = share * semi_total, float(config.train.consistency)
+  return lambda step: peak * losses.sigmoid_rampup(step - warmup_total, length)
+
+
+def _semi(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int, *,
+          warmup_total: int, start) -> Stage:
+  ramp = consistency_ramp(config, warmup_total=warmup_total,
+                          semi_total=config.train.epochs * num_steps)
+  ramp_at = None if ramp is None else jax.jit(ramp)
+
   def epoch_step(epoch):
+    if ramp_at is not None:
+      # On the device from the state's step: no host read, exact across resumed epochs.
+      def stepped(state, batches):
+        return steps.semi(state, batches['labeled'], batches['unlabeled'],
+                          ramp_at(state.step))
+
+      return stepped, {}  # The epoch's mean lambda comes with the step's metrics.
     weight = float(losses.consistency_weight(
         epoch, consistency=config.train.consistency, rampup=config.train.consistency_rampup))
     device_weight = sharding.replicate(np.float32(weight), steps.mesh)
@@ -182,7 +215,7 @@ def _semi(config, data: Data, workdir: str, steps: ts.Steps, num_steps: int) -> 
   return Stage(name=SEMI, epochs=config.train.epochs, steps_per_epoch=num_steps,
                streams=('labeled', 'unlabeled'), epoch_step=epoch_step,
                images_per_step=2 * config.train.batch_size, validates=True,
-               after_epoch=refresh, resumed=resumed)
+               after_epoch=refresh, resumed=resumed, start=start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +230,7 @@ class CERSMethod:
 
   def check(self, config) -> None:
     optim.check(config)
+    optim.recipe(config, self)
     source = config.pool.get('cot_source', 'mask')
     if source not in embed.COT_SOURCES:
       raise ConfigError(f'--config.pool.cot_source={source!r}: choose one of '
@@ -209,8 +243,11 @@ class CERSMethod:
 
   def build(self, config, data: Data, workdir: str, mesh) -> Built:
     warmup_spe, semi_spe = steps_per_epoch(config, data)
-    total = config.train.warmup_epochs * warmup_spe + config.train.epochs * semi_spe
-    tx = optim.make_optimizer(config, total)
+    warmup_total = config.train.warmup_epochs * warmup_spe
+    total = warmup_total + config.train.epochs * semi_spe
+    recipe = optim.recipe(config, self)
+    schedule = dict(warmup_steps=warmup_total, schedule=recipe.lr_schedule)
+    tx = optim.make_optimizer(config, total, **schedule)
     model = _model(config)
     f4_shape = model.f4_shape(config.data.image_size)
     pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, embed.embed_dim(config))
@@ -227,10 +264,15 @@ class CERSMethod:
     # lazily, so nothing is compiled unless they run.
     plain_steps = ts.make_steps(graphdef, tx, dataclasses.replace(step_config, mode='none'),
                                 mesh=mesh, threshold=config.eval.threshold)
+    # The authors' semi script builds a new SGD (train.semi_optimizer=fresh).
+    fresh = None
+    if recipe.semi_optimizer == 'fresh':
+      fresh = lambda state: optim.fresh_optimizer_state(tx, state)  # noqa: E731
     stages = (_warmup(config, data, workdir, steps, warmup_spe, plain_steps),
-              _semi(config, data, workdir, steps, semi_spe))
+              _semi(config, data, workdir, steps, semi_spe, warmup_total=warmup_total,
+                    start=fresh))
     return Built(graphdef=graphdef, state=state, steps=steps,
-                 schedule=optim.make_schedule(config, total), stages=stages)
+                 schedule=optim.make_schedule(config, total, **schedule), stages=stages)
 
   def imported_state(self, exp, state: TrainState) -> tuple[TrainState, dict] | None:
     """The authors' imported weights (config model.checkpoint) readied for evaluation.

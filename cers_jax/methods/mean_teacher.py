@@ -15,14 +15,19 @@ classes (for two classes the same probabilities):
     unlabeled rows (their mean over two softmax channels of the squared difference equals
     the sigmoid's), weighted by 0.1 * sigmoid_rampup;
   * after each step the teacher's parameters (not its BatchNorm statistics, as theirs)
-    become alpha * teacher + (1 - alpha) * student, alpha = min(1 - 1/(t + 1), 0.99).
+    become alpha * teacher + (1 - alpha) * student, alpha = min(1 - 1/(t + 1), 0.99); its
+    statistics are those its own training-mode passes write (as a torch module in
+    train()), read only when the teacher is scored on val (`val_dice_teacher_mean`).
 
 Their schedule on this project's budget (`mean_teacher` in configs/base.py): their
 consistency is 0 for the first 1000 of 30,000 iterations, then ramps over all 30,000
 (`sigmoid_rampup(iter // 150, 200)`). Here the warm-up stage is that consistency-free
 phase (supervised steps on the labeled batch, the teacher following by EMA), and the ramp
 spans `mean_teacher.rampup` of the 'semi' stage, smoothly rather than in 150-step stairs.
-The optimizer and learning-rate schedule are the run's (train.*), as for every method.
+The optimizer and peak rate are the run's (train.*), as for every method; the schedule is
+one decay over both stages as their poly decay over all iterations (`single_cosine`,
+docs/design.md section 9). The teacher's input noise is added to z-scored images here,
+to [0, 1]-scaled ones in SSL4MIS: relative to the image, the same 0.1 is smaller here.
 """
 
 from __future__ import annotations
@@ -112,8 +117,10 @@ def semi_step(state, labeled, unlabeled, *, graphdef, tx, cfg, semi_start: int,
   student_key, noise_key, teacher_key = st.step_keys(state, 3)
   noisy = unlabeled['image'] + teacher_noise(noise_key, unlabeled['image'].shape,
                                              cfg.noise_std, cfg.noise_clip)
-  teacher_prob = jax.nn.sigmoid(
-      st.teacher_logits(graphdef, state, noisy, teacher_key, train_mode=True)[0])
+  # Their ema_model, left in train(), updates its running statistics in this pass; they
+  # are kept (never read in training), so that the teacher can be scored on val.
+  teacher_out, teacher_stats = st.teacher_pass(graphdef, state, noisy, teacher_key)
+  teacher_prob = jax.nn.sigmoid(teacher_out[0])
   weight = consistency_weight(state.step - semi_start, semi_total,
                               consistency=cfg.consistency, rampup=cfg.rampup)
   num_labeled = labeled['image'].shape[0]
@@ -125,12 +132,16 @@ def semi_step(state, labeled, unlabeled, *, graphdef, tx, cfg, semi_start: int,
     consistency = jnp.mean((jax.nn.sigmoid(logits[num_labeled:]) - teacher_prob) ** 2)
     loss = supervised + weight * consistency
     metrics = dict(loss=loss, supervised=supervised, consistency=consistency,
-                   consistency_weight=weight)
+                   consistency_weight=weight, consistency_weighted=weight * consistency,
+                   **losses.unsup_diagnostics(loss=loss, unsup_weighted=weight * consistency,
+                                              weight=weight, pseudo=teacher_prob,
+                                              labeled_mask=labeled['mask']))
     return loss, (metrics, st.written_state(model))
 
   (_, (metrics, written)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   before = state.step
   state = st.apply_gradients(tx, state, grads, written)
+  state = state.replace(teacher=state.teacher.replace(batch_stats=teacher_stats))
   return _with_teacher_ema(state, cfg, before), metrics
 
 
@@ -141,6 +152,7 @@ class MeanTeacherMethod(st.StudentMethod):
   primary: str = 'seg'
   stage_names: tuple[str, ...] = (st.WARMUP, SEMI)
   with_teacher: bool = True
+  monitor_teacher: bool = True
 
   def stage_steps(self, config, graphdef, tx, plan):
     cfg = Hyper.from_config(config)

@@ -117,6 +117,23 @@ def teacher_logits(graphdef, state: StudentState, image: jax.Array, key: jax.Arr
   return tuple(jax.lax.stop_gradient(x) for x in model(image))
 
 
+def teacher_pass(graphdef, state: StudentState, image: jax.Array, key: jax.Array
+                 ) -> tuple[tuple[jax.Array, ...], nnx.State]:
+  """The teacher in training mode, keeping the BatchNorm statistics it writes: a PyTorch
+  teacher left in `.train()` updates its running statistics in every forward pass, even
+  under no_grad (SSL4MIS's ema_model), and eval mode reads them.
+
+  Returns:
+    (its logits per decoder, without gradient; its new batch_stats).
+  """
+  teacher = state.teacher
+  model = nnx.merge(graphdef, teacher.params, teacher.batch_stats, state.rng_state,
+                    copy=True)
+  nnx.reseed(model, dropout=key)
+  logits = tuple(jax.lax.stop_gradient(x) for x in model(image))
+  return logits, nnx.state(model, nnx.BatchStat)
+
+
 def written_state(model: ConvNeXtUNet) -> tuple[nnx.State, nnx.State]:
   """BatchNorm statistics and RNG state a training forward pass wrote."""
   return nnx.state(model, nnx.BatchStat), nnx.state(model, nnx.RngState)
@@ -202,9 +219,14 @@ class StudentMethod:
   retrieval_stage: str | None = None
   semi_streams: tuple[str, ...] = ('labeled', 'unlabeled')
   with_teacher: bool = False
+  # Whether the EMA teacher is scored on val in the semi stage (`val_dice_teacher_mean`)
+  # beside the student that model selection reads (Mean Teacher, BCP). Its BatchNorm
+  # statistics must be kept for that: BCP's EMA of them, Mean Teacher's own passes.
+  monitor_teacher: bool = False
 
   def check(self, config) -> None:
     optim.check(config)
+    optim.recipe(config, self)
 
   def stage_steps(self, config, graphdef, tx, plan: Plan) -> dict[str, Callable[..., Any]]:
     """Stage name -> the un-jitted step (state, labeled[, unlabeled]) -> (state, metrics)."""
@@ -221,7 +243,9 @@ class StudentMethod:
                 warmup_total=config.train.warmup_epochs * warmup_spe,
                 semi_total=config.train.epochs * semi_spe)
     total = plan.warmup_total + plan.semi_total
-    tx = optim.make_optimizer(config, total)
+    recipe = optim.recipe(config, self)
+    schedule = dict(warmup_steps=plan.warmup_total, schedule=recipe.lr_schedule)
+    tx = optim.make_optimizer(config, total, **schedule)
     graphdef, state = create_state(build_network(config, len(self.decoders)), tx,
                                    rng=jax.random.key(config.seed),
                                    with_teacher=self.with_teacher)
@@ -233,26 +257,50 @@ class StudentMethod:
         evaluate=jax.jit(lambda s, b: eval_step(s, b, graphdef=graphdef,
                                                 decoders=self.decoders, threshold=threshold)))
     warmup_name, semi_name = self.stage_names
+    monitors = ()
+    if self.monitor_teacher:
+      monitors = (('teacher', StudentSteps(mesh=mesh, train={}, evaluate=jax.jit(
+          lambda s, b: eval_step(as_teacher(s), b, graphdef=graphdef, decoders=('teacher',),
+                                 threshold=threshold)))),)
     stages = (
         _stage(warmup_name, config.train.warmup_epochs, warmup_spe, ('labeled',),
                train[warmup_name], config, start=self.stage_start(warmup_name),
                validates=bool(config.train.get('validate_warmup', False))),
         _stage(semi_name, config.train.epochs, semi_spe, self.semi_streams, train[semi_name],
-               config, start=self.stage_start(semi_name), validates=True),
+               config, start=semi_start(tx, recipe, self.stage_start(semi_name)),
+               validates=True, monitors=monitors),
     )
     return Built(graphdef=graphdef, state=sharding.replicate(state, mesh), steps=steps,
-                 schedule=optim.make_schedule(config, total), stages=stages)
+                 schedule=optim.make_schedule(config, total, **schedule), stages=stages)
 
   def imported_state(self, exp, state):
     return None  # Baselines import no whole-network weights (model.encoder_weights aside).
 
 
+def semi_start(tx, recipe: optim.Recipe, own: Callable[[Any], Any] | None):
+  """The second stage's `start`: a fresh optimizer state when the recipe says so
+  (train.semi_optimizer=fresh), then the method's own start (BCP: its teacher)."""
+  if recipe.semi_optimizer != 'fresh':
+    return own
+
+  def start(state):
+    state = optim.fresh_optimizer_state(tx, state)
+    return state if own is None else own(state)
+
+  return start
+
+
+def as_teacher(state: StudentState) -> StudentState:
+  """`state` with the teacher's parameters and statistics in the student's place."""
+  return state.replace(params=state.teacher.params, batch_stats=state.teacher.batch_stats)
+
+
 def _stage(name: str, epochs: int, steps_per_epoch: int, streams: tuple[str, ...], step,
-           config, *, start, validates: bool) -> Stage:
+           config, *, start, validates: bool, monitors=()) -> Stage:
   def run(state, batches):
     return step(state, *(batches[stream] for stream in streams))
 
   return Stage(name=name, epochs=epochs, steps_per_epoch=steps_per_epoch, streams=streams,
                epoch_step=lambda epoch: (run, {}),
                images_per_step=len(streams) * config.train.batch_size, validates=validates,
-               start=start)
+               start=start, monitors=monitors)

@@ -26,13 +26,15 @@ d = min(1 - 1/(i + 1), ema_decay), i the iteration index, the same for both upda
 iteration (theirs); its BatchNorm statistics come from its own training-mode passes.
 
 Differences from their code, and why:
-  * Network and optimizer: the project's ConvNeXt U-Net and the run's optimizer and
-    cosine schedule (train.*), as for every method of Table 1; theirs DeepLabv3+ on
-    ResNet-50 and AdamW at a constant 1e-4. The schedule spans the run's optimizer steps:
-    warm-up steps + 2 per semi step. One optax optimizer over both students equals their
-    two per-student AdamW (or SGD): every update rule of `core.optim` acts leaf by leaf
-    (no global-norm clipping) and both of their optimizers step together, so even Adam's
-    bias-correction count is the same.
+  * Network and optimizer: the project's ConvNeXt U-Net and the run's optimizer and peak
+    rate (train.*), as for every method of Table 1; theirs DeepLabv3+ on ResNet-50 and
+    AdamW at 1e-4. The rate is constant by default, as theirs (train.lr_schedule=auto,
+    docs/design.md section 9); a decaying schedule spans the run's optimizer steps:
+    warm-up steps + 2 per semi step, so UCMT spends more optimizer steps than the other
+    methods on the same batches (their iteration has two updates). One optax optimizer
+    over both students equals their two per-student AdamW (or SGD): every update rule of
+    `core.optim` acts leaf by leaf (no global-norm clipping) and both of their optimizers
+    step together, so even Adam's bias-correction count is the same.
   * Initialisation: each student is initialised apart (seeds `seed` and `seed + 2`), and
     both encoders load `model.encoder_weights` when set (theirs: the same ImageNet
     backbone, heads re-initialised apart). The teacher starts as a copy of student 1 with
@@ -267,7 +269,15 @@ def first_update(state, labeled, unlabeled, schedule: Schedule, *, graphs: Graph
   state = st.apply_gradients(tx, state, grads, written)
   state = teacher_update(state, teacher_stats, schedule.ema_index, hyper)
   first = FirstPass(labeled=(*passes[0], teacher_x), unlabeled=(*passes[1], teacher_u))
-  return state, first, dict(loss1=loss, ramp=schedule.ramp, **terms)
+  # Diagnostics of step 1 (step 2's terms are logged with a suffix 2): lambda * alpha
+  # weighs cps + cmt.
+  diagnostics = losses.unsup_diagnostics(
+      loss=loss, unsup_weighted=schedule.ramp * terms['unsup'],
+      weight=schedule.ramp * hyper.alpha, pseudo=ucmt_ops.hard_pseudo_label(teacher_u),
+      labeled_mask=labeled['mask'])
+  return state, first, dict(loss1=loss, ramp=schedule.ramp,
+                            unsup_weighted=schedule.ramp * terms['unsup'], **terms,
+                            **diagnostics)
 
 
 def umix(logits: tuple[jax.Array, jax.Array, jax.Array], arrays, hyper: Hyper):
@@ -362,7 +372,9 @@ class UCMTMethod(st.StudentMethod):
     del workdir  # UCMT writes nothing of its own.
     plan = make_plan(config, data)
     total = optimizer_steps(plan)
-    tx = optim.make_optimizer(config, total)
+    recipe = optim.recipe(config, self)
+    schedule = dict(warmup_steps=plan.warmup_total, schedule=recipe.lr_schedule)
+    tx = optim.make_optimizer(config, total, **schedule)
     graphs, state = create_state(config, tx)
     train = {name: jax.jit(step, donate_argnums=0)
              for name, step in self.stage_steps(config, graphs, tx, plan).items()}
@@ -375,10 +387,10 @@ class UCMTMethod(st.StudentMethod):
                   ('labeled',), train[st.WARMUP], config, start=None,
                   validates=bool(config.train.get('validate_warmup', False))),
         st._stage(SEMI, config.train.epochs, plan.semi_steps_per_epoch, self.semi_streams,
-                  train[SEMI], config, start=None, validates=True),
+                  train[SEMI], config, start=st.semi_start(tx, recipe, None), validates=True),
     )
     return Built(graphdef=graphs, state=sharding.replicate(state, mesh), steps=steps,
-                 schedule=optim.make_schedule(config, total), stages=stages)
+                 schedule=optim.make_schedule(config, total, **schedule), stages=stages)
 
 
 def make_plan(config, data) -> st.Plan:

@@ -29,7 +29,7 @@ from cers_jax.models.decoders import ResUNetDecoder
 from cers_jax.models.decoders import RetrievalUNetDecoder
 from cers_jax.models.fusion import RetrievalFusion
 from cers_jax.models.fusion import TextCrossAttention
-from cers_jax.models.layers import xavier_uniform
+from cers_jax.models.layers import check_depthwise, use_depthwise, xavier_uniform
 from cers_jax.models.swin import SwinUNetDecoder
 
 Array = jax.Array
@@ -146,6 +146,8 @@ class CERS(nnx.Module):
     self.cot_trainable = bool(cfg.cot.trainable)
     self.cot_pooling = str(cfg.cot.pooling)
     decoder_kind = _decoder_kind(cfg)  # Refused before minutes of initialising the encoders.
+    # .get: a workdir's config.json written before the switch existed lacks the field.
+    depthwise = check_depthwise(str(cfg.get('depthwise', 'conv')))
     if self.cot_pooling not in POOLINGS:
       raise ValueError(f'config.model.cot.pooling={self.cot_pooling!r} is not one of '
                        f'{POOLINGS}.')
@@ -165,6 +167,7 @@ class CERS(nnx.Module):
     self.alignment = Alignment(dims[3], cfg.cot.hidden_size, cfg.embed_dim,
                                cfg.logit_scale_init, dtype=dtype, rngs=rngs)
     self.cot_encoder = _bert(cfg.cot, dtype=dtype, scan_blocks=scan, rngs=rngs)
+    use_depthwise(self, depthwise)
 
   def f4_shape(self, image_size: int) -> tuple[int, int, int]:
     """(h, w, C4) of f4 for square images of `image_size`: a pool row's map shape.

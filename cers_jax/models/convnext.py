@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cers_jax.models.layers import DropPath, gelu_exact, trunc_normal
+from cers_jax.models.layers import DepthwiseConv, DropPath, gelu_exact, trunc_normal
 from cers_jax.models import stack
 
 _LN_EPS = 1e-6
@@ -32,8 +32,8 @@ class ConvNeXtBlock(nnx.Module):
   def __init__(self, dim: int, *, drop_path: float, layer_scale_init: float,
                dtype: Any = None, rngs: nnx.Rngs):
     init = trunc_normal(0.02)
-    self.dwconv = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)),
-                           feature_group_count=dim, kernel_init=init, dtype=dtype, rngs=rngs)
+    self.dwconv = DepthwiseConv(dim, (7, 7), padding=((3, 3), (3, 3)), kernel_init=init,
+                                dtype=dtype, rngs=rngs)
     self.norm = _layer_norm(dim, dtype, rngs)
     self.pwconv1 = nnx.Linear(dim, 4 * dim, kernel_init=init, dtype=dtype, rngs=rngs)
     self.pwconv2 = nnx.Linear(4 * dim, dim, kernel_init=init, dtype=dtype, rngs=rngs)

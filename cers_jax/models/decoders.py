@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cers_jax.models.layers import DepthwiseConv
 from cers_jax.models.layers import gelu_exact
 from cers_jax.models.layers import upsample_bilinear
 from cers_jax.models.layers import xavier_uniform
@@ -48,7 +49,12 @@ def conv(
     dtype: Dtype | None,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-  """A stride-1 'same' conv with xavier-uniform weights and zero bias (docs/design.md section 7)."""
+  """A stride-1 'same' conv with xavier-uniform weights and zero bias (docs/design.md section 7);
+  one filter per channel when `groups` = in_features = out_features."""
+  if groups > 1 and groups == in_features == out_features:
+    return DepthwiseConv(in_features, (kernel, kernel), padding=kernel // 2,
+                         use_bias=use_bias, dtype=dtype, kernel_init=xavier_uniform(),
+                         rngs=rngs)
   return nnx.Conv(in_features, out_features, (kernel, kernel),
                   padding=kernel // 2, feature_group_count=groups, use_bias=use_bias,
                   dtype=dtype, kernel_init=xavier_uniform(), rngs=rngs)

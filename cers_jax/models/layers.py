@@ -139,3 +139,72 @@ def trunc_normal(std: float = 0.02) -> nnx.Initializer:
   untruncated normal; jax's `truncated_normal` would cut at +-2 std and shrink the std by 12%.
   """
   return jax.nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
+
+
+# How a depthwise convolution is computed (`config.model.depthwise`): 'conv' is XLA's
+# grouped convolution (the default; cuDNN's depthwise kernels on a GPU), 'shift' the
+# kernel's kh x kw shifted multiply-adds, which XLA fuses into one loop. XLA:CPU runs the
+# grouped form as a generic convolution: one ConvNeXt-T 7x7 depthwise layer at batch 16,
+# 24x24x96 took 65 ms forward and 231 ms with its gradients there, against 2 ms and 62 ms
+# shifted; but a program with 'shift' compiles about 1.5-3x longer (benchmarks/README.md,
+# "Depthwise convolutions on the CPU"), so it pays on long CPU runs, not on short ones.
+DEPTHWISE = ('conv', 'shift')
+
+
+def check_depthwise(name: str) -> str:
+  """`name` if it is one of `DEPTHWISE`; else a ValueError naming the setting."""
+  if name not in DEPTHWISE:
+    raise ValueError(f'config.model.depthwise={name!r} is not one of {DEPTHWISE}.')
+  return name
+
+
+def depthwise_shift(x: jax.Array, kernel: jax.Array,
+                    padding: Sequence[tuple[int, int]]) -> jax.Array:
+  """A stride-1 depthwise convolution (cross-correlation, as `lax.conv`) as shifted
+  multiply-adds: (B, H, W, C) with a (kh, kw, 1, C) kernel and ((top, bottom), (left,
+  right)) zero padding -> (B, H', W', C). Sums in float32 whatever the compute dtype, as
+  XLA's convolutions accumulate."""
+  kh, kw = kernel.shape[:2]
+  padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  rows = padded.shape[1] - kh + 1
+  cols = padded.shape[2] - kw + 1
+  weights = kernel[:, :, 0, :].astype(jnp.float32)
+  total = None
+  for i in range(kh):
+    for j in range(kw):
+      term = padded[:, i:i + rows, j:j + cols, :].astype(jnp.float32) * weights[i, j]
+      total = term if total is None else total + term
+  return total.astype(x.dtype)
+
+
+class DepthwiseConv(nnx.Conv):
+  """`nnx.Conv` with one filter per channel (`feature_group_count` = channels), stride 1:
+  the same parameters (kernel (kh, kw, 1, C), bias (C,)) and outputs, computed as `impl`
+  says (`DEPTHWISE`; set after construction by `use_depthwise`)."""
+
+  def __init__(self, channels: int, kernel_size: Sequence[int], *, padding, **kwargs):
+    if isinstance(padding, str):
+      raise ValueError(f'DepthwiseConv takes explicit padding (an int or two pairs), not '
+                       f'{padding!r}.')
+    super().__init__(channels, channels, tuple(kernel_size), padding=padding,
+                     feature_group_count=channels, **kwargs)
+    self.pad_pairs = ((padding, padding),) * 2 if isinstance(padding, int) else tuple(
+        tuple(p) for p in padding)
+    self.impl = 'conv'
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if self.impl == 'conv':
+      return super().__call__(inputs)
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias),
+                                              dtype=self.dtype)
+    out = depthwise_shift(inputs, kernel, self.pad_pairs)
+    return out if bias is None else out + bias
+
+
+def use_depthwise(model: nnx.Module, impl: str) -> None:
+  """Sets how every `DepthwiseConv` in `model` computes (`config.model.depthwise`)."""
+  check_depthwise(impl)  # Refuses an unknown name here, at construction.
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, DepthwiseConv):
+      module.impl = impl

@@ -5,10 +5,12 @@ method's stage (CERS: warm-up records with the warm-up loss terms; semi-supervis
 with the semi loss terms and validation Dice/IoU of both decoders). This module turns them
 into
 
-  curves.png    four panels on one epoch axis, the stages in the order they ran (the last
+  curves.png    six panels on one epoch axis, the stages in the order they ran (the last
                 one's start marked): the loss terms (log scale), val Dice of every decoder
-                (CERS: D_r, retrieval-aware, the result, and D_s, standard), the learning
-                rate, the consistency weight;
+                (CERS: D_r, retrieval-aware, the result, and D_s, standard; an EMA teacher),
+                the unsupervised term's share of the loss (against 1%), the learning
+                rate, the unsupervised weight, the pseudo-labels' foreground share beside
+                the labeled masks';
   tensorboard/  the same records as TensorBoard scalars, `<stage>/<key>` at the optimizer
                 step (tensorboardX: no TensorFlow, no torch).
 
@@ -40,7 +42,9 @@ CURVES_FILE = 'curves.png'
 TENSORBOARD_DIR = 'tensorboard'
 # Numeric record keys that are not loss terms; every other numeric key is one.
 _NOT_LOSSES = frozenset(('epoch', 'step', 'seconds', 'images_per_s', 'learning_rate',
-                         'consistency_weight'))
+                         'consistency_weight', 'ramp', 'unsup_weight', 'unsup_share',
+                         'pseudo_fg', 'labeled_fg', 'pseudo_foreground'))
+UNSUP_FLOOR = 0.01  # The diagnostics panel's line: an unsupervised term below it hardly acts.
 # How the val-Dice panel draws a decoder; any other decoder: 'D_<name>', a colour of _MORE.
 _DECODERS = {'r': ('D_r (retrieval-aware)', '#3b73b9'), 's': ('D_s (standard)', '#e08a2c')}
 _MORE = ('#2e7d32', '#c62828', '#6a1b9a', '#00838f')
@@ -224,6 +228,33 @@ def _draw_one(ax, series: _Series, key: str, colour: str, title: str) -> None:
   ax.set_title(title, fontsize=10)
 
 
+def _draw_unsup_share(ax, series: _Series) -> None:
+  """The weighted unsupervised term's share of the loss, against UNSUP_FLOOR (log scale):
+  a method whose semi-supervision never acts stays under the line."""
+  if series.has('unsup_share'):
+    ax.plot(series.xs, [v if v > 0 else math.nan for v in series('unsup_share')],
+            marker='.', ms=4, lw=1.2, color='#c62828', label='unsup. term / loss')
+    ax.axhline(UNSUP_FLOOR, color='#757575', ls=':', lw=1, label=f'{UNSUP_FLOOR:.0%}')
+    ax.set_yscale('log')
+    ax.legend(fontsize=7)
+  else:
+    _missing(ax, 'unsup_share not in these records')
+  ax.set_title('unsupervised share of the loss', fontsize=10)
+
+
+def _draw_foreground(ax, series: _Series) -> None:
+  """The pseudo-labels' foreground share beside the labeled masks'."""
+  for key, colour, label in (('pseudo_fg', '#2e7d32', 'pseudo-labels'),
+                             ('labeled_fg', '#455a64', 'labeled masks')):
+    if series.has(key):
+      ax.plot(series.xs, series(key), marker='.', ms=4, lw=1.2, color=colour, label=label)
+  if ax.lines:
+    ax.legend(fontsize=7)
+  else:
+    _missing(ax, 'pseudo_fg not in these records')
+  ax.set_title('foreground share', fontsize=10)
+
+
 def _mark_stages(axes, dice_ax, series: _Series) -> None:
   warmup = series.warmup
   for ax in axes.flat:
@@ -240,7 +271,7 @@ def _mark_stages(axes, dice_ax, series: _Series) -> None:
 
 
 def write_curves(records: Sequence[dict], path: str) -> None:
-  """Draws the run's curves (losses, val Dice, learning rate, consistency weight) to `path`.
+  """Draws the run's curves (module docstring: six panels) to `path`.
 
   Args:
     records: epoch records as in metrics.jsonl (`read_records`), in any order.
@@ -251,13 +282,15 @@ def write_curves(records: Sequence[dict], path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   series = _Series(*epoch_axis(records))
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-  (losses_ax, dice_ax), (lr_ax, weight_ax) = axes
+  fig, axes = plt.subplots(2, 3, figsize=(15, 7), sharex=True)
+  (losses_ax, dice_ax, share_ax), (lr_ax, weight_ax, fg_ax) = axes
   _draw_losses(losses_ax, series, plt.get_cmap('tab10'))
   _draw_dice(dice_ax, series)
+  _draw_unsup_share(share_ax, series)
   _draw_one(lr_ax, series, 'learning_rate', '#455a64', 'learning rate')
-  _draw_one(weight_ax, series, 'consistency_weight', '#6a1b9a',
-            'consistency weight (ramp-up)')
+  weight = 'consistency_weight' if series.has('consistency_weight') else 'unsup_weight'
+  _draw_one(weight_ax, series, weight, '#6a1b9a', 'unsupervised weight (ramp-up)')
+  _draw_foreground(fg_ax, series)
   _mark_stages(axes, dice_ax, series)
   fig.suptitle(f'{len(series.records)} epochs: ' + ', '.join(
       f'{sum(r.get("stage") == stage for r in series.records)} {_STAGE_NAMES.get(stage, stage)}'

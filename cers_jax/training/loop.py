@@ -208,7 +208,11 @@ def _preempted_summary(workdir: str, mode: str, stopped: Preempted) -> dict:
   """What a SIGTERM-stopped invocation reached: its message and the latest checkpoint's
   stage, epoch and best validation Dice."""
   summary: dict[str, Any] = dict(workdir=workdir, mode=mode, preempted=str(stopped))
-  saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+  try:
+    saved = checkpointing.read_saved(workdir, checkpointing.LATEST)
+  except checkpointing.DamagedCheckpointError as e:  # Never hide the SIGTERM behind it.
+    summary['latest_checkpoint'] = f'unreadable: {e}'
+    return summary
   if saved is not None:
     meta = saved[1]
     summary['latest_checkpoint'] = {k: meta.get(k) for k in ('stage', 'epoch', 'best_dice',
@@ -248,6 +252,11 @@ def _run_mode(exp, state, mode: str) -> dict:
       summary['stage'] = progress.stage
       summary[f'best_val_dice_{exp.method.primary}'] = progress.best_dice
       summary['best_epoch'] = progress.best_epoch
+      if progress.warmup_best_epoch >= 0:  # Warm-up validated: what semi-supervision added.
+        summary['warmup_best_val_dice'] = progress.warmup_best_dice
+        summary['warmup_best_epoch'] = progress.warmup_best_epoch
+        if progress.best_epoch >= 0:
+          summary['semi_minus_warmup'] = progress.best_dice - progress.warmup_best_dice
     if mode == 'retrieval':
       state, progress = retrieval_checkpoint(exp, state, stop=stop)
     if stop.at_boundary():

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from cers_jax import sharding
+from cers_jax.core import optim
 from cers_jax.core.method import Stage
 from cers_jax.core.progress import DONE, INIT, Partial, Progress
 from cers_jax.data import pipeline
@@ -68,12 +69,16 @@ def train_loaders(exp, progress: Progress) -> dict:
   return loaders
 
 
-def validate(state, exp, steps=None) -> dict:
+def validate(state, exp, steps=None, decoders: tuple[str, ...] | None = None) -> dict:
   """Mean val Dice/IoU of every decoder of the method (`evaluators.Validation`), with
-  `steps` (a stage's `validation_steps`) instead of the method's when given."""
+  `steps` (a stage's `validation_steps`) instead of the method's when given, and scoring
+  `decoders` (a stage's monitor) instead of the method's when given."""
   context = evaluators.Context.of(exp)
   if steps is not None:
     context = dataclasses.replace(context, steps=steps)
+  if decoders is not None:
+    context = dataclasses.replace(context, heads=dataclasses.replace(
+        context.heads, decoders=decoders, primary=decoders[0], retrieves=False))
   return dict(evaluators.build('validation', context).run(state, 'val').metrics)
 
 
@@ -176,6 +181,8 @@ def _validated(run: _Run, stage: Stage, state, progress: Progress, record: dict,
   exp, config = run.exp, run.exp.config
   primary = exp.method.primary
   record.update(validate(state, exp, stage.validation_steps))
+  for name, steps in stage.monitors:
+    record.update(validate(state, exp, steps, decoders=(name,)))
   progress, improved, stopping = progress.after_validation(
       record[f'val_dice_{primary}_mean'], patience=config.train.patience, epochs=stage.epochs)
   record[f'best_val_dice_{primary}'] = progress.best_dice
@@ -232,6 +239,8 @@ def _leave(run: _Run, stages: tuple[Stage, ...], index: int, state, progress: Pr
       save(exp, state, progress, None, which=checkpointing.BEST)
     return state, save(exp, state, progress, run.loaders)
   following = stages[index + 1]
+  if index + 2 == len(stages):  # The last (semi-supervised) stage starts.
+    state, progress = _enter_last_stage(exp, stages[index], state, progress)
   # Patience counts epochs within a stage: one that stopped early does not stop the next.
   progress = progress.replace(stage=following.name, epoch=0, bad_epochs=0)
   if stages[index].finish is not None:
@@ -239,6 +248,39 @@ def _leave(run: _Run, stages: tuple[Stage, ...], index: int, state, progress: Pr
   if following.start is not None:
     state = following.start(state)
   return state, save(exp, state, progress, run.loaders)
+
+
+def _enter_last_stage(exp, stage: Stage, state, progress: Progress) -> tuple[Any, Progress]:
+  """What the recipe (`optim.recipe`) does as the last stage starts, once: it runs in
+  `_leave`, before the save that records the next stage, so a resumed run never repeats it.
+
+  train.semi_init='best': the weights of the warm-up's best checkpoint (when warm-up
+  validated) replace the last ones, before `stage.finish` (CERS builds its pool from them).
+  train.select_from='semi': the best so far is forgotten, so the run's best checkpoint is
+  the first stage's no more once a semi-supervised epoch validates. Either way the warm-up's
+  best is kept in the progress (the summary's semi-minus-warm-up gain).
+  """
+  recipe = optim.recipe(exp.config, exp.method)
+  validated = stage.validates and progress.best_epoch >= 0
+  if validated:
+    progress = progress.replace(warmup_best_dice=progress.best_dice,
+                                warmup_best_epoch=progress.best_epoch)
+  if recipe.semi_init == 'best':
+    if validated:
+      best, _ = exp.checkpoints.restore(checkpointing.BEST, state)
+      # The run's step, not the best's: the schedule, ramps and random keys go on counting.
+      state = best.replace(step=state.step, opt_state=optim.at_step(best.opt_state,
+                                                                    state.step))
+      logging.info('The %s stage starts from the best %s weights (epoch %d, val Dice %.4f), '
+                   'not the last (train.semi_init=best).', progress.stage, stage.name,
+                   progress.best_epoch, progress.best_dice)
+    else:
+      logging.info('train.semi_init=best, but %s did not validate '
+                   '(train.validate_warmup=false): the next stage starts from its last '
+                   'weights.', stage.name)
+  if recipe.select_from == 'semi':
+    progress = progress.replace(best_dice=-1.0, best_epoch=-1)
+  return state, progress
 
 
 def _resume(exp, state) -> tuple[Any, Progress]:
