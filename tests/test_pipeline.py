@@ -203,26 +203,35 @@ def test_resume_with_two_workers_matches_in_process(tmp_path):
     restored.close()
 
 
-def _children() -> set[int]:
-  """The pids of this process's children (Linux /proc)."""
+def _spawned_workers() -> set[int]:
+  """The pids of this process's multiprocessing workers (Linux /proc): its children started
+  by `spawn_main`, not multiprocessing's resource tracker."""
   pids = set()
   for task in os.listdir(f'/proc/{os.getpid()}/task'):
     with open(f'/proc/{os.getpid()}/task/{task}/children') as f:
       pids.update(int(p) for p in f.read().split())
-  return pids
+  workers = set()
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        if b'spawn_main' in f.read():
+          workers.add(pid)
+    except FileNotFoundError:  # Exited since.
+      pass
+  return workers
 
 
 def test_workers_outlive_a_sigterm_their_parent_survives(tmp_path):
   """`timeout` and SLURM signal the whole process group: the workers must keep feeding
   batches until the main process, which got the same signal, stops at a step boundary."""
   arrays = _arrays(tmp_path)
-  before = _children()
+  before = _spawned_workers()
   it = pipeline.make_train_loader(arrays, np.arange(N), batch_size=8, seed=1,
                                   is_labeled=True, worker_count=2)
   try:
     _take(it, 2)
-    workers = _children() - before
-    assert workers
+    workers = _spawned_workers() - before
+    assert len(workers) == 2, workers
     for pid in workers:
       os.kill(pid, signal.SIGTERM)
     time.sleep(1.0)  # A worker killed by it would be gone by now.
