@@ -40,13 +40,13 @@ import numpy as np
 
 from cers_jax.data import cache as cache_lib
 from cers_jax.data import images as images_lib
+from cers_jax.data import nifti
 from cers_jax.data.records import DataError
 from cers_jax.errors import WorkdirError
 from cers_jax.inference import evaluate
 from cers_jax.inference import volumes as volumes_lib
 
 SUFFIXES = ('_pred', '_prediction', '_mask', '_seg', '_segmentation')
-NIFTI_EXTENSIONS = ('.nii.gz', '.nii')
 SHOWN = 10  # Names listed in a message before "... and N more".
 
 
@@ -54,14 +54,6 @@ def _listed(names: Sequence[str]) -> str:
   names = sorted(names)
   more = f' ... and {len(names) - SHOWN} more' if len(names) > SHOWN else ''
   return ', '.join(names[:SHOWN]) + more
-
-
-def _stem(name: str) -> str:
-  lower = name.lower()
-  for ext in NIFTI_EXTENSIONS:
-    if lower.endswith(ext):
-      return name[:-len(ext)]
-  return images_lib.id_from_name(name)
 
 
 def _candidates(stem: str) -> list[str]:
@@ -83,8 +75,8 @@ def list_mask_files(pred_dir: str) -> dict[str, str]:
     path = os.path.join(folder, name)
     if name.startswith('.') or not os.path.isfile(path):
       continue
-    if images_lib.is_image_file(name) or name.lower().endswith(NIFTI_EXTENSIONS):
-      stem = _stem(name)
+    if images_lib.is_image_file(name) or nifti.is_nifti_file(name):
+      stem = nifti.case_of(name)
       if stem in files:
         raise DataError(f'{folder} holds two masks of {stem!r}: {os.path.basename(files[stem])}'
                         f' and {name}. Keep one.')
@@ -102,7 +94,7 @@ def match_files(files: dict[str, str], ids: Sequence[str], volumes: dict[str, li
   """
   wanted, by_image, by_volume, unmatched = set(ids), {}, {}, []
   for stem, path in files.items():
-    is_volume = path.lower().endswith(NIFTI_EXTENSIONS)
+    is_volume = nifti.is_nifti_file(os.path.basename(path))
     pool = volumes if is_volume else wanted
     match = next((c for c in _candidates(stem) if c in pool), None)
     found = by_volume if is_volume else by_image
@@ -116,7 +108,6 @@ def match_files(files: dict[str, str], ids: Sequence[str], volumes: dict[str, li
 
 
 def _read_volume_slices(path: str, samples, axis: int, size: int) -> dict[str, np.ndarray]:
-  from cers_jax.data import nifti  # pylint: disable=g-import-not-at-top  (nibabel: optional)
   volume = nifti.read_label_volume(path)
   out = {}
   for s in samples:

@@ -20,6 +20,7 @@ be 'auto': each method's own default (`RECIPES`, from its public code), resolved
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +120,22 @@ def make_optimizer(config, total_steps: int, *, warmup_steps: int = 0,
                    schedule: str = 'single_cosine') -> optax.GradientTransformation:
   """`train.optimizer` on `make_schedule`'s rate: SGD with momentum and coupled weight
   decay (the authors'), or AdamW."""
-  rate = make_schedule(config, total_steps, warmup_steps=warmup_steps, schedule=schedule)
+  return _optimizer(config, make_schedule(config, total_steps, warmup_steps=warmup_steps,
+                                          schedule=schedule))
+
+
+def method_optimizer(config, method, *, total_steps: int, warmup_steps: int
+                     ) -> tuple[Recipe, optax.GradientTransformation, optax.Schedule]:
+  """(`method`'s recipe, its optimizer, the schedule that optimizer follows): what a
+  method's `build` needs for a run of `total_steps` optimizer steps, `warmup_steps` of
+  them before the semi-supervised stage."""
+  own = recipe(config, method)
+  rate = make_schedule(config, total_steps, warmup_steps=warmup_steps,
+                       schedule=own.lr_schedule)
+  return own, _optimizer(config, rate), rate
+
+
+def _optimizer(config, rate: optax.Schedule) -> optax.GradientTransformation:
   if check(config) == 'adamw':
     return optax.adamw(rate, weight_decay=config.train.weight_decay)
   return optax.chain(optax.add_decayed_weights(config.train.weight_decay),
@@ -148,3 +164,17 @@ def fresh_optimizer_state(tx: optax.GradientTransformation, state):
   business ('semi_cosine') and this only forgets the gradient history.
   """
   return state.replace(opt_state=at_step(tx.init(state.params), state.step))
+
+
+def semi_start(tx: optax.GradientTransformation, own: Recipe,
+               then: Callable[[Any], Any] | None = None) -> Callable[[Any], Any] | None:
+  """The semi-supervised stage's `Stage.start`: a fresh optimizer state when the recipe says
+  so (train.semi_optimizer=fresh), then `then`, the method's own start (BCP: its teacher)."""
+  if own.semi_optimizer != 'fresh':
+    return then
+
+  def start(state):
+    state = fresh_optimizer_state(tx, state)
+    return state if then is None else then(state)
+
+  return start

@@ -245,9 +245,8 @@ class CERSMethod:
     warmup_spe, semi_spe = steps_per_epoch(config, data)
     warmup_total = config.train.warmup_epochs * warmup_spe
     total = warmup_total + config.train.epochs * semi_spe
-    recipe = optim.recipe(config, self)
-    schedule = dict(warmup_steps=warmup_total, schedule=recipe.lr_schedule)
-    tx = optim.make_optimizer(config, total, **schedule)
+    recipe, tx, rate = optim.method_optimizer(config, self, total_steps=total,
+                                              warmup_steps=warmup_total)
     model = _model(config)
     f4_shape = model.f4_shape(config.data.image_size)
     pool = kp.empty_pool(len(data.rows['train_labeled']), f4_shape, embed.embed_dim(config))
@@ -264,15 +263,12 @@ class CERSMethod:
     # lazily, so nothing is compiled unless they run.
     plain_steps = ts.make_steps(graphdef, tx, dataclasses.replace(step_config, mode='none'),
                                 mesh=mesh, threshold=config.eval.threshold)
-    # The authors' semi script builds a new SGD (train.semi_optimizer=fresh).
-    fresh = None
-    if recipe.semi_optimizer == 'fresh':
-      fresh = lambda state: optim.fresh_optimizer_state(tx, state)  # noqa: E731
     stages = (_warmup(config, data, workdir, steps, warmup_spe, plain_steps),
               _semi(config, data, workdir, steps, semi_spe, warmup_total=warmup_total,
-                    start=fresh))
-    return Built(graphdef=graphdef, state=state, steps=steps,
-                 schedule=optim.make_schedule(config, total, **schedule), stages=stages)
+                    # The authors' semi script builds a new SGD (semi_optimizer=fresh).
+                    start=optim.semi_start(tx, recipe)))
+    return Built(graphdef=graphdef, state=state, steps=steps, schedule=rate,
+                 stages=stages)
 
   def imported_state(self, exp, state: TrainState) -> tuple[TrainState, dict] | None:
     """The authors' imported weights (config model.checkpoint) readied for evaluation.

@@ -243,9 +243,8 @@ class StudentMethod:
                 warmup_total=config.train.warmup_epochs * warmup_spe,
                 semi_total=config.train.epochs * semi_spe)
     total = plan.warmup_total + plan.semi_total
-    recipe = optim.recipe(config, self)
-    schedule = dict(warmup_steps=plan.warmup_total, schedule=recipe.lr_schedule)
-    tx = optim.make_optimizer(config, total, **schedule)
+    recipe, tx, rate = optim.method_optimizer(config, self, total_steps=total,
+                                              warmup_steps=plan.warmup_total)
     graphdef, state = create_state(build_network(config, len(self.decoders)), tx,
                                    rng=jax.random.key(config.seed),
                                    with_teacher=self.with_teacher)
@@ -267,27 +266,14 @@ class StudentMethod:
                train[warmup_name], config, start=self.stage_start(warmup_name),
                validates=bool(config.train.get('validate_warmup', False))),
         _stage(semi_name, config.train.epochs, semi_spe, self.semi_streams, train[semi_name],
-               config, start=semi_start(tx, recipe, self.stage_start(semi_name)),
+               config, start=optim.semi_start(tx, recipe, self.stage_start(semi_name)),
                validates=True, monitors=monitors),
     )
     return Built(graphdef=graphdef, state=sharding.replicate(state, mesh), steps=steps,
-                 schedule=optim.make_schedule(config, total, **schedule), stages=stages)
+                 schedule=rate, stages=stages)
 
   def imported_state(self, exp, state):
     return None  # Baselines import no whole-network weights (model.encoder_weights aside).
-
-
-def semi_start(tx, recipe: optim.Recipe, own: Callable[[Any], Any] | None):
-  """The second stage's `start`: a fresh optimizer state when the recipe says so
-  (train.semi_optimizer=fresh), then the method's own start (BCP: its teacher)."""
-  if recipe.semi_optimizer != 'fresh':
-    return own
-
-  def start(state):
-    state = optim.fresh_optimizer_state(tx, state)
-    return state if own is None else own(state)
-
-  return start
 
 
 def as_teacher(state: StudentState) -> StudentState:

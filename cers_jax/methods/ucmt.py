@@ -372,9 +372,8 @@ class UCMTMethod(st.StudentMethod):
     del workdir  # UCMT writes nothing of its own.
     plan = make_plan(config, data)
     total = optimizer_steps(plan)
-    recipe = optim.recipe(config, self)
-    schedule = dict(warmup_steps=plan.warmup_total, schedule=recipe.lr_schedule)
-    tx = optim.make_optimizer(config, total, **schedule)
+    recipe, tx, rate = optim.method_optimizer(config, self, total_steps=total,
+                                              warmup_steps=plan.warmup_total)
     graphs, state = create_state(config, tx)
     train = {name: jax.jit(step, donate_argnums=0)
              for name, step in self.stage_steps(config, graphs, tx, plan).items()}
@@ -387,10 +386,10 @@ class UCMTMethod(st.StudentMethod):
                   ('labeled',), train[st.WARMUP], config, start=None,
                   validates=bool(config.train.get('validate_warmup', False))),
         st._stage(SEMI, config.train.epochs, plan.semi_steps_per_epoch, self.semi_streams,
-                  train[SEMI], config, start=st.semi_start(tx, recipe, None), validates=True),
+                  train[SEMI], config, start=optim.semi_start(tx, recipe), validates=True),
     )
     return Built(graphdef=graphs, state=sharding.replicate(state, mesh), steps=steps,
-                 schedule=optim.make_schedule(config, total, **schedule), stages=stages)
+                 schedule=rate, stages=stages)
 
 
 def make_plan(config, data) -> st.Plan:
